@@ -1,0 +1,186 @@
+"""Hugging Face Gemma 3 checkpoints (safetensors, single or sharded) → MLX folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from safetensors import safe_open
+
+from mlx_gemma3.config import FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
+from mlx_gemma3.errors import Gemma3Error
+from mlx_gemma3.load import build_model, weight_files
+
+from .output import ShardWriter, output_folder
+
+# Every layout of the text tower's keys (GEMMA3.md §7), most specific first.
+TEXT_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("model.language_model.", "model."),
+    ("model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("lm_head.", "lm_head."),
+)
+NON_TEXT_PREFIXES = (
+    "vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+)
+TOKENIZER_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
+)
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def map_key(key: str, config: ModelConfig) -> str | None:
+    """Checkpoint key → our key, or None for a tensor the text model does not use."""
+    if key.startswith(NON_TEXT_PREFIXES) or key.endswith("rotary_emb.inv_freq"):
+        return None
+    for source, target in TEXT_PREFIXES:
+        if key.startswith(source):
+            mapped = target + key[len(source):]
+            if mapped.startswith("lm_head.") and config.text.tie_word_embeddings:
+                return None  # the tied head is the embedding
+            return mapped
+    return key  # unknown: reported as unexpected by the shape check
+
+
+def read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """key → (file, shape, dtype) from the safetensors headers, without reading tensor data."""
+    found = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                for key in f.keys():
+                    tensor = f.get_slice(key)
+                    found[key] = (path, tuple(tensor.get_shape()), tensor.get_dtype())
+        except Exception as e:  # safetensors raises its own error type for damaged files
+            raise Gemma3Error(f"cannot read {path}: {e} — the file is truncated or not safetensors") from None
+    return found
+
+
+def text_config_json(text: TextConfig, base: dict, dtype: str) -> dict:
+    """A gemma3_text config.json that both transformers (5 and older) and mlx-lm read the same way."""
+    out = {k: v for k, v in base.items() if k not in ("rope_scaling", "text_config", "vision_config")}
+    pattern = _sliding_pattern(text.layer_types)
+    out.update(
+        model_type="gemma3_text",
+        architectures=["Gemma3ForCausalLM"],
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads,
+        head_dim=text.head_dim,
+        vocab_size=text.vocab_size,
+        rms_norm_eps=text.rms_norm_eps,
+        query_pre_attn_scalar=text.query_pre_attn_scalar,
+        sliding_window=text.sliding_window,
+        layer_types=list(text.layer_types),
+        max_position_embeddings=text.max_position_embeddings,
+        final_logit_softcapping=text.final_logit_softcapping,
+        tie_word_embeddings=text.tie_word_embeddings,
+        hidden_activation="gelu_pytorch_tanh",
+        rope_theta=text.rope_full.theta,
+        rope_local_base_freq=text.rope_sliding.theta,
+        rope_parameters={
+            FULL: _rope_json(text.rope_full),
+            SLIDING: _rope_json(text.rope_sliding),
+        },
+        dtype=dtype,
+    )
+    if text.rope_full.factor != 1.0:
+        out["rope_scaling"] = {"rope_type": "linear", "factor": text.rope_full.factor}
+    if pattern is not None:
+        out["sliding_window_pattern"] = pattern
+    out.pop("torch_dtype", None)
+    out.pop("_sliding_window_pattern", None)
+    return out
+
+
+def _rope_json(rope) -> dict:
+    if rope.factor == 1.0:
+        return {"rope_type": "default", "rope_theta": rope.theta}
+    return {"rope_type": "linear", "factor": rope.factor, "rope_theta": rope.theta}
+
+
+def _sliding_pattern(layer_types: tuple[str, ...]) -> int | None:
+    """The legacy `sliding_window_pattern` that reproduces `layer_types`, if one does."""
+    n = len(layer_types)
+    for pattern in range(1, n + 2):
+        if all((layer_types[i] == FULL) == ((i + 1) % pattern == 0) for i in range(n)):
+            return pattern
+    return None
+
+
+def convert_hf(hf_path: Path, mlx_path: Path, dtype: str | None = None, force: bool = False) -> Path:
+    """Convert a Hugging Face Gemma 3 folder to an MLX folder; returns the output folder."""
+    hf_path, mlx_path = Path(hf_path), Path(mlx_path)
+    if not hf_path.is_dir():
+        raise Gemma3Error(f"input folder {hf_path} does not exist")
+    if mlx_path.resolve() == hf_path.resolve():
+        raise Gemma3Error("--mlx-path must differ from --hf-path: the input is never overwritten")
+    config = load_config(hf_path)
+    headers = read_headers(weight_files(hf_path))
+    mapping = {key: map_key(key, config) for key in headers}
+    out_dtype = dtype or _checkpoint_dtype(headers, mapping)
+    out_config = text_config_json(config.text, config.raw.get("text_config") or config.raw, out_dtype)
+    out_config["eos_token_id"] = list(config.eos_token_ids) if len(config.eos_token_ids) != 1 else config.eos_token_ids[0]
+    _check_shapes(headers, mapping, parse_config(out_config), where=str(hf_path))
+    if config.is_multimodal:
+        print("note: converting the text tower only (image support is not built yet)", file=sys.stderr)
+    with output_folder(mlx_path, force) as work:
+        writer = ShardWriter(work)
+        for path in sorted({p for p, _, _ in headers.values()}):
+            _convert_shard(path, mapping, DTYPES[out_dtype], writer)
+        writer.close()
+        (work / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+        _copy_tokenizer(hf_path, work)
+    return mlx_path
+
+
+def _checkpoint_dtype(headers: dict, mapping: dict) -> str:
+    for key, (_, _, dtype) in headers.items():
+        if mapping[key] == "model.embed_tokens.weight":
+            return SAFETENSORS_DTYPES.get(dtype, "bfloat16")
+    return "bfloat16"
+
+
+def _check_shapes(headers: dict, mapping: dict, config: ModelConfig, where: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(build_model(config).parameters())}
+    found = {mapping[k]: (k, shape) for k, (_, shape, _) in headers.items() if mapping[k] is not None}
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise Gemma3Error(f"{where}: checkpoint lacks tensor {missing[0]}" + _more(missing))
+    unexpected = sorted(found[k][0] for k in set(found) - set(expected))
+    if unexpected:
+        raise Gemma3Error(f"{where}: unexpected tensor {unexpected[0]}" + _more(unexpected))
+    for key, shape in expected.items():
+        source, got = found[key]
+        if got != shape:
+            raise Gemma3Error(f"{where}: tensor {source} has shape {got}, expected {shape} from config.json")
+
+
+def _more(keys: list) -> str:
+    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+
+
+def _convert_shard(path: Path, mapping: dict, dtype: mx.Dtype, writer: ShardWriter) -> None:
+    try:
+        tensors = mx.load(str(path), format="safetensors")
+    except Exception as e:
+        raise Gemma3Error(f"cannot read {path}: {e}") from None
+    for key in sorted(tensors):
+        target = mapping.get(key)
+        if target is not None:
+            writer.add(target, tensors[key].astype(dtype))
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)

@@ -1,0 +1,223 @@
+"""Gemma 3 config.json → frozen dataclasses, for both key generations and both layouts."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Gemma3Error
+
+TEXT_MODEL_TYPES = ("gemma3_text",)
+MULTIMODAL_MODEL_TYPES = ("gemma3",)
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+# Gemma3TextConfig's class defaults: a multimodal config's `text_config` omits any key equal to these.
+TEXT_DEFAULTS = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+    "tie_word_embeddings": True,
+    "hidden_activation": "gelu_pytorch_tanh",
+}
+# A standalone `gemma3_text` config.json must name the shape of the network itself.
+REQUIRED_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """RoPE for one layer type: base frequency and linear position scaling factor."""
+
+    theta: float
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    query_pre_attn_scalar: float
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    rope_full: RopeConfig
+    rope_sliding: RopeConfig
+    max_position_embeddings: int
+    final_logit_softcapping: float | None
+    tie_word_embeddings: bool
+    weight_dtype: str
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    def rope(self, layer: int) -> RopeConfig:
+        return self.rope_sliding if self.is_sliding(layer) else self.rope_full
+
+    @property
+    def embed_scale(self) -> float:
+        """sqrt(hidden) rounded to the checkpoint's dtype, as transformers computes it."""
+        return round_to_dtype(math.sqrt(self.hidden_size), self.weight_dtype)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    text: TextConfig
+    eos_token_ids: tuple[int, ...]
+    raw: dict  # the config.json as read, for writers that must keep unknown keys
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.model_type in MULTIMODAL_MODEL_TYPES
+
+
+def round_to_dtype(value: float, dtype: str) -> float:
+    """Round a Python float to a float dtype's precision (bfloat16: 8 bits of mantissa)."""
+    import numpy as np
+
+    if dtype == "float32":
+        return float(np.float32(value))
+    if dtype == "float16":
+        return float(np.float16(value))
+    if dtype == "bfloat16":
+        bits = np.array([value], dtype=np.float32).view(np.uint32)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round to nearest even
+        return float(rounded.astype(np.uint32).view(np.float32)[0])
+    raise Gemma3Error(f"unsupported weight dtype {dtype!r}: use one of {', '.join(FLOAT_DTYPES)}")
+
+
+def load_config(folder: str | Path) -> ModelConfig:
+    """Read `folder/config.json`."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise Gemma3Error(f"no config.json in {folder}: point at a Gemma 3 model folder")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Gemma3Error(f"{path} is not valid JSON ({e})") from None
+    return parse_config(raw, where=str(path))
+
+
+def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise Gemma3Error(f"{where}: expected a JSON object")
+    model_type = raw.get("model_type")
+    if model_type in TEXT_MODEL_TYPES:
+        text = parse_text_config(raw, where, fill_defaults=False, top=raw)
+    elif model_type in MULTIMODAL_MODEL_TYPES:
+        text_raw = raw.get("text_config") or {}
+        text = parse_text_config(text_raw, where + " text_config", fill_defaults=True, top=raw)
+    else:
+        supported = ", ".join(TEXT_MODEL_TYPES + MULTIMODAL_MODEL_TYPES)
+        raise Gemma3Error(f"{where}: model_type {model_type!r} is not Gemma 3 (supported: {supported})")
+    eos = raw.get("eos_token_id", (raw.get("text_config") or {}).get("eos_token_id", 1))
+    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
+    return ModelConfig(model_type=model_type, text=text, eos_token_ids=eos_ids, raw=raw)
+
+
+def parse_text_config(raw: dict, where: str, fill_defaults: bool, top: dict) -> TextConfig:
+    if not fill_defaults:
+        missing = [k for k in REQUIRED_TEXT_KEYS if k not in raw]
+        if missing:
+            raise Gemma3Error(f"{where}: missing required key(s) {', '.join(missing)}")
+    get = _getter(raw, where)
+    if get("attn_logit_softcapping") is not None:
+        raise Gemma3Error(f"{where}: attn_logit_softcapping is not used by Gemma 3 and is not supported")
+    if raw.get("use_bidirectional_attention"):
+        raise Gemma3Error(f"{where}: use_bidirectional_attention (EmbeddingGemma) is not supported")
+    if get("hidden_activation") not in SUPPORTED_ACTIVATIONS:
+        raise Gemma3Error(f"{where}: hidden_activation {get('hidden_activation')!r} is not Gemma 3's GELU-tanh")
+    num_layers = get("num_hidden_layers", int)
+    rope_full, rope_sliding = _rope(raw, where)
+    return TextConfig(
+        hidden_size=get("hidden_size", int),
+        intermediate_size=get("intermediate_size", int),
+        num_hidden_layers=num_layers,
+        num_attention_heads=get("num_attention_heads", int),
+        num_key_value_heads=get("num_key_value_heads", int),
+        head_dim=get("head_dim", int),
+        vocab_size=get("vocab_size", int),
+        rms_norm_eps=float(get("rms_norm_eps")),
+        query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+        sliding_window=get("sliding_window", int),
+        layer_types=_layer_types(raw, num_layers, where),
+        rope_full=rope_full,
+        rope_sliding=rope_sliding,
+        max_position_embeddings=get("max_position_embeddings", int),
+        final_logit_softcapping=get("final_logit_softcapping"),
+        tie_word_embeddings=bool(top.get("tie_word_embeddings", get("tie_word_embeddings"))),
+        weight_dtype=_weight_dtype(raw, top),
+    )
+
+
+def _getter(raw: dict, where: str):
+    def get(key, kind=None):
+        value = raw.get(key, TEXT_DEFAULTS.get(key))
+        if kind is int:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise Gemma3Error(f"{where}: {key} must be a positive integer, got {value!r}")
+        return value
+
+    return get
+
+
+def _layer_types(raw: dict, num_layers: int, where: str) -> tuple[str, ...]:
+    types = raw.get("layer_types")
+    if types is not None:
+        if len(types) != num_layers or any(t not in (FULL, SLIDING) for t in types):
+            raise Gemma3Error(
+                f"{where}: layer_types must list {num_layers} entries of {FULL!r} or {SLIDING!r}"
+            )
+        return tuple(types)
+    pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", 6))
+    return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers))
+
+
+def _rope(raw: dict, where: str) -> tuple[RopeConfig, RopeConfig]:
+    """Full- and sliding-layer RoPE from `rope_parameters` (transformers 5) or the legacy keys."""
+    full = {"rope_type": "default", "rope_theta": raw.get("rope_theta", TEXT_DEFAULTS["rope_theta"])}
+    sliding = {"rope_type": "default", "rope_theta": raw.get("rope_local_base_freq", TEXT_DEFAULTS["rope_local_base_freq"])}
+    if raw.get("rope_scaling"):
+        full.update(raw["rope_scaling"])
+    params = raw.get("rope_parameters") or {}
+    if FULL in params or SLIDING in params:
+        full.update(params.get(FULL) or {})
+        sliding.update(params.get(SLIDING) or {})
+    else:
+        full.update(params)  # a flat dict describes the global (full-attention) RoPE
+    return _rope_config(full, where + " (full-attention RoPE)"), _rope_config(sliding, where + " (sliding RoPE)")
+
+
+def _rope_config(params: dict, where: str) -> RopeConfig:
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return RopeConfig(theta=float(params["rope_theta"]))
+    if kind == "linear":
+        return RopeConfig(theta=float(params["rope_theta"]), factor=float(params["factor"]))
+    raise Gemma3Error(f"{where}: rope_type {kind!r} is not supported (Gemma 3 uses 'default' and 'linear')")
+
+
+def _weight_dtype(raw: dict, top: dict) -> str:
+    dtype = top.get("dtype") or top.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
+    return dtype if dtype in FLOAT_DTYPES else "bfloat16"

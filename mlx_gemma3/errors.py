@@ -1,0 +1,5 @@
+"""The one exception type the package raises for bad input; CLIs print it as one line."""
+
+
+class Gemma3Error(ValueError):
+    """Bad input to mlx_gemma3: the message says what, where, and what to do."""

@@ -1,0 +1,109 @@
+"""load(path) → (model, processor) from an MLX Gemma 3 folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig, load_config
+from .errors import Gemma3Error
+from .text import Gemma3TextLM
+from .tokenizer import Tokenizer
+
+FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+@dataclass
+class Processor:
+    """What turns user input into model input: the tokenizer (None when the folder has none)."""
+
+    tokenizer: Tokenizer | None
+    config: ModelConfig
+
+
+def default_compute_dtype() -> mx.Dtype:
+    """float32 on the CPU (MLX's CPU kernels are slow in half precision), bfloat16 on a GPU."""
+    return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else mx.bfloat16
+
+
+def load(path: str | Path, compute_dtype: mx.Dtype | None = None):
+    """Load an MLX Gemma 3 folder; returns (model, processor)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise Gemma3Error(f"model folder {folder} does not exist: pass a folder written by mlx_gemma3.convert")
+    config = load_config(folder)
+    model = build_model(config)
+    weights = read_weights(folder)
+    dtype = compute_dtype or default_compute_dtype()
+    weights = {k: v.astype(dtype) if v.dtype in FLOAT_TYPES else v for k, v in weights.items()}
+    check_weights(model, weights, where=str(folder))
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model, Processor(tokenizer=Tokenizer.from_folder(folder), config=config)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    if config.is_multimodal:
+        raise Gemma3Error(
+            "multimodal Gemma 3 folders are not supported yet: convert with mlx_gemma3.convert, "
+            "which writes the text tower as a gemma3_text folder"
+        )
+    return Gemma3TextLM(config)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: the index's shards if there is one, else every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise Gemma3Error(f"{index} is not a valid safetensors index ({e})") from None
+        files = [folder / name for name in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise Gemma3Error(f"{index} names missing shard(s) {', '.join(missing)}: re-download the model")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise Gemma3Error(f"no *.safetensors weights in {folder}")
+    return files
+
+
+def read_safetensors(path: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(path), format="safetensors")
+    except Exception as e:  # MLX raises several types for a damaged file
+        raise Gemma3Error(f"cannot read {path}: {e} — the file is truncated or not safetensors") from None
+
+
+def read_weights(folder: Path) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for path in weight_files(folder):
+        weights.update(read_safetensors(path))
+    return weights
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str) -> None:
+    """One clear error for a missing, unexpected or mis-shaped tensor."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise Gemma3Error(f"{where}: missing tensor {missing[0]}" + _more(missing))
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise Gemma3Error(f"{where}: unexpected tensor {unexpected[0]}" + _more(unexpected))
+    for key, param in expected.items():
+        if weights[key].shape != param.shape:
+            raise Gemma3Error(
+                f"{where}: tensor {key} has shape {tuple(weights[key].shape)}, expected {tuple(param.shape)}"
+            )
+
+
+def _more(keys: list[str]) -> str:
+    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""

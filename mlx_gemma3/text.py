@@ -1,0 +1,155 @@
+"""Gemma 3 text tower: RMSNorm, attention, MLP, decoder layers and the tied-head causal LM."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig, TextConfig
+
+FLOAT16_MAX = 65504.0
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in float32, weight stored zero-centred and applied as (1 + w)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        scale = 1.0 + self.weight.astype(mx.float32)
+        return mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+        hidden, head_dim = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(hidden, self.n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+        rope = cfg.rope(layer)
+        self.rope = nn.RoPE(head_dim, traditional=False, base=rope.theta, scale=1.0 / rope.factor)
+
+    def __call__(self, x: mx.array, mask: mx.array, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.is_sliding = cfg.is_sliding(layer)
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def __call__(self, h: mx.array, mask: mx.array, cache=None) -> mx.array:
+        attn = self.self_attn(self.input_layernorm(h), mask, cache)
+        h = residual_add(h, self.post_attention_layernorm(attn))
+        return residual_add(h, self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))))
+
+
+def residual_add(h: mx.array, x: mx.array) -> mx.array:
+    """Add a branch to the residual stream; in float16 keep it finite (Gemma's stream overflows fp16)."""
+    if h.dtype == mx.float16:
+        return mx.clip(h + x, -FLOAT16_MAX, FLOAT16_MAX)
+    return h + x
+
+
+def attention_mask(length: int, offset: int, window: int | None) -> mx.array:
+    """Boolean [length, offset + length] mask: causal, and for sliding layers the last `window` keys."""
+    queries = mx.arange(offset, offset + length)[:, None]
+    keys = mx.arange(offset + length)[None]
+    mask = keys <= queries
+    if window is not None:
+        mask = mask & (keys > queries - window)
+    return mask
+
+
+class TextModel(nn.Module):
+    """Embedding, decoder layers and final norm (checkpoint prefix `model.`)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        h = self.embed_tokens(input_ids)
+        return h * mx.array(self.config.embed_scale, dtype=h.dtype)
+
+    def __call__(self, h: mx.array, cache=None) -> mx.array:
+        """Run the decoder over embeddings `h` [B, L, hidden]; returns normed hidden states."""
+        masks = self.masks(h.shape[1], cache)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
+            h = layer(h, masks[layer.is_sliding], layer_cache)
+        return self.norm(h)
+
+    def masks(self, length: int, cache) -> dict[bool, mx.array]:
+        """One mask per layer kind, keyed by `is_sliding`; caches build their own."""
+        kinds = {layer.is_sliding: i for i, layer in enumerate(self.layers)}
+        if cache is None:
+            window = self.config.sliding_window
+            return {sliding: attention_mask(length, 0, window if sliding else None) for sliding in kinds}
+        return {sliding: cache[i].make_mask(length) for sliding, i in kinds.items()}
+
+
+class Gemma3TextLM(nn.Module):
+    """Gemma3ForCausalLM: `logits = model(input_ids)`; checkpoint keys `model.*` (+ `lm_head.*` if untied)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config.text)
+        if not config.text.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+
+    def __call__(self, input_ids: mx.array, cache=None) -> mx.array:
+        return self.logits(self.model(self.model.embed(input_ids), cache))
+
+    def logits(self, h: mx.array) -> mx.array:
+        if self.config.text.tie_word_embeddings:
+            out = self.model.embed_tokens.as_linear(h)
+        else:
+            out = self.lm_head(h)
+        cap = self.config.text.final_logit_softcapping
+        return out if cap is None else mx.tanh(out / cap) * cap
+
+    @property
+    def layers(self):
+        return self.model.layers

@@ -1,0 +1,115 @@
+"""Shared test helpers: tiny random Gemma 3 models built with transformers, converted with our CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+TINY_TEXT = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=16,
+    max_position_embeddings=1024,
+)
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14
+)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Replace transformers' init (zero norms, tiny weights) with weights that make every path matter."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+            elif param.dim() >= 2:
+                fan_in = param.shape[1] if "embed" not in name else 1
+                param.copy_(torch.randn(param.shape, generator=gen) / fan_in**0.5)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def tiny_text_model(seed: int = 0, **overrides):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(**{**TINY_TEXT, **overrides})
+    torch.manual_seed(seed)
+    return randomize(Gemma3ForCausalLM(config), seed)
+
+
+def tiny_multimodal_model(seed: int = 0, **text_overrides):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    config = Gemma3Config(
+        text_config={**TINY_TEXT, **text_overrides}, vision_config=TINY_VISION, mm_tokens_per_image=4
+    )
+    torch.manual_seed(seed)
+    return randomize(Gemma3ForConditionalGeneration(config), seed)
+
+
+def reference_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+def convert(hf_dir: Path, mlx_dir: Path, *extra: str) -> Path:
+    """Convert through the CLI's entry point (in-process, so the suite stays fast)."""
+    from mlx_gemma3.convert.__main__ import main
+
+    assert main(["--hf-path", str(hf_dir), "--mlx-path", str(mlx_dir), *extra]) == 0
+    return mlx_dir
+
+
+def our_logits(mlx_dir: Path, ids: np.ndarray) -> np.ndarray:
+    import mlx.core as mx
+
+    import mlx_gemma3
+
+    model, _ = mlx_gemma3.load(mlx_dir)
+    return np.array(model(mx.array(ids)).astype(mx.float32))
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def edit_config(folder: Path, change) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def random_ids(length: int, vocab: int = TINY_TEXT["vocab_size"], batch: int = 1, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(3, vocab, size=(batch, length))
+
+
+@pytest.fixture
+def hf_text(tmp_path):
+    """A saved tiny text model: (folder, transformers model)."""
+    model = tiny_text_model()
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    return folder, model
