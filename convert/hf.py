@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from safetensors import safe_open
 
 from mlx_gemma3.config import FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
 from mlx_gemma3.errors import Gemma3Error
-from mlx_gemma3.load import build_model, weight_files
+from mlx_gemma3.load import build_model, check_shapes, weight_files
 
 from .output import ShardWriter, output_folder
 
@@ -151,22 +150,9 @@ def _checkpoint_dtype(headers: dict, mapping: dict) -> str:
 
 
 def _check_shapes(headers: dict, mapping: dict, config: ModelConfig, where: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(build_model(config).parameters())}
-    found = {mapping[k]: (k, shape) for k, (_, shape, _) in headers.items() if mapping[k] is not None}
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise Gemma3Error(f"{where}: checkpoint lacks tensor {missing[0]}" + _more(missing))
-    unexpected = sorted(found[k][0] for k in set(found) - set(expected))
-    if unexpected:
-        raise Gemma3Error(f"{where}: unexpected tensor {unexpected[0]}" + _more(unexpected))
-    for key, shape in expected.items():
-        source, got = found[key]
-        if got != shape:
-            raise Gemma3Error(f"{where}: tensor {source} has shape {got}, expected {shape} from config.json")
-
-
-def _more(keys: list) -> str:
-    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    found = {mapping[k]: shape for k, (_, shape, _) in headers.items() if mapping[k] is not None}
+    source = {mapping[k]: k for k in headers if mapping[k] is not None}
+    check_shapes(build_model(config), found, where, source)
 
 
 def _convert_shard(path: Path, mapping: dict, dtype: mx.Dtype, writer: ShardWriter) -> None:

@@ -90,19 +90,22 @@ def read_weights(folder: Path) -> dict[str, mx.array]:
 
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str) -> None:
-    """One clear error for a missing, unexpected or mis-shaped tensor."""
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
+    check_shapes(model, {k: tuple(v.shape) for k, v in weights.items()}, where)
+
+
+def check_shapes(model: nn.Module, found: dict[str, tuple[int, ...]], where: str, source=None) -> None:
+    """One clear error for a missing, unexpected or mis-shaped tensor; `source` names keys as the user knows them."""
+    source = source or {}
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    missing = sorted(set(expected) - set(found))
     if missing:
         raise Gemma3Error(f"{where}: missing tensor {missing[0]}" + _more(missing))
-    unexpected = sorted(set(weights) - set(expected))
+    unexpected = sorted(source.get(k, k) for k in set(found) - set(expected))
     if unexpected:
         raise Gemma3Error(f"{where}: unexpected tensor {unexpected[0]}" + _more(unexpected))
-    for key, param in expected.items():
-        if weights[key].shape != param.shape:
-            raise Gemma3Error(
-                f"{where}: tensor {key} has shape {tuple(weights[key].shape)}, expected {tuple(param.shape)}"
-            )
+    for key, shape in expected.items():
+        if found[key] != shape:
+            raise Gemma3Error(f"{where}: tensor {source.get(key, key)} has shape {found[key]}, expected {shape}")
 
 
 def _more(keys: list[str]) -> str:

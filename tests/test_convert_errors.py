@@ -49,7 +49,7 @@ def truncate(hf_dir):
 BAD_INPUTS = {
     "missing_config": (lambda d: (d / "config.json").unlink(), "no config.json in"),
     "unknown_model_type": (lambda d: edit_config(d, lambda c: c.update(model_type="llama")), "is not Gemma 3"),
-    "missing_tensor": (drop_tensor, "lacks tensor model.layers.1.mlp.up_proj.weight"),
+    "missing_tensor": (drop_tensor, "missing tensor model.layers.1.mlp.up_proj.weight"),
     "misshaped_tensor": (misshape_tensor, "model.layers.0.self_attn.k_proj.weight has shape (31, 64)"),
     "truncated_safetensors": (truncate, "truncated or not safetensors"),
     "no_weights": (lambda d: (d / "model.safetensors").unlink(), "no *.safetensors weights"),
