@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cache import attention_mask, make_cache
 from .config import ModelConfig, TextConfig
 
 FLOAT16_MAX = 65504.0
@@ -88,16 +89,6 @@ def residual_add(h: mx.array, x: mx.array) -> mx.array:
     return h + x
 
 
-def attention_mask(length: int, offset: int, window: int | None) -> mx.array:
-    """Boolean [length, offset + length] mask: causal, and for sliding layers the last `window` keys."""
-    queries = mx.arange(offset, offset + length)[:, None]
-    keys = mx.arange(offset + length)[None]
-    mask = keys <= queries
-    if window is not None:
-        mask = mask & (keys > queries - window)
-    return mask
-
-
 class TextModel(nn.Module):
     """Embedding, decoder layers and final norm (checkpoint prefix `model.`)."""
 
@@ -149,6 +140,9 @@ class Gemma3TextLM(nn.Module):
             out = self.lm_head(h)
         cap = self.config.text.final_logit_softcapping
         return out if cap is None else mx.tanh(out / cap) * cap
+
+    def make_cache(self) -> list:
+        return make_cache(self.model.layers, self.config.text.sliding_window)
 
     @property
     def layers(self):
