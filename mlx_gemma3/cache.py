@@ -1,75 +1,286 @@
-"""KV caches: a growing cache for full-attention layers, a window-bounded cache for sliding layers."""
+"""KV caches: a growing cache for full-attention layers, a rotating cache for sliding layers, optionally quantized."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import mlx.core as mx
 
+from .errors import Gemma3Error
 
-REWIND = 16  # tokens a sliding cache keeps beyond its window so trim() works after the window slides
+REWIND = 16  # tokens a sliding cache keeps beyond its window so trim() works after the ring has wrapped
+STEP = 256  # full caches grow by this many slots at a time
+KV_BITS = (4, 8)
+PROMPT_CACHE_FORMAT = "mlx_gemma3.prompt_cache/1"
 
 
 def attention_mask(length: int, offset: int, window: int | None, start: int = 0) -> mx.array:
-    """Boolean mask of queries offset… against held keys start…offset+length−1: causal, within `window` if given."""
+    """Boolean mask of queries offset… against contiguous keys start…offset+length−1: causal, within `window`."""
     queries = mx.arange(offset, offset + length)[:, None]
     keys = mx.arange(start, offset + length)[None]
+    return visible(keys, queries, window)
+
+
+def visible(keys: mx.array, queries: mx.array, window: int | None) -> mx.array:
     mask = keys <= queries
     if window is not None:
         mask = mask & (keys > queries - window)
     return mask
 
 
-class KVCache:
-    """Keeps every key and value (full-attention layers)."""
+class KVStore:
+    """How keys or values are held: as they come (float) or as affine-quantized groups."""
 
-    def __init__(self):
+    def __init__(self, bits: int | None = None, group_size: int = 64):
+        if bits is not None and bits not in KV_BITS:
+            raise Gemma3Error(f"KV cache bits must be one of {KV_BITS}, got {bits}")
+        self.bits, self.group_size = bits, group_size
+
+    def encode(self, x: mx.array) -> tuple[mx.array, ...]:
+        if self.bits is None:
+            return (x,)
+        if x.shape[-1] % self.group_size:
+            raise Gemma3Error(
+                f"head_dim {x.shape[-1]} is not divisible by the KV group size {self.group_size}: "
+                "pick a group size that divides it"
+            )
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def decode(self, parts: tuple[mx.array, ...]) -> mx.array:
+        if self.bits is None:
+            return parts[0]
+        return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
+
+
+def write(buffers: tuple[mx.array, ...], start: int, parts: tuple[mx.array, ...]) -> None:
+    for buffer, part in zip(buffers, parts):
+        buffer[:, :, start : start + part.shape[2]] = part
+
+
+def grown(buffers: tuple[mx.array, ...] | None, template: tuple[mx.array, ...], slots: int) -> tuple[mx.array, ...]:
+    """`buffers` extended along the sequence axis to `slots` (zeros shaped like `template` when None)."""
+    out = []
+    for i, part in enumerate(template):
+        have = 0 if buffers is None else buffers[i].shape[2]
+        pad = mx.zeros((*part.shape[:2], slots - have, *part.shape[3:]), dtype=part.dtype)
+        out.append(pad if buffers is None else mx.concatenate([buffers[i], pad], axis=2))
+    return tuple(out)
+
+
+def sliced(buffers: tuple[mx.array, ...], start: int, stop: int) -> tuple[mx.array, ...]:
+    return tuple(b[:, :, start:stop] for b in buffers)
+
+
+def taken(buffers: tuple[mx.array, ...], slots: mx.array) -> tuple[mx.array, ...]:
+    return tuple(mx.take(b, slots, axis=2) for b in buffers)
+
+
+def joined(a: tuple[mx.array, ...], b: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
+    return tuple(mx.concatenate([x, y], axis=2) for x, y in zip(a, b))
+
+
+class KVCache:
+    """Full-attention layers: keeps every key and value in buffers preallocated STEP slots at a time."""
+
+    kind = "full"
+
+    def __init__(self, bits: int | None = None, group_size: int = 64):
+        self.store = KVStore(bits, group_size)
         self.keys = self.values = None
         self.offset = 0
 
     def held(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        """Keys attended to by the next query (the stored token count)."""
+        return self.offset
 
-    def make_mask(self, length: int) -> mx.array:
-        return attention_mask(length, self.offset, None)
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys[0].shape[2]
+
+    def make_mask(self, length: int) -> mx.array | None:
+        return None if length == 1 else attention_mask(length, self.offset, None)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.offset += keys.shape[2]
-        if self.keys is not None:
-            keys = mx.concatenate([self.keys, keys], axis=2)
-            values = mx.concatenate([self.values, values], axis=2)
-        self.keys, self.values = keys, values
-        return keys, values
+        keys, values = self.store.encode(keys), self.store.encode(values)
+        end = self.offset + keys[0].shape[2]
+        if end > self.capacity():
+            slots = -(-end // STEP) * STEP
+            self.keys = grown(self.keys and sliced(self.keys, 0, self.offset), keys, slots)
+            self.values = grown(self.values and sliced(self.values, 0, self.offset), values, slots)
+        write(self.keys, self.offset, keys)
+        write(self.values, self.offset, values)
+        self.offset = end
+        return self.fetch()
 
-    def trim(self, n: int) -> int:
-        n = min(n, self.trimmable())
-        self.offset -= n
-        self.keys, self.values = self.keys[:, :, : self.held() - n], self.values[:, :, : self.held() - n]
-        return n
+    def fetch(self) -> tuple[mx.array, mx.array]:
+        decode = self.store.decode
+        return decode(sliced(self.keys, 0, self.offset)), decode(sliced(self.values, 0, self.offset))
 
     def trimmable(self) -> int:
         return self.offset
 
+    def trim(self, n: int) -> int:
+        """Forget the last n tokens (as many as possible); returns how many were forgotten."""
+        n = min(n, self.trimmable())
+        self.offset -= n
+        return n
+
+    def ordered(self) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
+        """Held keys and values (stored form) oldest first."""
+        return sliced(self.keys, 0, self.offset), sliced(self.values, 0, self.offset)
+
+    def restore(self, keys: tuple[mx.array, ...], values: tuple[mx.array, ...], offset: int) -> None:
+        self.keys, self.values, self.offset = keys, values, offset
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in (*(self.keys or ()), *(self.values or ())))
+
 
 class SlidingKVCache(KVCache):
-    """Holds at most window − 1 + rewind keys between calls (W + chunk + rewind during one)."""
+    """Sliding-window layers: a ring of window − 1 + rewind slots; a chunk call sees at most W + chunk + rewind keys."""
 
-    def __init__(self, window: int, rewind: int = REWIND):
-        super().__init__()
+    kind = "sliding"
+
+    def __init__(self, window: int, rewind: int = REWIND, bits: int | None = None, group_size: int = 64):
+        super().__init__(bits, group_size)
         self.window, self.rewind = window, rewind
-        self.keep = window - 1 + rewind
+        self.slots = window - 1 + rewind
+        self.count = 0  # valid slots
+        self.idx = 0  # next slot to write
+
+    def held(self) -> int:
+        return self.count
+
+    def writes_in_place(self, length: int) -> bool:
+        """One token, or a chunk that fits the free slots: written into the ring; otherwise the ring is rebuilt."""
+        if self.keys is None:
+            return length <= self.slots
+        return length == 1 or (self.idx + length <= self.slots and self.count + length <= self.slots)
 
     def make_mask(self, length: int) -> mx.array:
-        return attention_mask(length, self.offset, self.window, start=self.offset - self.held())
+        queries = mx.arange(self.offset, self.offset + length)[:, None]
+        if not self.writes_in_place(length):
+            return attention_mask(length, self.offset, self.window, start=self.offset - self.count)
+        offset, idx = self.offset + length, (self.idx + length) % self.slots
+        count = min(self.count + length, self.slots)
+        positions = offset - 1 - (idx - 1 - mx.arange(self.slots)) % self.slots
+        return visible(positions[None], queries, self.window) & (positions >= offset - count)[None]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        keys, values = super().update_and_fetch(keys, values)
-        self.keys, self.values = keys[:, :, -self.keep :], values[:, :, -self.keep :]
-        return keys, values
+        length = keys.shape[2]
+        in_place = self.writes_in_place(length)
+        keys, values = self.store.encode(keys), self.store.encode(values)
+        if in_place:
+            if self.keys is None:
+                self.keys, self.values = grown(None, keys, self.slots), grown(None, values, self.slots)
+            write(self.keys, self.idx, keys)
+            write(self.values, self.idx, values)
+            self.advance(length)
+            return self.store.decode(self.keys), self.store.decode(self.values)
+        all_keys, all_values = keys, values
+        if self.keys is not None:
+            old_keys, old_values = self.ordered()
+            all_keys, all_values = joined(old_keys, keys), joined(old_values, values)
+        keep = min(self.count + length, self.slots)
+        self.keys = grown(sliced(all_keys, -keep, None), keys, self.slots)
+        self.values = grown(sliced(all_values, -keep, None), values, self.slots)
+        self.offset, self.count, self.idx = self.offset + length, keep, keep % self.slots
+        return self.store.decode(all_keys), self.store.decode(all_values)
+
+    def advance(self, length: int) -> None:
+        self.offset += length
+        self.count = min(self.count + length, self.slots)
+        self.idx = (self.idx + length) % self.slots
+
+    def ordered(self):
+        slots = (self.idx - self.count + mx.arange(self.count)) % self.slots
+        return taken(self.keys, slots), taken(self.values, slots)
 
     def trimmable(self) -> int:
         """Everything before the window first slides; afterwards at most `rewind` tokens."""
-        return self.offset if self.held() == self.offset else self.held() - (self.window - 1)
+        return self.count if self.count == self.offset else max(self.count - (self.window - 1), 0)
+
+    def trim(self, n: int) -> int:
+        n = super().trim(n)
+        self.count -= n
+        self.idx = (self.idx - n) % self.slots
+        return n
+
+    def restore(self, keys, values, offset: int) -> None:
+        self.count = keys[0].shape[2]
+        if self.count > self.slots:
+            raise Gemma3Error(f"a sliding cache of {self.slots} slots cannot hold {self.count} saved tokens")
+        self.keys, self.values = grown(keys, keys, self.slots), grown(values, values, self.slots)
+        self.offset, self.idx = offset, self.count % self.slots
 
 
-def make_cache(layers, window: int) -> list:
-    """One cache per decoder layer: sliding layers get the window-bounded cache."""
-    return [SlidingKVCache(window) if layer.is_sliding else KVCache() for layer in layers]
+def make_cache(
+    layers, window: int, kv_bits: int | None = None, kv_group_size: int = 64, max_kv_size: int | None = None
+) -> list[KVCache]:
+    """One cache per decoder layer: sliding layers get the rotating cache, full layers a growing one."""
+    if max_kv_size is not None and max_kv_size < 1:
+        raise Gemma3Error(f"max_kv_size must be a positive number of tokens, got {max_kv_size}")
+
+    def cache_for(layer) -> KVCache:
+        if layer.is_sliding:
+            return SlidingKVCache(min(window, max_kv_size or window), bits=kv_bits, group_size=kv_group_size)
+        if max_kv_size is not None:
+            return SlidingKVCache(max_kv_size, bits=kv_bits, group_size=kv_group_size)
+        return KVCache(bits=kv_bits, group_size=kv_group_size)
+
+    return [cache_for(layer) for layer in layers]
+
+
+def save_prompt_cache(path: str | Path, cache: list[KVCache], token_ids: list[int], extra: dict | None = None) -> None:
+    """Write every layer's keys and values plus the token history to one safetensors file (atomically)."""
+    arrays = {"token_ids": mx.array(list(token_ids) or [0], dtype=mx.int32)}
+    layers = []
+    for i, layer in enumerate(cache):
+        keys, values = layer.ordered() if layer.keys is not None else ((), ())
+        for name, parts in (("keys", keys), ("values", values)):
+            arrays.update({f"layers.{i}.{name}.{j}": part for j, part in enumerate(parts)})
+        layers.append(cache_description(layer))
+    meta = {"format": PROMPT_CACHE_FORMAT, "tokens": str(len(token_ids)), "layers": json.dumps(layers)}
+    meta["extra"] = json.dumps(extra or {})
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial.safetensors")
+    try:
+        mx.save_safetensors(str(partial), arrays, metadata=meta)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def cache_description(layer: KVCache) -> dict:
+    described = {"kind": layer.kind, "offset": layer.offset, "bits": layer.store.bits}
+    described["group_size"] = layer.store.group_size
+    if isinstance(layer, SlidingKVCache):
+        described.update(window=layer.window, rewind=layer.rewind)
+    return described
+
+
+def load_prompt_cache(path: str | Path) -> tuple[list[KVCache], list[int], dict]:
+    """Read a file written by save_prompt_cache: (cache, token ids, extra)."""
+    try:
+        arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    except Exception as e:  # MLX raises several types for a missing or damaged file
+        raise Gemma3Error(f"cannot read prompt cache {path}: {e}") from None
+    if meta.get("format") != PROMPT_CACHE_FORMAT:
+        raise Gemma3Error(f"{path} is not a prompt cache written by mlx_gemma3 (format {meta.get('format')!r})")
+    cache = [restored_layer(arrays, i, d) for i, d in enumerate(json.loads(meta["layers"]))]
+    token_ids = arrays["token_ids"].tolist()[: int(meta["tokens"])]
+    return cache, token_ids, json.loads(meta.get("extra", "{}"))
+
+
+def restored_layer(arrays: dict[str, mx.array], i: int, described: dict) -> KVCache:
+    if described["kind"] == "sliding":
+        layer = SlidingKVCache(described["window"], described["rewind"], described["bits"], described["group_size"])
+    else:
+        layer = KVCache(described["bits"], described["group_size"])
+    parts = 1 if described["bits"] is None else 3
+    if f"layers.{i}.keys.0" in arrays:
+        keys = tuple(arrays[f"layers.{i}.keys.{j}"] for j in range(parts))
+        values = tuple(arrays[f"layers.{i}.values.{j}"] for j in range(parts))
+        layer.restore(keys, values, described["offset"])
+    return layer
