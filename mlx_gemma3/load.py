@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
 from .errors import Gemma3Error
+from .prompt import find_chat_template
 from .text import Gemma3TextLM
 from .tokenizer import Tokenizer
 
@@ -20,10 +21,11 @@ FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 @dataclass
 class Processor:
-    """What turns user input into model input: the tokenizer (None when the folder has none)."""
+    """What turns user input into model input: the tokenizer (None when the folder has none) and chat template."""
 
     tokenizer: Tokenizer | None
     config: ModelConfig
+    chat_template: str | None = None
 
 
 def default_compute_dtype() -> mx.Dtype:
@@ -44,7 +46,7 @@ def load(path: str | Path, compute_dtype: mx.Dtype | None = None):
     check_weights(model, weights, where=str(folder))
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
-    return model, Processor(tokenizer=Tokenizer.from_folder(folder), config=config)
+    return model, Processor(Tokenizer.from_folder(folder), config, find_chat_template(folder))
 
 
 def build_model(config: ModelConfig) -> nn.Module:

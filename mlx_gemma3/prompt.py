@@ -1,0 +1,150 @@
+"""Prompts: a folder's own chat template (Jinja), Gemma 3's built-in chat format, or plain completion."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from .errors import Gemma3Error
+from .tokenizer import BOS_ID
+
+ROLES = {"user": "user", "assistant": "model", "model": "model"}
+IMAGE_MARK = "<start_of_image>"
+
+
+def find_chat_template(folder: str | Path) -> str | None:
+    """The chat template a model folder ships: chat_template.jinja, chat_template.json or tokenizer_config.json."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        template = _json_template(folder / name)
+        if template:
+            return template
+    return None
+
+
+def _json_template(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise Gemma3Error(f"{path} is not valid JSON ({e})") from None
+    if isinstance(template, list):  # named templates: take the default one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else None
+
+
+def check_messages(messages) -> list[dict]:
+    """Messages as the chat format needs them: dicts with a known role; an optional system message first;
+    then user and model turns alternating, starting with the user."""
+    if not isinstance(messages, list) or not messages:
+        raise Gemma3Error("a chat prompt must be a non-empty list of {'role': ..., 'content': ...} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise Gemma3Error(f"message {i} must be a dict with 'role' and 'content', got {message!r:.80}")
+        if message["role"] not in (*ROLES, "system") or (message["role"] == "system" and i > 0):
+            raise Gemma3Error(
+                f"message {i} has role {message['role']!r}: use 'user' or 'assistant'/'model' "
+                "(a 'system' message may only come first)"
+            )
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "model"
+        if ROLES[message["role"]] != expected:
+            raise Gemma3Error(
+                f"chat roles must alternate user/model starting with user: turn {i + 1} is {message['role']!r}, "
+                f"expected {'user' if expected == 'user' else 'assistant'}"
+            )
+    return messages
+
+
+def content_text(content) -> str:
+    """A message's content as prompt text: strings as they are, image items as <start_of_image>."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise Gemma3Error(f"message content must be a string or a list of items, got {type(content).__name__}")
+    parts = []
+    for item in content:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text":
+            parts.append(str(item.get("text", "")).strip())
+        elif kind == "image":
+            parts.append(IMAGE_MARK)
+        else:
+            raise Gemma3Error(f"content item {item!r:.80} must be {{'type': 'text', 'text': ...}} or {{'type': 'image'}}")
+    return "".join(parts)
+
+
+def gemma_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Gemma 3's chat format (GEMMA3.md §6): system folded into the first user turn, roles user/model."""
+    messages = check_messages(messages)
+    prefix = ""
+    if messages[0]["role"] == "system":
+        prefix, messages = content_text(messages[0]["content"]) + "\n\n", messages[1:]
+    text = "<bos>"
+    for i, message in enumerate(messages):
+        body = (prefix if i == 0 else "") + content_text(message["content"]).strip()
+        text += f"<start_of_turn>{ROLES[message['role']]}\n{body}<end_of_turn>\n"
+    return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
+
+
+def render_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    """Render a Hugging Face chat template the way transformers does (sandboxed Jinja)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise Gemma3Error(f"the model's chat template refused the messages: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token="<bos>", eos_token="<eos>", **extra
+        )
+    except TemplateError as e:
+        raise Gemma3Error(f"the model's chat template failed: {e}") from None
+
+
+def chat_text(messages: list[dict], template: str | None, add_generation_prompt: bool = True) -> str:
+    """Prompt text for a conversation: the folder's template if it has one, else Gemma 3's format."""
+    check_messages(messages)
+    if template is None:
+        return gemma_chat(messages, add_generation_prompt)
+    return render_template(template, messages, add_generation_prompt)
+
+
+def as_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None:
+        if messages and messages[0].get("role") == "system":
+            raise Gemma3Error("a system prompt was given twice: as `system` and as the first message")
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def prompt_ids(processor, prompt, system: str | None = None, use_chat_template: bool = True) -> list[int]:
+    """Token ids for a prompt: a string, a list of chat messages, or ids already tokenized.
+
+    A string is wrapped as one user turn when the folder ships a chat template (instruction-tuned models)
+    and completed as it is otherwise (base models) or with use_chat_template=False."""
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt) and prompt:
+        return list(prompt)
+    tokenizer = processor.tokenizer
+    if tokenizer is None:
+        raise Gemma3Error("this model folder has no tokenizer.model: pass token ids, or add the tokenizer file")
+    if isinstance(prompt, str) and not prompt:
+        raise Gemma3Error("the prompt is empty: give some text")
+    if isinstance(prompt, str) and (not use_chat_template or processor.chat_template is None):
+        if system is not None:
+            raise Gemma3Error("a system prompt needs the chat format: drop --no-chat-template or the system prompt")
+        return tokenizer.encode(prompt)
+    text = chat_text(as_messages(prompt, system), processor.chat_template)
+    ids = tokenizer.encode(text, add_bos=False)
+    return ids if ids[:1] == [BOS_ID] else [BOS_ID, *ids]
