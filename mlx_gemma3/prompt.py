@@ -51,6 +51,7 @@ def check_messages(messages) -> list[dict]:
                 f"message {i} has role {message['role']!r}: use 'user' or 'assistant'/'model' "
                 "(a 'system' message may only come first)"
             )
+        content_text(message["content"])
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     for i, message in enumerate(turns):
         expected = "user" if i % 2 == 0 else "model"

@@ -113,3 +113,21 @@ def hf_text(tmp_path):
     folder = tmp_path / "hf"
     model.save_pretrained(folder)
     return folder, model
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """A converted tiny model with a trained tokenizer and a Gemma-style chat template: (mlx folder, hf folder, model)."""
+    import shutil
+
+    from spm_fixture import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("chat")
+    reference = tiny_text_model(seed=2)
+    reference.save_pretrained(folder / "hf")
+    train_tokenizer(folder / "hf")
+    shutil.copyfile(FIXTURES / "gemma3_chat_template.jinja", folder / "hf" / "chat_template.jinja")
+    return convert(folder / "hf", folder / "mlx"), folder / "hf", reference

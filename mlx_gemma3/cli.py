@@ -1,0 +1,58 @@
+"""Shared command-line pieces: one-line argument errors, the model and sampling flags, error-to-exit handling."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .errors import Gemma3Error
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (and exit status 2) instead of usage plus error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="MLX model folder written by mlx_gemma3.convert")
+    parser.add_argument("--system", help="system prompt (folded into the first user turn, as Gemma 3 expects)")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate (default 256)")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p × the top probability")
+    parser.add_argument("--repetition-penalty", type=float, help="penalise tokens already seen (e.g. 1.1)")
+    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    parser.add_argument("--max-kv-size", type=int, help="bound every layer's cache to this many tokens")
+    parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache to 4 or 8 bits")
+    parser.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128), help="KV quantization group")
+    parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    names = (
+        "max_tokens", "temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+        "max_kv_size", "kv_bits", "kv_group_size", "prefill_step_size",
+    )
+    return {name: getattr(args, name) for name in names}
+
+
+def run(main: Callable[[], int]) -> int:
+    """Run a CLI body: a Gemma3Error becomes one `error:` line and exit 1; Ctrl-C exits 130."""
+    try:
+        return main()
+    except Gemma3Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): nothing more to say
+        return 0

@@ -1,0 +1,104 @@
+"""Multi-turn chat that keeps its KV cache between turns (the `Chat` class)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .cache import load_prompt_cache, save_prompt_cache
+from .errors import Gemma3Error
+from .generation import GenerationResponse, stream_generate
+from .prompt import prompt_ids
+
+CACHE_OPTIONS = ("kv_bits", "kv_group_size", "max_kv_size")
+
+
+class Chat:
+    """A conversation with a model; each turn prefills only what the cache does not already hold."""
+
+    def __init__(self, model, processor, system: str | None = None, **options):
+        self.model, self.processor, self.options = model, processor, options
+        self.system = system
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = []
+        self.cache = self.model.make_cache(**{k: self.options[k] for k in CACHE_OPTIONS if k in self.options})
+        self.cached_ids: list[int] = []
+
+    def set_system(self, system: str | None) -> None:
+        """A new system prompt starts a new conversation."""
+        self.system = system
+        self.reset()
+
+    def conversation(self, *new_turns: dict) -> list[dict]:
+        system = [] if self.system is None else [{"role": "system", "content": self.system}]
+        return [*system, *self.messages, *new_turns]
+
+    def stream(self, content, **options) -> Iterator[GenerationResponse]:
+        """Send one user turn (text or content items); yields the reply as it is generated.
+
+        `options` override the chat's generation options for this turn only."""
+        user = {"role": "user", "content": content}
+        ids = prompt_ids(self.processor, self.conversation(user))
+        reused = self._reuse(ids)
+        reply, tokens = [], []
+        try:
+            for response in stream_generate(self.model, self.processor, ids[reused:], cache=self.cache, **{**self.options, **options}):
+                reply.append(response.text)
+                tokens.append(response.token)
+                yield response
+        finally:
+            self._settle(ids, tokens)
+            if tokens:
+                self.messages += [user, {"role": "assistant", "content": "".join(reply)}]
+
+    def send(self, content, **options) -> str:
+        """Send one user turn and return the whole reply."""
+        return "".join(response.text for response in self.stream(content, **options))
+
+    def _reuse(self, ids: list[int]) -> int:
+        """Trim the cache back to its common prefix with `ids` (keeping ≥ 1 token to feed); returns its length."""
+        common = 0
+        for cached, new in zip(self.cached_ids, ids[:-1]):
+            if cached != new:
+                break
+            common += 1
+        surplus = len(self.cached_ids) - common
+        if any(layer.trimmable() < surplus for layer in self.cache):
+            self.reset_cache()
+            return 0
+        for layer in self.cache:
+            layer.trim(surplus)
+        self.cached_ids = self.cached_ids[:common]
+        return common
+
+    def _settle(self, ids: list[int], tokens: list[int]) -> None:
+        """Record which tokens the cache now holds; an interrupted step leaves layers out of step → start over."""
+        offsets = {layer.offset for layer in self.cache}
+        held = offsets.pop() if len(offsets) == 1 else -1
+        if held < 0 or held > len(ids) + len(tokens):
+            self.reset_cache()
+        else:
+            self.cached_ids = (ids + tokens)[:held]
+
+    def reset_cache(self) -> None:
+        messages = self.messages
+        self.reset()
+        self.messages = messages
+
+    def save(self, path) -> None:
+        """Write the cache, its tokens and the conversation to one safetensors file."""
+        extra = {"messages": self.messages, "system": self.system}
+        save_prompt_cache(path, self.cache, self.cached_ids, extra=extra)
+
+    def load(self, path) -> None:
+        """Continue a conversation saved by `save` (with the same model)."""
+        cache, ids, extra = load_prompt_cache(path)
+        expected = [layer.kind for layer in self.model.make_cache()]
+        if [layer.kind for layer in cache] != expected or "messages" not in extra:
+            raise Gemma3Error(f"{path} was saved from a different model or is not a chat: it does not fit this model")
+        self.cache, self.cached_ids = cache, ids
+        self.messages, self.system = extra["messages"], extra.get("system")
+

@@ -1,0 +1,158 @@
+"""Streaming generation: chunked prefill, sampling overlapped with the next step, stop on every EOS id."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import mlx.core as mx
+
+from .errors import Gemma3Error
+from .prompt import prompt_ids
+from .sample import Sampler, logit_bias, repetition_penalty
+from .tokenizer import END_OF_TURN_ID, EOS_ID
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V]) → logits
+
+
+@dataclass
+class GenerationResponse:
+    """One step of a stream: the new text, the token, why it ended (None while running) and running stats."""
+
+    text: str
+    token: int
+    finish_reason: str | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    logits: mx.array | None = field(default=None, repr=False)  # this step's raw logits [V]
+
+
+@dataclass
+class Options:
+    """Everything stream_generate accepts besides the model, processor and prompt."""
+
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    prefill_step_size: int = 512
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    max_kv_size: int | None = None
+    system: str | None = None
+    use_chat_template: bool = True
+    stop_ids: tuple[int, ...] = ()
+
+    def check(self) -> None:
+        if self.max_tokens < 1 or self.prefill_step_size < 1:
+            raise Gemma3Error("max_tokens and prefill_step_size must be at least 1")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise Gemma3Error(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        try:
+            self.sampler()
+        except ValueError as e:
+            raise Gemma3Error(f"bad sampling option: {e}") from None
+
+    def needs_history(self) -> bool:
+        return bool(self.logits_processors) or self.repetition_penalty is not None
+
+    def sampler(self) -> Sampler:
+        return Sampler(self.temp, self.top_k, self.top_p, self.min_p, self.seed)
+
+
+def eos_ids(processor, extra: tuple[int, ...] = ()) -> set[int]:
+    """Every id that ends a reply: <eos>, <end_of_turn>, the config's and the caller's."""
+    return {EOS_ID, END_OF_TURN_ID, *processor.config.eos_token_ids, *extra}
+
+
+def stream_generate(model, processor, prompt, cache=None, **options) -> Iterator[GenerationResponse]:
+    """Yield a GenerationResponse per new token. `prompt`: text, chat messages or token ids.
+
+    With `cache` (from model.make_cache()), the cache must already hold the tokens before `prompt`;
+    close the generator to cancel."""
+    opts = Options(**options)
+    opts.check()
+    ids = prompt_ids(processor, prompt, opts.system, opts.use_chat_template)
+    cache = cache if cache is not None else model.make_cache(opts.kv_bits, opts.kv_group_size, opts.max_kv_size)
+    context = model.config.text.max_position_embeddings
+    start = cache[0].offset
+    if opts.max_kv_size is None and start + len(ids) >= context:
+        raise Gemma3Error(
+            f"the prompt is {start + len(ids)} tokens; the model's context is {context}: shorten the prompt"
+        )
+    max_tokens = min(opts.max_tokens, context - start - len(ids)) if opts.max_kv_size is None else opts.max_tokens
+    yield from _stream(model, processor, ids, cache, opts, max_tokens)
+
+
+def _stream(model, processor, ids: list[int], cache, opts: Options, max_tokens: int):
+    detokenizer = processor.tokenizer.detokenizer() if processor.tokenizer else None
+    stop = eos_ids(processor, opts.stop_ids)
+    tic = time.perf_counter()
+    prompt_tps = n = 0
+    for n, (token, logits) in enumerate(generate_tokens(model, ids, cache, opts, max_tokens), start=1):
+        if n == 1:
+            prompt_tps = len(ids) / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        finish = "stop" if token in stop else "length" if n == max_tokens else None
+        text = "" if detokenizer is None or token in stop else detokenizer.add(token)
+        if finish and detokenizer is not None:
+            text += detokenizer.finish()
+        rate = (n - 1) / max(time.perf_counter() - tic, 1e-9) if n > 1 else 0.0
+        yield GenerationResponse(text, token, finish, len(ids), prompt_tps, n, rate, mx.get_peak_memory() / 1e9, logits)
+        if finish:
+            return
+
+
+def generate_tokens(model, ids: list[int], cache, opts: Options, max_tokens: int) -> Iterator[tuple[int, mx.array]]:
+    """(token, raw logits) per step on a stream of its own; step n+1 is queued before step n is handed out."""
+    stream = mx.new_stream(mx.default_device())
+    sampler = opts.sampler()
+    with mx.stream(stream):
+        prompt = seen = mx.array(ids)
+        while prompt.size > 1:
+            chunk = min(opts.prefill_step_size, prompt.size - 1)
+            model(prompt[None, :chunk], cache=cache)
+            mx.eval([c.keys for c in cache])
+            prompt = prompt[chunk:]
+
+        def step(tokens: mx.array, seen: mx.array) -> tuple[mx.array, mx.array]:
+            logits = model(tokens[None], cache=cache)[0, -1]
+            return sampler(processed(logits[None], seen, opts))[0], logits
+
+        token, logits = step(prompt, seen)
+        mx.async_eval(token, logits)
+        for n in range(max_tokens):
+            if n + 1 < max_tokens:
+                if opts.needs_history():
+                    seen = mx.concatenate([seen, token[None]])
+                next_token, next_logits = step(token[None], seen)
+                mx.async_eval(next_token, next_logits)
+            yield token.item(), logits
+            if n + 1 < max_tokens:
+                token, logits = next_token, next_logits
+
+
+def processed(logits: mx.array, seen: mx.array, opts: Options) -> mx.array:
+    """Logits after the caller's processors, the repetition penalty and the logit bias."""
+    for processor in opts.logits_processors:
+        logits = processor(seen, logits)
+    if opts.repetition_penalty is not None:
+        logits = repetition_penalty(logits, seen[None], opts.repetition_penalty)
+    if opts.logit_bias:
+        logits = logit_bias(logits, opts.logit_bias)
+    return logits
+
+
+def generate(model, processor, prompt, **options) -> str:
+    """The whole reply as one string."""
+    return "".join(response.text for response in stream_generate(model, processor, prompt, **options))
+
