@@ -84,3 +84,25 @@ def test_generate_cli_bad_input_is_one_line(tiny_chat_model, args, message):
 def test_chat_cli_missing_model_is_one_line():
     result = run_cli("mlx_gemma3.chat", "--model", "/nonexistent/model", stdin="hi\n")
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_chat_cli_ctrl_c_stops_a_reply_and_keeps_the_chat(tiny_chat_model):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    folder, _, _ = tiny_chat_model
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "mlx_gemma3.chat", "--model", str(folder), "--max-tokens", "1000"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    chat.stdin.write("Tell me a long story\n")
+    chat.stdin.flush()
+    assert chat.stdout.read(3) == ">> "
+    chat.stdout.read(1)  # the reply has started (1000 tokens take seconds here)
+    chat.send_signal(signal.SIGINT)
+    out, err = chat.communicate("/reset\n/quit\n", timeout=120)
+    assert chat.returncode == 0, err
+    assert "[stopped]" in err and "[conversation reset]" in err and "Traceback" not in err
