@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,28 +23,49 @@ TEXT_PREFIXES = (
     ("language_model.lm_head.", "lm_head."),
     ("lm_head.", "lm_head."),
 )
-NON_TEXT_PREFIXES = (
-    "vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+# The vision tower and projector (GEMMA3.md §7), most specific first; transformers 5 drops `vision_model.`.
+VISION_PREFIXES = (
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("multi_modal_projector.", "multi_modal_projector."),
 )
+UNUSED_VISION_PREFIXES = ("vision_tower.head.", "model.vision_tower.head.", "vision_tower.vision_model.head.")
+PATCH_CONV = "vision_tower.vision_model.embeddings.patch_embedding.weight"
 TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
+    "preprocessor_config.json", "processor_config.json",
 )
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def map_key(key: str, config: ModelConfig) -> str | None:
-    """Checkpoint key → our key, or None for a tensor the text model does not use."""
-    if key.startswith(NON_TEXT_PREFIXES) or key.endswith("rotary_emb.inv_freq"):
+    """Checkpoint key → our key, or None for a tensor we do not use."""
+    if key.startswith(UNUSED_VISION_PREFIXES) or key.endswith("rotary_emb.inv_freq"):
         return None
+    for source, target in VISION_PREFIXES:
+        if key.startswith(source):
+            return target + key[len(source):] if config.is_multimodal else None
     for source, target in TEXT_PREFIXES:
         if key.startswith(source):
             mapped = target + key[len(source):]
             if mapped.startswith("lm_head.") and config.text.tie_word_embeddings:
                 return None  # the tied head is the embedding
-            return mapped
+            return "language_model." + mapped if config.is_multimodal else mapped
     return key  # unknown: reported as unexpected by the shape check
+
+
+def converted(target: str, tensor: mx.array) -> mx.array:
+    """A tensor in our layout: the patch conv goes from [out, in, kh, kw] to MLX's [out, kh, kw, in]."""
+    return tensor.transpose(0, 2, 3, 1) if target == PATCH_CONV else tensor
+
+
+def converted_shape(target: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[0], *shape[2:], shape[1]) if target == PATCH_CONV and len(shape) == 4 else shape
 
 
 def read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
@@ -127,11 +147,8 @@ def convert_hf(hf_path: Path, mlx_path: Path, dtype: str | None = None, force: b
     headers = read_headers(weight_files(hf_path))
     mapping = {key: map_key(key, config) for key in headers}
     out_dtype = dtype or _checkpoint_dtype(headers, mapping)
-    out_config = text_config_json(config.text, config.raw.get("text_config") or config.raw, out_dtype)
-    out_config["eos_token_id"] = list(config.eos_token_ids) if len(config.eos_token_ids) != 1 else config.eos_token_ids[0]
+    out_config = config_json(config, out_dtype)
     _check_shapes(headers, mapping, parse_config(out_config), where=str(hf_path))
-    if config.is_multimodal:
-        print("note: converting the text tower only (image support is not built yet)", file=sys.stderr)
     with output_folder(mlx_path, force) as work:
         writer = ShardWriter(work)
         for path in sorted({p for p, _, _ in headers.values()}):
@@ -142,15 +159,31 @@ def convert_hf(hf_path: Path, mlx_path: Path, dtype: str | None = None, force: b
     return mlx_path
 
 
+def config_json(config: ModelConfig, dtype: str) -> dict:
+    """The output config.json: gemma3_text, or gemma3 with the text part rewritten and the vision part kept."""
+    eos = list(config.eos_token_ids) if len(config.eos_token_ids) != 1 else config.eos_token_ids[0]
+    if not config.is_multimodal:
+        return {**text_config_json(config.text, config.raw, dtype), "eos_token_id": eos}
+    out = {k: v for k, v in config.raw.items() if k != "torch_dtype"}
+    out.update(
+        architectures=["Gemma3ForConditionalGeneration"],
+        text_config=text_config_json(config.text, config.raw.get("text_config") or {}, dtype),
+        vision_config=config.raw.get("vision_config") or {},
+        dtype=dtype,
+        eos_token_id=eos,
+    )
+    return out
+
+
 def _checkpoint_dtype(headers: dict, mapping: dict) -> str:
     for key, (_, _, dtype) in headers.items():
-        if mapping[key] == "model.embed_tokens.weight":
+        if mapping[key] in ("model.embed_tokens.weight", "language_model.model.embed_tokens.weight"):
             return SAFETENSORS_DTYPES.get(dtype, "bfloat16")
     return "bfloat16"
 
 
 def _check_shapes(headers: dict, mapping: dict, config: ModelConfig, where: str) -> None:
-    found = {mapping[k]: shape for k, (_, shape, _) in headers.items() if mapping[k] is not None}
+    found = {mapping[k]: converted_shape(mapping[k], shape) for k, (_, shape, _) in headers.items() if mapping[k]}
     source = {mapping[k]: k for k in headers if mapping[k] is not None}
     check_shapes(build_model(config), found, where, source)
 
@@ -163,7 +196,7 @@ def _convert_shard(path: Path, mapping: dict, dtype: mx.Dtype, writer: ShardWrit
     for key in sorted(tensors):
         target = mapping.get(key)
         if target is not None:
-            writer.add(target, tensors[key].astype(dtype))
+            writer.add(target, converted(target, tensors[key]).astype(dtype))
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:

@@ -16,18 +16,31 @@ KV_BITS = (4, 8)
 PROMPT_CACHE_FORMAT = "mlx_gemma3.prompt_cache/1"
 
 
-def attention_mask(length: int, offset: int, window: int | None, start: int = 0) -> mx.array:
-    """Boolean mask of queries offset… against contiguous keys start…offset+length−1: causal, within `window`."""
+def attention_mask(length: int, offset: int, window: int | None, start: int = 0, blocks=None) -> mx.array:
+    """Mask of queries offset… against contiguous keys start…offset+length−1 (see `build_mask`)."""
+    return build_mask(mx.arange(start, offset + length), None, offset, length, window, blocks)
+
+
+def build_mask(keys: mx.array, valid, offset: int, length: int, window: int | None, blocks=None) -> mx.array:
+    """Boolean mask of queries at positions offset… against keys at positions `keys` [K], among `valid` keys:
+    causal, or in the query's own image block (`blocks` [B, length], −1 outside images: tokens of one
+    image see each other both ways); and no further back than `window`, as transformers composes them.
+    Shape [length, K], or [B, 1, length, K] with blocks."""
     queries = mx.arange(offset, offset + length)[:, None]
-    keys = mx.arange(start, offset + length)[None]
-    return visible(keys, queries, window)
-
-
-def visible(keys: mx.array, queries: mx.array, window: int | None) -> mx.array:
-    mask = keys <= queries
+    mask = keys[None] <= queries
+    if blocks is not None:
+        mask = (mask[None] | same_image(keys, offset, blocks))[:, None]
     if window is not None:
-        mask = mask & (keys > queries - window)
-    return mask
+        mask = mask & (keys[None] > queries - window)
+    return mask if valid is None else mask & valid
+
+
+def same_image(keys: mx.array, offset: int, blocks: mx.array) -> mx.array:
+    """[B, L, K]: the query and the key belong to the same image block of this chunk."""
+    length = blocks.shape[1]
+    in_chunk = (keys >= offset) & (keys < offset + length)
+    key_blocks = mx.where(in_chunk, mx.take(blocks, mx.clip(keys - offset, 0, length - 1), axis=1), -1)
+    return (blocks[:, :, None] == key_blocks[:, None, :]) & (blocks[:, :, None] >= 0)
 
 
 class KVStore:
@@ -85,6 +98,7 @@ class KVCache:
     """Full-attention layers: keeps every key and value in buffers preallocated STEP slots at a time."""
 
     kind = "full"
+    window: int | None = None
 
     def __init__(self, bits: int | None = None, group_size: int = 64):
         self.store = KVStore(bits, group_size)
@@ -98,8 +112,16 @@ class KVCache:
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys[0].shape[2]
 
-    def make_mask(self, length: int) -> mx.array | None:
-        return None if length == 1 else attention_mask(length, self.offset, None)
+    def key_positions(self, length: int) -> tuple[mx.array, mx.array | None]:
+        """Positions of the keys the next update of `length` tokens returns, and which of them are valid."""
+        return mx.arange(0, self.offset + length), None
+
+    def make_mask(self, length: int, blocks: mx.array | None = None) -> mx.array | None:
+        """The mask for the next update of `length` tokens (None when one query may see every key)."""
+        if length == 1 and blocks is None and self.window is None:
+            return None
+        keys, valid = self.key_positions(length)
+        return build_mask(keys, valid, self.offset, length, self.window, blocks)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         keys, values = self.store.encode(keys), self.store.encode(values)
@@ -158,14 +180,13 @@ class SlidingKVCache(KVCache):
             return length <= self.slots
         return length == 1 or (self.idx + length <= self.slots and self.count + length <= self.slots)
 
-    def make_mask(self, length: int) -> mx.array:
-        queries = mx.arange(self.offset, self.offset + length)[:, None]
+    def key_positions(self, length: int) -> tuple[mx.array, mx.array | None]:
         if not self.writes_in_place(length):
-            return attention_mask(length, self.offset, self.window, start=self.offset - self.count)
+            return mx.arange(self.offset - self.count, self.offset + length), None
         offset, idx = self.offset + length, (self.idx + length) % self.slots
         count = min(self.count + length, self.slots)
         positions = offset - 1 - (idx - 1 - mx.arange(self.slots)) % self.slots
-        return visible(positions[None], queries, self.window) & (positions >= offset - count)[None]
+        return positions, positions >= offset - count
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         length = keys.shape[2]

@@ -34,6 +34,19 @@ TEXT_DEFAULTS = {
     "tie_word_embeddings": True,
     "hidden_activation": "gelu_pytorch_tanh",
 }
+# SiglipVisionConfig as Gemma 3 uses it; a config.json's vision_config omits keys equal to these.
+VISION_DEFAULTS = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "image_size": 896,
+    "patch_size": 14,
+    "layer_norm_eps": 1e-6,
+}
+IMAGE_TOKEN_DEFAULTS = {"mm_tokens_per_image": 256, "image_token_index": 262_144, "boi_token_index": 255_999}
+IMAGE_TOKEN_DEFAULTS["eoi_token_index"] = 256_000
 # A standalone `gemma3_text` config.json must name the shape of the network itself.
 REQUIRED_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
@@ -81,11 +94,39 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """The SigLIP tower and how its output becomes image tokens."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_channels: int
+    image_size: int
+    patch_size: int
+    layer_norm_eps: float
+    tokens_per_image: int
+    image_token_id: int
+    boi_token_id: int
+    eoi_token_id: int
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def pool(self) -> int:
+        """Side of the average-pooling window that turns the patch grid into tokens_per_image tokens."""
+        return self.patches_per_side // math.isqrt(self.tokens_per_image)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     text: TextConfig
     eos_token_ids: tuple[int, ...]
     raw: dict  # the config.json as read, for writers that must keep unknown keys
+    vision: VisionConfig | None = None
 
     @property
     def is_multimodal(self) -> bool:
@@ -133,7 +174,37 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
         raise Gemma3Error(f"{where}: model_type {model_type!r} is not Gemma 3 (supported: {supported})")
     eos = raw.get("eos_token_id", (raw.get("text_config") or {}).get("eos_token_id", 1))
     eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
-    return ModelConfig(model_type=model_type, text=text, eos_token_ids=eos_ids, raw=raw)
+    vision = parse_vision_config(raw, where) if model_type in MULTIMODAL_MODEL_TYPES else None
+    return ModelConfig(model_type=model_type, text=text, eos_token_ids=eos_ids, raw=raw, vision=vision)
+
+
+def parse_vision_config(raw: dict, where: str) -> VisionConfig:
+    vision_raw = raw.get("vision_config") or {}
+    where_vision = where + " vision_config"
+
+    def get(source: dict, defaults: dict, key: str, name: str = "") -> int:
+        value = source.get(name or key, source.get(key, defaults[key]))
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise Gemma3Error(f"{where_vision}: {key} must be a positive integer, got {value!r}")
+        return value
+
+    sizes = {k: get(vision_raw, VISION_DEFAULTS, k) for k in VISION_DEFAULTS if k != "layer_norm_eps"}
+    tokens = {k: get(raw, IMAGE_TOKEN_DEFAULTS, k, k.replace("_index", "_id")) for k in IMAGE_TOKEN_DEFAULTS}
+    config = VisionConfig(
+        **sizes,
+        layer_norm_eps=float(vision_raw.get("layer_norm_eps", VISION_DEFAULTS["layer_norm_eps"])),
+        tokens_per_image=tokens["mm_tokens_per_image"],
+        image_token_id=tokens["image_token_index"],
+        boi_token_id=tokens["boi_token_index"],
+        eoi_token_id=tokens["eoi_token_index"],
+    )
+    side = math.isqrt(config.tokens_per_image)
+    if side * side != config.tokens_per_image or config.patches_per_side % side:
+        raise Gemma3Error(
+            f"{where}: mm_tokens_per_image {config.tokens_per_image} must be a square whose side divides "
+            f"image_size / patch_size = {config.patches_per_side}"
+        )
+    return config
 
 
 def parse_text_config(raw: dict, where: str, fill_defaults: bool, top: dict) -> TextConfig:

@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
 from .errors import Gemma3Error
+from .model import Gemma3
 from .prompt import find_chat_template
 from .text import Gemma3TextLM
 from .tokenizer import Tokenizer
@@ -45,17 +46,13 @@ def load(path: str | Path, compute_dtype: mx.Dtype | None = None):
     weights = {k: v.astype(dtype) if v.dtype in FLOAT_TYPES else v for k, v in weights.items()}
     check_weights(model, weights, where=str(folder))
     model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
+    text = model.language_model if config.is_multimodal else model
+    mx.eval(text.parameters())  # the vision tower stays lazy: read from disk when the first image comes
     return model, Processor(Tokenizer.from_folder(folder), config, find_chat_template(folder))
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    if config.is_multimodal:
-        raise Gemma3Error(
-            "multimodal Gemma 3 folders are not supported yet: convert with mlx_gemma3.convert, "
-            "which writes the text tower as a gemma3_text folder"
-        )
-    return Gemma3TextLM(config)
+    return Gemma3(config) if config.is_multimodal else Gemma3TextLM(config)
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -103,21 +103,24 @@ class TextModel(nn.Module):
         h = self.embed_tokens(input_ids)
         return h * mx.array(self.config.embed_scale, dtype=h.dtype)
 
-    def __call__(self, h: mx.array, cache=None) -> mx.array:
-        """Run the decoder over embeddings `h` [B, L, hidden]; returns normed hidden states."""
-        masks = self.masks(h.shape[1], cache)
+    def __call__(self, h: mx.array, cache=None, image_blocks: mx.array | None = None) -> mx.array:
+        """Run the decoder over embeddings `h` [B, L, hidden]; returns normed hidden states.
+
+        `image_blocks` [B, L]: the image each token belongs to (−1 for text); tokens of one image
+        attend to each other both ways."""
+        masks = self.masks(h.shape[1], cache, image_blocks)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             h = layer(h, masks[layer.is_sliding], layer_cache)
         return self.norm(h)
 
-    def masks(self, length: int, cache) -> dict[bool, mx.array]:
+    def masks(self, length: int, cache, image_blocks) -> dict[bool, mx.array]:
         """One mask per layer kind, keyed by `is_sliding`; caches build their own."""
         kinds = {layer.is_sliding: i for i, layer in enumerate(self.layers)}
         if cache is None:
             window = self.config.sliding_window
-            return {sliding: attention_mask(length, 0, window if sliding else None) for sliding in kinds}
-        return {sliding: cache[i].make_mask(length) for sliding, i in kinds.items()}
+            return {s: attention_mask(length, 0, window if s else None, blocks=image_blocks) for s in kinds}
+        return {sliding: cache[i].make_mask(length, image_blocks) for sliding, i in kinds.items()}
 
 
 class Gemma3TextLM(nn.Module):

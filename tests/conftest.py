@@ -56,11 +56,19 @@ def tiny_text_model(seed: int = 0, **overrides):
     return randomize(Gemma3ForCausalLM(config), seed)
 
 
-def tiny_multimodal_model(seed: int = 0, **text_overrides):
+# Image token ids inside the tiny vocabulary (the real ones, 255999…262144, lie past it).
+TINY_IMAGE_TOKENS = dict(boi_token_index=505, eoi_token_index=506, image_token_index=507)
+
+
+def tiny_multimodal_model(seed: int = 0, mm_tokens_per_image: int = 4, image_tokens=None, **text_overrides):
+    """A tiny Gemma3ForConditionalGeneration (every weight random, the projector included)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     config = Gemma3Config(
-        text_config={**TINY_TEXT, **text_overrides}, vision_config=TINY_VISION, mm_tokens_per_image=4
+        text_config={**TINY_TEXT, **text_overrides},
+        vision_config=TINY_VISION,
+        mm_tokens_per_image=mm_tokens_per_image,
+        **(image_tokens or {}),
     )
     torch.manual_seed(seed)
     return randomize(Gemma3ForConditionalGeneration(config), seed)
