@@ -7,16 +7,21 @@ import sys
 from .cli import Parser, add_model_flags, add_sampling_flags, run, sampling_options
 from .conversation import Chat
 from .errors import Gemma3Error
+from .image import open_image
 from .load import load
 
 
-HELP = "Commands: /reset, /system TEXT, /save FILE, /load FILE, /quit. Ctrl-C stops a reply; Ctrl-D quits."
+HELP = (
+    "Commands: /image PATH (attach to your next message), /reset, /system TEXT, /save FILE, /load FILE, /quit. "
+    "Ctrl-C stops a reply; Ctrl-D quits."
+)
 
 
 def parse_args(argv: list[str] | None):
     parser = Parser(prog="python -m mlx_gemma3.chat", description="Chat with a Gemma 3 model.")
     add_model_flags(parser)
     add_sampling_flags(parser)
+    parser.add_argument("--pan-and-scan", action="store_true", help="add up to 4 crops of wide or tall images")
     return parser.parse_args(argv)
 
 
@@ -25,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         model, processor = load(args.model)
-        chat = Chat(model, processor, system=args.system, **sampling_options(args))
+        chat = Chat(model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **sampling_options(args))
         print(HELP, file=sys.stderr)
         repl(chat)
         return 0
@@ -34,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def repl(chat: Chat) -> None:
+    attached: list[str] = []
     while True:
         try:
             line = input(">> ")
@@ -46,10 +52,13 @@ def repl(chat: Chat) -> None:
         if line.strip() in ("/quit", "/exit"):
             return
         try:
-            if line.startswith("/"):
+            if line.startswith("/image "):
+                attached.append(attach(line.removeprefix("/image ").strip()))
+            elif line.startswith("/"):
                 command(chat, line)
             elif line.strip():
-                reply(chat, line)
+                images, attached = attached, []
+                reply(chat, line, images)
         except Gemma3Error as e:
             print(f"error: {e}", file=sys.stderr)
 
@@ -70,8 +79,14 @@ def command(chat: Chat, line: str) -> None:
         print(HELP, file=sys.stderr)
 
 
-def reply(chat: Chat, line: str) -> None:
-    responses = chat.stream(line)
+def attach(path: str) -> str:
+    open_image(path)  # a bad file is reported now, not after the next message
+    print(f"[image {path} attached to your next message]", file=sys.stderr)
+    return path
+
+
+def reply(chat: Chat, line: str, images: list[str]) -> None:
+    responses = chat.stream(line, images=images or None)
     try:
         for response in responses:
             print(response.text, end="", flush=True)

@@ -6,8 +6,7 @@ from typing import Iterator
 
 from .cache import load_prompt_cache, save_prompt_cache
 from .errors import Gemma3Error
-from .generation import GenerationResponse, stream_generate
-from .prompt import prompt_ids
+from .generation import GenerationResponse, Options, generate_ids, image_runs, prepare_prompt
 
 CACHE_OPTIONS = ("kv_bits", "kv_group_size", "max_kv_size")
 
@@ -19,6 +18,7 @@ class Chat:
         self.model, self.processor, self.options = model, processor, options
         self.system = system
         self.messages: list[dict] = []
+        self.encoded_images: dict = {}  # image features by content hash: an image is encoded once per chat
         self.reset()
 
     def reset(self) -> None:
@@ -36,16 +36,22 @@ class Chat:
         system = [] if self.system is None else [{"role": "system", "content": self.system}]
         return [*system, *self.messages, *new_turns]
 
-    def stream(self, content, **options) -> Iterator[GenerationResponse]:
-        """Send one user turn (text or content items); yields the reply as it is generated.
-
-        `options` override the chat's generation options for this turn only."""
+    def stream(self, content, images=None, **options) -> Iterator[GenerationResponse]:
+        """Send one user turn (text or content items, plus optional `images` shown before the text);
+        yields the reply as it is generated. `options` override the chat's options for this turn only."""
+        if images:
+            text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+            content = [*({"type": "image", "image": image} for image in images), *text]
         user = {"role": "user", "content": content}
-        ids = prompt_ids(self.processor, self.conversation(user))
-        reused = self._reuse(ids)
+        opts = Options(**{**self.options, **options})
+        opts.check()
+        ids, features = prepare_prompt(self.model, self.processor, self.conversation(user), None, opts, self.encoded_images)
+        reused = self._reuse(ids, features is not None)
+        if features is not None:
+            features = features[sum(first < reused for first, _ in self._runs(ids)) :]
         reply, tokens = [], []
         try:
-            for response in stream_generate(self.model, self.processor, ids[reused:], cache=self.cache, **{**self.options, **options}):
+            for response in generate_ids(self.model, self.processor, ids[reused:], self.cache, opts, features):
                 reply.append(response.text)
                 tokens.append(response.token)
                 yield response
@@ -58,13 +64,20 @@ class Chat:
         """Send one user turn and return the whole reply."""
         return "".join(response.text for response in self.stream(content, **options))
 
-    def _reuse(self, ids: list[int]) -> int:
-        """Trim the cache back to its common prefix with `ids` (keeping ≥ 1 token to feed); returns its length."""
+    def _runs(self, ids: list[int]) -> list[tuple[int, int]]:
+        return image_runs(ids, self.model.config.vision.image_token_id)
+
+    def _reuse(self, ids: list[int], has_images: bool) -> int:
+        """Trim the cache back to its common prefix with `ids` (keeping ≥ 1 token to feed, never ending inside
+        an image); returns its length."""
         common = 0
         for cached, new in zip(self.cached_ids, ids[:-1]):
             if cached != new:
                 break
             common += 1
+        for first, last in self._runs(ids) if has_images else []:
+            if first < common < last:
+                common = first
         surplus = len(self.cached_ids) - common
         if any(layer.trimmable() < surplus for layer in self.cache):
             self.reset_cache()
@@ -90,6 +103,10 @@ class Chat:
 
     def save(self, path) -> None:
         """Write the cache, its tokens and the conversation to one safetensors file."""
+        for message in self.messages:
+            for item in message["content"] if isinstance(message["content"], list) else []:
+                if item.get("type") == "image" and not isinstance(item.get("image", item.get("path", "")), str):
+                    raise Gemma3Error("a chat whose images are not file paths cannot be saved: pass images as paths")
         extra = {"messages": self.messages, "system": self.system}
         save_prompt_cache(path, self.cache, self.cached_ids, extra=extra)
 

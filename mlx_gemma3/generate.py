@@ -7,12 +7,18 @@ import sys
 from .cli import Parser, add_model_flags, add_sampling_flags, run, sampling_options
 from .generation import GenerationResponse, stream_generate
 from .load import load
+from .prompt import IMAGE_MARK
 
 
 def parse_args(argv: list[str] | None):
     parser = Parser(prog="python -m mlx_gemma3.generate", description="Generate text with a Gemma 3 model.")
     add_model_flags(parser)
     parser.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads it from standard input")
+    parser.add_argument(
+        "--image", action="append", default=[], metavar="PATH",
+        help="an image for the prompt (repeatable); placed where the prompt says <start_of_image>, else before it",
+    )
+    parser.add_argument("--pan-and-scan", action="store_true", help="add up to 4 crops of wide or tall images")
     add_sampling_flags(parser)
     parser.add_argument("--no-chat-template", action="store_true", help="complete the prompt as plain text")
     parser.add_argument(
@@ -37,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         model, processor = load(args.model)
         options = dict(sampling_options(args), system=args.system, use_chat_template=not args.no_chat_template)
+        options.update(pan_and_scan=args.pan_and_scan, images=args.image or None)
         last = None
-        for last in stream_generate(model, processor, prompt, **options):
+        for last in stream_generate(model, processor, image_prompt(prompt, args.image), **options):
             print(last.text, end="", flush=True)
         print()
         if args.verbose:
@@ -46,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run(body)
+
+
+def image_prompt(prompt: str, images: list[str]) -> str:
+    """Images with no <start_of_image> in the prompt go before its text, one placeholder each."""
+    if not images or IMAGE_MARK in prompt:
+        return prompt
+    return " ".join([IMAGE_MARK] * len(images)) + " " + prompt
 
 
 def print_stats(last: GenerationResponse, out) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import Gemma3Error
+from .image import process_images
 from .prompt import prompt_ids
 from .sample import Sampler, logit_bias, repetition_penalty
 from .tokenizer import END_OF_TURN_ID, EOS_ID
@@ -51,6 +54,7 @@ class Options:
     system: str | None = None
     use_chat_template: bool = True
     stop_ids: tuple[int, ...] = ()
+    pan_and_scan: bool = False
 
     def check(self) -> None:
         if self.max_tokens < 1 or self.prefill_step_size < 1:
@@ -74,14 +78,60 @@ def eos_ids(processor, extra: tuple[int, ...] = ()) -> set[int]:
     return {EOS_ID, END_OF_TURN_ID, *processor.config.eos_token_ids, *extra}
 
 
-def stream_generate(model, processor, prompt, cache=None, **options) -> Iterator[GenerationResponse]:
+def stream_generate(
+    model, processor, prompt, cache=None, images=None, image_features=None, encoded_images=None, **options
+) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per new token. `prompt`: text, chat messages or token ids.
 
-    With `cache` (from model.make_cache()), the cache must already hold the tokens before `prompt`;
-    close the generator to cancel."""
+    `images` (paths, bytes, PIL images or arrays) go where the prompt has `<start_of_image>` or image items;
+    `image_features` are images already encoded for the image tokens of an id prompt. With `cache`
+    (from model.make_cache()), the cache must already hold the tokens before `prompt`. `encoded_images`
+    (a dict) keeps encoded images by content so a later call does not encode them again.
+    Close the generator to cancel."""
     opts = Options(**options)
     opts.check()
-    ids = prompt_ids(processor, prompt, opts.system, opts.use_chat_template)
+    ids, features = prepare_prompt(model, processor, prompt, images, opts, encoded_images)
+    if image_features is not None:
+        features = image_features
+    yield from generate_ids(model, processor, ids, cache, opts, features)
+
+
+def prepare_prompt(model, processor, prompt, images, opts: Options, encoded: dict | None = None):
+    """(token ids, image features or None): images preprocessed, encoded and their placeholders expanded."""
+    sources = [*image_sources(prompt), *(images or [])]
+    if not sources:
+        return prompt_ids(processor, prompt, opts.system, opts.use_chat_template), None
+    vision = model.config.vision
+    if vision is None:
+        raise Gemma3Error("this model reads text only: images need a Gemma 3 4B, 12B or 27B (multimodal) model")
+    pixels, crops = process_images(sources, vision.image_size, opts.pan_and_scan)
+    ids = prompt_ids(processor, prompt, opts.system, opts.use_chat_template, crops, vision.tokens_per_image)
+    return ids, encode_images(model, pixels, {} if encoded is None else encoded)
+
+
+def image_sources(prompt) -> list:
+    """Images named by chat content items ({"type": "image", "image"/"url"/"path": ...}), in order."""
+    if not isinstance(prompt, list):
+        return []
+    items = [i for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), list) for i in m["content"]]
+    found = [next((i[k] for k in ("image", "url", "path") if i.get(k) is not None), None) for i in items
+             if isinstance(i, dict) and i.get("type") == "image"]
+    return [source for source in found if source is not None]
+
+
+def encode_images(model, pixels: np.ndarray, encoded: dict) -> mx.array:
+    """Image features [N, tokens, hidden]; an image already in `encoded` (keyed by a hash of its pixels) is reused."""
+    keys = [hashlib.sha256(image.tobytes()).hexdigest() for image in pixels]
+    new = [i for i, key in enumerate(keys) if key not in encoded]
+    if new:
+        features = model.encode_images(mx.array(pixels[new]))
+        mx.eval(features)
+        encoded.update({keys[i]: features[j] for j, i in enumerate(new)})
+    return mx.stack([encoded[key] for key in keys])
+
+
+def generate_ids(model, processor, ids: list[int], cache, opts: Options, features=None) -> Iterator[GenerationResponse]:
+    """Generation from token ids (and the features of their images)."""
     cache = cache if cache is not None else model.make_cache(opts.kv_bits, opts.kv_group_size, opts.max_kv_size)
     context = model.config.text.max_position_embeddings
     start = cache[0].offset
@@ -90,15 +140,15 @@ def stream_generate(model, processor, prompt, cache=None, **options) -> Iterator
             f"the prompt is {start + len(ids)} tokens; the model's context is {context}: shorten the prompt"
         )
     max_tokens = min(opts.max_tokens, context - start - len(ids)) if opts.max_kv_size is None else opts.max_tokens
-    yield from _stream(model, processor, ids, cache, opts, max_tokens)
+    yield from _stream(model, processor, ids, cache, opts, max_tokens, features)
 
 
-def _stream(model, processor, ids: list[int], cache, opts: Options, max_tokens: int):
+def _stream(model, processor, ids: list[int], cache, opts: Options, max_tokens: int, features):
     detokenizer = processor.tokenizer.detokenizer() if processor.tokenizer else None
     stop = eos_ids(processor, opts.stop_ids)
     tic = time.perf_counter()
     prompt_tps = n = 0
-    for n, (token, logits) in enumerate(generate_tokens(model, ids, cache, opts, max_tokens), start=1):
+    for n, (token, logits) in enumerate(generate_tokens(model, ids, cache, opts, max_tokens, features), start=1):
         if n == 1:
             prompt_tps = len(ids) / (time.perf_counter() - tic)
             tic = time.perf_counter()
@@ -112,17 +162,16 @@ def _stream(model, processor, ids: list[int], cache, opts: Options, max_tokens: 
             return
 
 
-def generate_tokens(model, ids: list[int], cache, opts: Options, max_tokens: int) -> Iterator[tuple[int, mx.array]]:
+def generate_tokens(
+    model, ids: list[int], cache, opts: Options, max_tokens: int, features=None
+) -> Iterator[tuple[int, mx.array]]:
     """(token, raw logits) per step on a stream of its own; step n+1 is queued before step n is handed out."""
     stream = mx.new_stream(mx.default_device())
     sampler = opts.sampler()
     with mx.stream(stream):
-        prompt = seen = mx.array(ids)
-        while prompt.size > 1:
-            chunk = min(opts.prefill_step_size, prompt.size - 1)
-            model(prompt[None, :chunk], cache=cache)
-            mx.eval([c.keys for c in cache])
-            prompt = prompt[chunk:]
+        seen = mx.array(ids)
+        prefill(model, ids[:-1], cache, opts.prefill_step_size, features)
+        prompt = seen[-1:]
 
         def step(tokens: mx.array, seen: mx.array) -> tuple[mx.array, mx.array]:
             logits = model(tokens[None], cache=cache)[0, -1]
@@ -139,6 +188,39 @@ def generate_tokens(model, ids: list[int], cache, opts: Options, max_tokens: int
             yield token.item(), logits
             if n + 1 < max_tokens:
                 token, logits = next_token, next_logits
+
+
+def prefill(model, ids: list[int], cache, step: int, features=None) -> None:
+    """Feed the prompt in chunks of about `step` tokens; a chunk never splits an image."""
+    runs = image_runs(ids, model.config.vision.image_token_id) if features is not None else []
+    if features is not None and len(runs) != features.shape[0]:
+        raise Gemma3Error(f"the prompt has {len(runs)} image(s) but {features.shape[0]} were encoded")
+    start = 0
+    while start < len(ids):
+        end = min(start + step, len(ids))
+        for first, last in runs:
+            if first < end < last:
+                end = first if first > start else last
+        inside = [i for i, (first, last) in enumerate(runs) if start <= first < end]
+        chunk = mx.array(ids[start:end])[None]
+        if inside:
+            model(chunk, cache=cache, image_features=features[inside[0] : inside[-1] + 1])
+        else:
+            model(chunk, cache=cache)
+        mx.eval([c.keys for c in cache])
+        start = end
+
+
+def image_runs(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
+    """(first, one past last) position of each run of image tokens."""
+    runs, first = [], None
+    for i, token in enumerate([*ids, None]):
+        if token == image_token_id and first is None:
+            first = i
+        elif token != image_token_id and first is not None:
+            runs.append((first, i))
+            first = None
+    return runs
 
 
 def processed(logits: mx.array, seen: mx.array, opts: Options) -> mx.array:

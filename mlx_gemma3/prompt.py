@@ -130,22 +130,68 @@ def as_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
     return messages
 
 
-def prompt_ids(processor, prompt, system: str | None = None, use_chat_template: bool = True) -> list[int]:
+def prompt_ids(
+    processor,
+    prompt,
+    system: str | None = None,
+    use_chat_template: bool = True,
+    crops_per_image: list[int] | None = None,
+    tokens_per_image: int | None = None,
+) -> list[int]:
     """Token ids for a prompt: a string, a list of chat messages, or ids already tokenized.
 
     A string is wrapped as one user turn when the folder ships a chat template (instruction-tuned models)
-    and completed as it is otherwise (base models) or with use_chat_template=False."""
-    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt) and prompt:
+    and completed as it is otherwise (base models) or with use_chat_template=False. With images
+    (`crops_per_image`: one entry per image), each image placeholder expands to its image tokens."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     tokenizer = processor.tokenizer
     if tokenizer is None:
         raise Gemma3Error("this model folder has no tokenizer.model: pass token ids, or add the tokenizer file")
     if isinstance(prompt, str) and not prompt:
         raise Gemma3Error("the prompt is empty: give some text")
+    text, add_bos = prompt_text(processor, prompt, system, use_chat_template)
+    if crops_per_image is not None:
+        text = expand_image_tokens(text, crops_per_image, tokens_per_image)
+    ids = tokenizer.encode(text, add_bos=False)
+    return [BOS_ID, *ids] if add_bos and ids[:1] != [BOS_ID] else ids
+
+
+def prompt_text(processor, prompt, system: str | None, use_chat_template: bool) -> tuple[str, bool]:
+    """(text, whether BOS must be added): plain completion, or the conversation in the chat format."""
     if isinstance(prompt, str) and (not use_chat_template or processor.chat_template is None):
         if system is not None:
             raise Gemma3Error("a system prompt needs the chat format: drop --no-chat-template or the system prompt")
-        return tokenizer.encode(prompt)
+        return prompt, True
     text = chat_text(as_messages(prompt, system), processor.chat_template)
-    ids = tokenizer.encode(text, add_bos=False)
-    return ids if ids[:1] == [BOS_ID] else [BOS_ID, *ids]
+    return text, not text.startswith("<bos>")
+
+
+def expand_image_tokens(text: str, crops_per_image: list[int], tokens_per_image: int) -> str:
+    """Each <start_of_image> placeholder (IMAGE_MARK) in text, in order, replaced by its image's sequence;
+    the text must hold exactly one placeholder per image."""
+    parts = text.split(IMAGE_MARK)
+    if len(parts) - 1 != len(crops_per_image):
+        raise Gemma3Error(
+            f"the prompt has {len(parts) - 1} {IMAGE_MARK} placeholder(s) but {len(crops_per_image)} image(s) "
+            f"were given: put one {IMAGE_MARK} (or an {{'type': 'image'}} content item) where each image goes"
+        )
+    if not isinstance(tokens_per_image, int) or tokens_per_image < 1:
+        raise Gemma3Error(f"tokens_per_image must be a positive integer, got {tokens_per_image!r}")
+    expanded = [parts[0]]
+    for crops, part in zip(crops_per_image, parts[1:]):
+        expanded += [image_sequence(crops, tokens_per_image), part]
+    return "".join(expanded)
+
+
+def image_sequence(num_crops: int, tokens_per_image: int) -> str:
+    """The text one image becomes in the prompt (GEMMA3.md §6): its soft tokens between BOI and EOI,
+    and with pan & scan crops, the original's and each crop's, in Gemma3Processor's wording."""
+    from .tokenizer import IMAGE_SOFT_TOKEN
+
+    one = f"\n\n{IMAGE_MARK}{IMAGE_SOFT_TOKEN * tokens_per_image}<end_of_image>\n\n"
+    if not num_crops:
+        return one
+    return f"Here is the original image {one} and here are some crops to help you see better " + " ".join(
+        [one] * num_crops
+    )

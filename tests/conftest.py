@@ -139,3 +139,20 @@ def tiny_chat_model(tmp_path_factory):
     train_tokenizer(folder / "hf")
     shutil.copyfile(FIXTURES / "gemma3_chat_template.jinja", folder / "hf" / "chat_template.jinja")
     return convert(folder / "hf", folder / "mlx"), folder / "hf", reference
+
+
+def gemma3_processor(folder: Path, image_size: int, tokens_per_image: int):
+    """transformers' Gemma3Processor (PIL image path) over the tiny SentencePiece trained into `folder`."""
+    from spm_fixture import reference
+    from transformers import AutoTokenizer, Gemma3ImageProcessorPil, Gemma3Processor
+
+    reference(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    return Gemma3Processor(image_processor, AutoTokenizer.from_pretrained(folder), image_seq_length=tokens_per_image)
