@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlx_gemma3.cli import Parser
 from mlx_gemma3.errors import Gemma3Error
 
-from .hf import DTYPES, convert_hf
+from .hf import DTYPES, Quantization, convert_hf
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m mlx_gemma3.convert",
         description="Convert a Hugging Face Gemma 3 checkpoint into an MLX folder.",
     )
@@ -19,13 +20,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mlx-path", required=True, help="output folder (must not exist unless --force)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize linear and embedding layers")
+    parser.add_argument("--q-bits", type=int, default=4, help="bits per weight: 4 (default) or 8")
+    parser.add_argument("--q-group-size", type=int, default=64, help="weights per scale: 32, 64 (default) or 128")
+    parser.add_argument(
+        "--quant-recipe", default="uniform",
+        help="uniform (default): every layer at --q-bits; mixed: embedding/head, attention V and MLP down at 8 bits",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        out = convert_hf(args.hf_path, args.mlx_path, dtype=args.dtype, force=args.force)
+        quantize = Quantization(args.q_bits, args.q_group_size, args.quant_recipe) if args.quantize else None
+        out = convert_hf(args.hf_path, args.mlx_path, dtype=args.dtype, force=args.force, quantize=quantize)
     except Gemma3Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

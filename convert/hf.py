@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from safetensors import safe_open
 
 from mlx_gemma3.config import FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
 from mlx_gemma3.errors import Gemma3Error
 from mlx_gemma3.load import build_model, check_shapes, weight_files
+from mlx_gemma3.quantize import quantization_json, quantization_plan
 
 from .output import ShardWriter, output_folder
 
@@ -136,8 +139,19 @@ def _sliding_pattern(layer_types: tuple[str, ...]) -> int | None:
     return None
 
 
-def convert_hf(hf_path: Path, mlx_path: Path, dtype: str | None = None, force: bool = False) -> Path:
-    """Convert a Hugging Face Gemma 3 folder to an MLX folder; returns the output folder."""
+@dataclass(frozen=True)
+class Quantization:
+    """What -q asks for: default bits and group size, and the recipe that picks per-layer exceptions."""
+
+    bits: int = 4
+    group_size: int = 64
+    recipe: str = "uniform"
+
+
+def convert_hf(
+    hf_path: Path, mlx_path: Path, dtype: str | None = None, force: bool = False, quantize: Quantization | None = None
+) -> Path:
+    """Convert a Hugging Face Gemma 3 folder to an MLX folder (quantized when `quantize` is given)."""
     hf_path, mlx_path = Path(hf_path), Path(mlx_path)
     if not hf_path.is_dir():
         raise Gemma3Error(f"input folder {hf_path} does not exist")
@@ -148,12 +162,19 @@ def convert_hf(hf_path: Path, mlx_path: Path, dtype: str | None = None, force: b
     mapping = {key: map_key(key, config) for key in headers}
     out_dtype = dtype or _checkpoint_dtype(headers, mapping)
     out_config = config_json(config, out_dtype)
-    _check_shapes(headers, mapping, parse_config(out_config), where=str(hf_path))
+    model = _check_shapes(headers, mapping, parse_config(out_config), where=str(hf_path))
+    plan = {}
+    if quantize is not None:
+        plan = quantization_plan(model, quantize.recipe, quantize.bits, quantize.group_size)
+        out_config["quantization"] = quantization_json(plan, quantize.bits, quantize.group_size)
     with output_folder(mlx_path, force) as work:
         writer = ShardWriter(work)
         for path in sorted({p for p, _, _ in headers.values()}):
-            _convert_shard(path, mapping, DTYPES[out_dtype], writer)
+            _convert_shard(path, mapping, DTYPES[out_dtype], writer, plan)
+            writer.flush()  # one output shard per input shard keeps peak memory near the largest input shard
         writer.close()
+        parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
+        print(f"{parameters:,} parameters, {8 * writer.total_bytes / parameters:.2f} bits per weight")
         (work / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
         _copy_tokenizer(hf_path, work)
     return mlx_path
@@ -182,21 +203,35 @@ def _checkpoint_dtype(headers: dict, mapping: dict) -> str:
     return "bfloat16"
 
 
-def _check_shapes(headers: dict, mapping: dict, config: ModelConfig, where: str) -> None:
+def _check_shapes(headers: dict, mapping: dict, config: ModelConfig, where: str):
+    """The float model the checkpoint must fill; raises on a missing, unexpected or mis-shaped tensor."""
     found = {mapping[k]: converted_shape(mapping[k], shape) for k, (_, shape, _) in headers.items() if mapping[k]}
     source = {mapping[k]: k for k in headers if mapping[k] is not None}
-    check_shapes(build_model(config), found, where, source)
+    model = build_model(config)
+    check_shapes(model, found, where, source)
+    return model
 
 
-def _convert_shard(path: Path, mapping: dict, dtype: mx.Dtype, writer: ShardWriter) -> None:
+def _convert_shard(path: Path, mapping: dict, dtype: mx.Dtype, writer: ShardWriter, plan: dict) -> None:
+    """Convert one input shard tensor by tensor, each evaluated before the next so its input can be freed."""
     try:
         tensors = mx.load(str(path), format="safetensors")
     except Exception as e:
         raise Gemma3Error(f"cannot read {path}: {e}") from None
     for key in sorted(tensors):
-        target = mapping.get(key)
-        if target is not None:
-            writer.add(target, converted(target, tensors[key]).astype(dtype))
+        target, tensor = mapping.get(key), tensors.pop(key)
+        if target is None:
+            continue
+        tensor = converted(target, tensor).astype(dtype)
+        spec = plan.get(target.removesuffix(".weight")) if target.endswith(".weight") else None
+        if spec is None:
+            mx.eval(tensor)
+            writer.add(target, tensor)
+            continue
+        parts = mx.quantize(tensor, group_size=spec.group_size, bits=spec.bits)
+        mx.eval(parts)
+        for suffix, part in zip(("weight", "scales", "biases"), parts):
+            writer.add(target.removesuffix("weight") + suffix, part)
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:

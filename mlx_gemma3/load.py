@@ -14,6 +14,7 @@ from .config import ModelConfig, load_config
 from .errors import Gemma3Error
 from .model import Gemma3
 from .prompt import find_chat_template
+from .quantize import apply_quantization
 from .text import Gemma3TextLM
 from .tokenizer import Tokenizer
 
@@ -44,6 +45,8 @@ def load(path: str | Path, compute_dtype: mx.Dtype | None = None):
     weights = read_weights(folder)
     dtype = compute_dtype or default_compute_dtype()
     weights = {k: v.astype(dtype) if v.dtype in FLOAT_TYPES else v for k, v in weights.items()}
+    quantization = config.raw.get("quantization", config.raw.get("quantization_config"))
+    apply_quantization(model, quantization, weights, where=str(folder))
     check_weights(model, weights, where=str(folder))
     model.load_weights(list(weights.items()), strict=True)
     text = model.language_model if config.is_multimodal else model
