@@ -45,7 +45,24 @@ def truncate(hf_dir):
     path.write_bytes(data[: len(data) - 1000])
 
 
+def corrupt_header(hf_dir):
+    path = hf_dir / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"#" * 32
+    path.write_bytes(bytes(data))
+
+
+def index_names_missing_shard(hf_dir):
+    import json
+
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
+    ))
+
+
 BAD_INPUTS = {
+    "corrupt_header": (corrupt_header, "truncated or not safetensors"),
+    "index_names_missing_shard": (index_names_missing_shard, "names missing shard(s) model-00002-of-00002.safetensors"),
     "missing_config": (lambda d: (d / "config.json").unlink(), "no config.json in"),
     "unknown_model_type": (lambda d: edit_config(d, lambda c: c.update(model_type="llama")), "is not Gemma 3"),
     "missing_tensor": (drop_tensor, "missing tensor model.layers.1.mlp.up_proj.weight"),
@@ -103,3 +120,29 @@ def test_failed_force_keeps_old_output(hf_text, tmp_path):
 def test_help_exits_zero():
     result = run_cli("mlx_gemma3.convert", "--help")
     assert result.returncode == 0 and "--hf-path" in result.stdout
+
+
+BAD_QUANTIZATION = {
+    "bits": (["-q", "--q-bits", "3"], "bits in (4, 8)"),
+    "group": (["-q", "--q-group-size", "16"], "group size in (32, 64, 128)"),
+    "recipe": (["-q", "--quant-recipe", "fancy"], "unknown quantization recipe 'fancy'"),
+    "bits_not_a_number": (["-q", "--q-bits", "four"], "--q-bits"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_QUANTIZATION))
+def test_bad_quantization_options(hf_text, tmp_path, case):
+    hf_dir, _ = hf_text
+    args, fragment = BAD_QUANTIZATION[case]
+    out = tmp_path / "out"
+    assert_one_line_error(run_convert(hf_dir, out, *args), fragment)
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_group_size_that_divides_no_layer(tmp_path):
+    from conftest import tiny_text_model
+
+    tiny_text_model(intermediate_size=96).save_pretrained(tmp_path / "hf")  # input widths 64 and 96
+    out = tmp_path / "out"
+    assert_one_line_error(run_convert(tmp_path / "hf", out, "-q", "--q-group-size", "128"), "divides no layer")
+    assert not out.exists() and leftovers(out) == []

@@ -1,0 +1,82 @@
+"""Converting shard by shard: peak memory stays near the largest input shard; Ctrl-C leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from conftest import TINY_TEXT
+
+WIDE = {**TINY_TEXT, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128, "query_pre_attn_scalar": 128,
+        "vocab_size": 4096}
+MARGIN = 32 * 2**20  # allocator slack and the converter's own bookkeeping
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory):
+    """A 4-shard float32 Gemma3ForCausalLM checkpoint (~65 MB per shard), written tensor by tensor."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(**WIDE)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Gemma3ForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
+    folder = tmp_path_factory.mktemp("wide")
+    config.save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    shards = [{k: s for k, s in shapes.items() if f"layers.{i}." in k or (i == 0 and "layers." not in k)} for i in range(4)]
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-00004.safetensors"
+        save_file({k: rng.standard_normal(s, dtype=np.float32) * 0.02 for k, s in shard.items()}, str(folder / name))
+        weight_map.update({k: name for k in shard})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder, max((folder / n).stat().st_size for n in set(weight_map.values()))
+
+
+# Peak resident memory of this process: Linux's VmHWM (ru_maxrss would carry the forking parent's peak).
+PEAK_SCRIPT = """
+import re, sys
+from mlx_gemma3.convert.__main__ import main
+peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+before = peak()
+assert main(sys.argv[1:]) == 0
+print("PEAK", before, peak())
+"""
+
+
+@pytest.mark.parametrize("extra", [[], ["--dtype", "bfloat16"], ["-q"]], ids=["float32", "bfloat16", "4-bit"])
+def test_peak_memory_stays_near_the_largest_shard(wide_checkpoint, tmp_path, extra):
+    folder, largest = wide_checkpoint
+    args = ["--hf-path", str(folder), "--mlx-path", str(tmp_path / "out"), *extra]
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    before, after = map(int, result.stdout.split("PEAK")[1].split())
+    grown = max(after - before, 0)
+    total = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    print(f"{extra}: peak grew {grown / 2**20:.0f} MiB; largest shard {largest / 2**20:.0f} MiB, all {total / 2**20:.0f} MiB")
+    assert grown <= 1.5 * largest + MARGIN
+
+
+def test_ctrl_c_leaves_nothing(wide_checkpoint, tmp_path):
+    folder, _ = wide_checkpoint
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mlx_gemma3.convert", "--hf-path", str(folder), "--mlx-path", str(out), "-q"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
