@@ -8,7 +8,9 @@ import sys
 from mlx_gemma3.cli import Parser
 from mlx_gemma3.errors import Gemma3Error
 
+from .gguf import convert_gguf
 from .hf import DTYPES, Quantization, convert_hf
+from .hub import resolve_hf_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -16,7 +18,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m mlx_gemma3.convert",
         description="Convert a Hugging Face Gemma 3 checkpoint into an MLX folder.",
     )
-    parser.add_argument("--hf-path", required=True, help="Hugging Face model folder (config.json + safetensors)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-path", help="Hugging Face model folder, or a Hub repo id (owner/name) to download")
+    source.add_argument("--gguf", help="a llama.cpp GGUF file of a Gemma 3 model")
+    parser.add_argument("--mmproj", help="with --gguf: llama.cpp's mmproj GGUF holding the vision tower")
     parser.add_argument("--mlx-path", required=True, help="output folder (must not exist unless --force)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -34,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         quantize = Quantization(args.q_bits, args.q_group_size, args.quant_recipe) if args.quantize else None
-        out = convert_hf(args.hf_path, args.mlx_path, dtype=args.dtype, force=args.force, quantize=quantize)
+        if args.gguf:
+            out = convert_gguf(args.gguf, args.mlx_path, args.dtype, args.force, quantize, args.mmproj)
+        else:
+            out = convert_hf(resolve_hf_path(args.hf_path), args.mlx_path, dtype=args.dtype, force=args.force, quantize=quantize)
     except Gemma3Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from mlx_gemma3.load import build_model, check_shapes, weight_files
 from mlx_gemma3.quantize import quantization_json, quantization_plan
 
 from .output import ShardWriter, output_folder
+from .progress import Progress
 
 # Every layout of the text tower's keys (GEMMA3.md §7), most specific first.
 TEXT_PREFIXES = (
@@ -44,6 +47,7 @@ TOKENIZER_FILES = (
 )
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1}
 
 
 def map_key(key: str, config: ModelConfig) -> str | None:
@@ -100,7 +104,7 @@ def text_config_json(text: TextConfig, base: dict, dtype: str) -> dict:
         head_dim=text.head_dim,
         vocab_size=text.vocab_size,
         rms_norm_eps=text.rms_norm_eps,
-        query_pre_attn_scalar=text.query_pre_attn_scalar,
+        query_pre_attn_scalar=_json_number(text.query_pre_attn_scalar),
         sliding_window=text.sliding_window,
         layer_types=list(text.layer_types),
         max_position_embeddings=text.max_position_embeddings,
@@ -122,6 +126,11 @@ def text_config_json(text: TextConfig, base: dict, dtype: str) -> dict:
     out.pop("torch_dtype", None)
     out.pop("_sliding_window_pattern", None)
     return out
+
+
+def _json_number(value: float) -> int | float:
+    """An integral float as an int: transformers' config classes refuse 16.0 where they declare int."""
+    return int(value) if float(value).is_integer() else value
 
 
 def _rope_json(rope) -> dict:
@@ -167,14 +176,15 @@ def convert_hf(
     if quantize is not None:
         plan = quantization_plan(model, quantize.recipe, quantize.bits, quantize.group_size)
         out_config["quantization"] = quantization_json(plan, quantize.bits, quantize.group_size)
+    total = sum(math.prod(shape) * ITEMSIZE.get(dtype, 4) for _, shape, dtype in headers.values())
     with output_folder(mlx_path, force) as work:
         writer = ShardWriter(work)
-        for path in sorted({p for p, _, _ in headers.values()}):
-            _convert_shard(path, mapping, DTYPES[out_dtype], writer, plan)
-            writer.flush()  # one output shard per input shard keeps peak memory near the largest input shard
+        with Progress(total, f"converting {hf_path.name}") as progress:
+            for path in sorted({p for p, _, _ in headers.values()}):
+                _convert_shard(path, mapping, DTYPES[out_dtype], writer, plan, progress)
+                writer.flush()  # one output shard per input shard keeps peak memory near the largest input shard
         writer.close()
-        parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
-        print(f"{parameters:,} parameters, {8 * writer.total_bytes / parameters:.2f} bits per weight")
+        report_size(model, writer)
         (work / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
         _copy_tokenizer(hf_path, work)
     return mlx_path
@@ -212,7 +222,12 @@ def _check_shapes(headers: dict, mapping: dict, config: ModelConfig, where: str)
     return model
 
 
-def _convert_shard(path: Path, mapping: dict, dtype: mx.Dtype, writer: ShardWriter, plan: dict) -> None:
+def report_size(model, writer: ShardWriter) -> None:
+    parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(f"{parameters:,} parameters, {8 * writer.total_bytes / parameters:.2f} bits per weight", file=sys.stderr)
+
+
+def _convert_shard(path: Path, mapping: dict, dtype: mx.Dtype, writer: ShardWriter, plan: dict, progress) -> None:
     """Convert one input shard tensor by tensor, each evaluated before the next so its input can be freed."""
     try:
         tensors = mx.load(str(path), format="safetensors")
@@ -220,6 +235,7 @@ def _convert_shard(path: Path, mapping: dict, dtype: mx.Dtype, writer: ShardWrit
         raise Gemma3Error(f"cannot read {path}: {e}") from None
     for key in sorted(tensors):
         target, tensor = mapping.get(key), tensors.pop(key)
+        progress.advance(tensor.nbytes)
         if target is None:
             continue
         tensor = converted(target, tensor).astype(dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import Parser, add_model_flags, add_sampling_flags, run, sampling_options
+from .cli import Parser, add_model_flags, add_sampling_flags, model_folder, run, sampling_options
 from .conversation import Chat
 from .errors import Gemma3Error
 from .image import open_image
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        model, processor = load(args.model)
+        model, processor = load(model_folder(args.model))
         chat = Chat(model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **sampling_options(args))
         print(HELP, file=sys.stderr)
         repl(chat)

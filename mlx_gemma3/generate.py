@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import Parser, add_model_flags, add_sampling_flags, run, sampling_options
+from .cli import Parser, add_model_flags, add_sampling_flags, model_folder, run, sampling_options
 from .generation import GenerationResponse, stream_generate
 from .load import load
 from .prompt import IMAGE_MARK
@@ -12,7 +12,7 @@ from .prompt import IMAGE_MARK
 
 def parse_args(argv: list[str] | None):
     parser = Parser(prog="python -m mlx_gemma3.generate", description="Generate text with a Gemma 3 model.")
-    add_model_flags(parser)
+    add_model_flags(parser, required=False)
     parser.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads it from standard input")
     parser.add_argument(
         "--image", action="append", default=[], metavar="PATH",
@@ -41,13 +41,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        model, processor = load(args.model)
+        model, processor = load(model_folder(args.model))
         options = dict(sampling_options(args), system=args.system, use_chat_template=not args.no_chat_template)
         options.update(pan_and_scan=args.pan_and_scan, images=args.image or None)
         last = None
         for last in stream_generate(model, processor, image_prompt(prompt, args.image), **options):
             print(last.text, end="", flush=True)
-        print()
+        print(flush=True)
         if args.verbose:
             print_stats(last, sys.stderr)
         return 0

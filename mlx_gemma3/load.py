@@ -19,6 +19,7 @@ from .text import Gemma3TextLM
 from .tokenizer import Tokenizer
 
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
+TIED_HEAD_KEYS = ("lm_head.", "language_model.lm_head.")
 
 
 @dataclass
@@ -43,6 +44,8 @@ def load(path: str | Path, compute_dtype: mx.Dtype | None = None):
     config = load_config(folder)
     model = build_model(config)
     weights = read_weights(folder)
+    if config.text.tie_word_embeddings:  # mlx-vlm stores a copy of the tied head: the embedding is the head
+        weights = {k: v for k, v in weights.items() if not k.startswith(TIED_HEAD_KEYS)}
     dtype = compute_dtype or default_compute_dtype()
     weights = {k: v.astype(dtype) if v.dtype in FLOAT_TYPES else v for k, v in weights.items()}
     quantization = config.raw.get("quantization", config.raw.get("quantization_config"))

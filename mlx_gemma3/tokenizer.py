@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +22,9 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
 class Tokenizer:
     """Encodes text to ids (BOS first) and decodes ids back to text, special tokens included."""
 
-    def __init__(self, model_file: str | Path):
+    def __init__(self, model_file: str | Path, flagged_special: set[str] = frozenset()):
+        """`flagged_special`: pieces a tokenizer_config.json marks special; decode(skip_special=True) drops
+        them with the control pieces (whitespace runs and other user-defined pieces stay)."""
         self._sp = _processor(lambda sp: sp.Load(str(model_file)), model_file)
         self._size = size = self._sp.GetPieceSize()
         types = _piece_types(self._sp.serialized_model_proto())
@@ -33,13 +36,14 @@ class Tokenizer:
         self._literal_start = re.compile("[" + "".join(sorted({re.escape(p[0]) for p in self._literal})) + "]")
         self._literal_lengths = sorted({len(p) for p in self._literal}, reverse=True)
         self._text = {i: p for p, i in self._literal.items()}
-        self._special_set = frozenset(self.special_ids.values())
+        skipped = {i for i, kind in enumerate(types) if kind in (_UNKNOWN, _CONTROL)} | {size}
+        self._special_set = frozenset(skipped | {i for p, i in self.special_ids.items() if p in flagged_special})
         self._byte = {i: int(self._sp.IdToPiece(i)[3:5], 16) for i, kind in enumerate(types) if kind == _BYTE}
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer | None":
         path = Path(folder) / "tokenizer.model"
-        return cls(path) if path.is_file() else None
+        return cls(path, _flagged_special(Path(folder) / "tokenizer_config.json")) if path.is_file() else None
 
     @property
     def vocab_size(self) -> int:
@@ -134,6 +138,15 @@ class StreamingDetokenizer:
             if byte & 0xC0 != 0x80:
                 return _utf8_length(byte) > back
         return False
+
+
+def _flagged_special(config: Path) -> set[str]:
+    """Pieces tokenizer_config.json's added_tokens_decoder marks special (none when there is no such file)."""
+    try:
+        added = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {t["content"] for t in added.values() if isinstance(t, dict) and t.get("special") and "content" in t}
 
 
 def _utf8_length(lead: int) -> int:

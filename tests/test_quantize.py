@@ -127,7 +127,7 @@ def test_bits_per_weight_is_reported_and_as_expected(saved, tmp_path, capsys, bi
     folder, _ = saved
     args = ("-q", "--q-bits", str(bits), "--q-group-size", str(group), "--quant-recipe", recipe)
     mlx_dir = convert(folder / "text", tmp_path / "mlx", *args)
-    reported = float(capsys.readouterr().out.split(" bits per weight")[0].split()[-1])
+    reported = float(capsys.readouterr().err.split(" bits per weight")[0].split()[-1])
     assert reported == pytest.approx(expected_bits_per_weight(mlx_dir), abs=0.01)
     print(f"{bits}-bit group {group} {recipe}: {reported:.2f} bits per weight")
 

@@ -1,0 +1,344 @@
+"""GGUF (llama.cpp) Gemma 3 files → MLX folders; Q4_0, Q8_0 and Q4_K stay quantized, losslessly, as MLX groups of 32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_gemma3.config import FULL, SLIDING, parse_config
+from mlx_gemma3.errors import Gemma3Error
+from mlx_gemma3.load import build_model, check_shapes
+from mlx_gemma3.quantize import NEVER_QUANTIZED, QuantSpec, quantization_json
+
+from .hf import DTYPES, Quantization, converted, converted_shape, report_size, text_config_json
+from .output import ShardWriter, output_folder
+from .progress import Progress
+
+# GGUF tensor name (after `blk.N.`) → checkpoint key (after `model.layers.N.`), GEMMA3.md §8.
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# mmproj files (llama.cpp's clip): `v.blk.N.` names and the rest, GEMMA3.md §8.
+VISION = "vision_tower.vision_model."
+VISION_LAYER_NAMES = {
+    "ln1": "layer_norm1",
+    "ln2": "layer_norm2",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_out": "self_attn.out_proj",
+    "ffn_up": "mlp.fc1",
+    "ffn_down": "mlp.fc2",
+}
+VISION_NAMES = {
+    "v.patch_embd.weight": VISION + "embeddings.patch_embedding.weight",
+    "v.patch_embd.bias": VISION + "embeddings.patch_embedding.bias",
+    "v.position_embd.weight": VISION + "embeddings.position_embedding.weight",
+    "v.post_ln.weight": VISION + "post_layernorm.weight",
+    "v.post_ln.bias": VISION + "post_layernorm.bias",
+    "mm.input_projection.weight": "multi_modal_projector.mm_input_projection_weight",
+    "mm.soft_emb_norm.weight": "multi_modal_projector.mm_soft_emb_norm.weight",
+}
+# Stored as Gemma's (1 + w): the text norms, and in an mmproj file only the projector's RMSNorm.
+SHIFTED_NORMS = ("norm.weight", "mm_soft_emb_norm.weight")
+SLIDING_ROPE_BASE = 10_000.0  # not stored in GGUF files
+SLIDING_PATTERN = 6  # five sliding layers, then one full layer
+LOSSLESS = {"Q4_0": 4, "Q8_0": 8, "Q4_K": 4}  # GGML type → MLX bits (group 32)
+
+
+def open_gguf(path: Path):
+    """A GGUFReader for `path`; one clear error for a missing, truncated or foreign file."""
+    import gguf
+
+    if not path.is_file():
+        raise Gemma3Error(f"GGUF file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors… for damaged files
+        raise Gemma3Error(f"cannot read GGUF file {path}: {e} — the file is truncated or not GGUF") from None
+    for tensor in reader.tensors:  # a tensor reaching past the end of the file
+        if tensor.data_offset + tensor.n_bytes > len(reader.data):
+            raise Gemma3Error(f"GGUF file {path} is truncated: tensor {tensor.name} lies past its end")
+    return reader
+
+
+def field(reader, key: str, where: str, default=None):
+    found = reader.fields.get(key)
+    if found is None:
+        if default is not None:
+            return default
+        raise Gemma3Error(f"{where}: GGUF metadata key {key} is missing")
+    return found.contents()
+
+
+def check_architecture(reader, where: str) -> None:
+    arch = field(reader, "general.architecture", where)
+    if arch != "gemma3":
+        raise Gemma3Error(f"{where}: architecture {arch!r} is not Gemma 3 (general.architecture must be 'gemma3')")
+
+
+def config_from_metadata(reader, where: str, dtype: str) -> dict:
+    """A gemma3_text config.json from the GGUF metadata (GEMMA3.md §8)."""
+    check_architecture(reader, where)
+
+    def get(key, default=None):
+        return field(reader, f"gemma3.{key}", where, default)
+
+    layers, hidden, heads = get("block_count"), get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length", hidden // heads)
+    raw = {
+        "model_type": "gemma3_text",
+        "hidden_size": hidden,
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        # llama.cpp scales the 27B (62 layers) by hidden/heads, every other size by head_dim, as transformers does.
+        "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
+        "sliding_window": get("attention.sliding_window"),
+        "max_position_embeddings": get("context_length"),
+        "layer_types": [FULL if (i + 1) % SLIDING_PATTERN == 0 else SLIDING for i in range(layers)],
+        "rope_parameters": {FULL: _rope(reader, where), SLIDING: {"rope_type": "default", "rope_theta": SLIDING_ROPE_BASE}},
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "eos_token_id": [1, 106],
+        "dtype": dtype,
+    }
+    config = parse_config(raw, where)
+    return text_config_json(config.text, {"eos_token_id": [1, 106]}, dtype)
+
+
+def _rope(reader, where: str) -> dict:
+    theta = float(field(reader, "gemma3.rope.freq_base", where, 1_000_000.0))
+    kind = field(reader, "gemma3.rope.scaling.type", where, "none")
+    if kind in ("none", ""):
+        return {"rope_type": "default", "rope_theta": theta}
+    if kind != "linear":
+        raise Gemma3Error(f"{where}: RoPE scaling {kind!r} is not Gemma 3's (linear)")
+    return {"rope_type": "linear", "rope_theta": theta, "factor": float(field(reader, "gemma3.rope.scaling.factor", where))}
+
+
+def tensor_key(name: str) -> str | None:
+    """GGUF tensor name → checkpoint key (None for names Gemma 3 does not use)."""
+    stem, _, suffix = name.rpartition(".")
+    if stem in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{suffix}"
+    return None
+
+
+def vision_key(name: str) -> str | None:
+    """mmproj tensor name → checkpoint key (None for names Gemma 3 does not use)."""
+    if name in VISION_NAMES:
+        return VISION_NAMES[name]
+    stem, _, suffix = name.rpartition(".")
+    parts = stem.split(".")
+    if len(parts) == 4 and parts[:2] == ["v", "blk"] and parts[3] in VISION_LAYER_NAMES:
+        return f"{VISION}encoder.layers.{parts[2]}.{VISION_LAYER_NAMES[parts[3]]}.{suffix}"
+    return None
+
+
+def multimodal_config(text: dict, reader, tokens: list[str], where: str) -> dict:
+    """A gemma3 config.json: the text part, the SigLIP sizes from the mmproj metadata, the image token ids."""
+    projector = field(reader, "clip.projector_type", where, "gemma3")
+    if projector != "gemma3":
+        raise Gemma3Error(f"{where}: projector type {projector!r} is not Gemma 3's (clip.projector_type must be 'gemma3')")
+
+    def get(key, default=None):
+        return field(reader, f"clip.vision.{key}", where, default)
+
+    image_size, patch_size = get("image_size"), get("patch_size")
+    per_side = image_size // patch_size // get("projector.scale_factor", 4)
+    position = {piece: i for i, piece in enumerate(tokens)}
+    vision = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": get("embedding_length"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": get("attention.head_count"),
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "layer_norm_eps": float(get("attention.layer_norm_epsilon", 1e-6)),
+        "vision_use_head": False,
+    }
+    return {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": text,
+        "vision_config": vision,
+        "mm_tokens_per_image": per_side * per_side,
+        "boi_token_index": position.get("<start_of_image>", 255_999),
+        "eoi_token_index": position.get("<end_of_image>", 256_000),
+        "image_token_index": position.get("<image_soft_token>", len(tokens)),  # Gemma appends it after the vocab
+        "eos_token_id": text["eos_token_id"],
+        "tie_word_embeddings": text["tie_word_embeddings"],
+        "dtype": text["dtype"],
+    }
+
+
+def dequantized(tensor) -> np.ndarray:
+    """The tensor as float32, shaped [rows, columns] as in the checkpoint (GGUF lists the column count first)."""
+    import gguf
+
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return np.asarray(values, dtype=np.float32).reshape([int(n) for n in reversed(tensor.shape)])
+
+
+def lossless_parts(tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed uint32 weight, float32 scales, float32 biases) of a Q4_0, Q8_0 or Q4_K tensor, MLX affine, group 32,
+    whose dequantization equals GGML's bit for bit."""
+    kind = tensor.tensor_type.name
+    rows = int(tensor.shape[1])
+    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1)
+    q, scales, biases = {"Q4_0": _q4_0, "Q8_0": _q8_0, "Q4_K": _q4_k}[kind](blocks, rows)
+    return pack(q, LOSSLESS[kind]), scales, biases
+
+
+def _q8_0(blocks: np.ndarray, rows: int):
+    """Q8_0 block: fp16 d, 32 × int8 q; x = d·q = d·(q + 128) − 128·d."""
+    blocks = blocks.reshape(rows, -1, 34)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = blocks[..., 2:].copy().view(np.int8).astype(np.int16) + 128
+    return q.reshape(rows, -1).astype(np.uint8), d, -128 * d
+
+
+def _q4_0(blocks: np.ndarray, rows: int):
+    """Q4_0 block: fp16 d, 16 bytes holding elements 0–15 in low nibbles and 16–31 in high; x = d·(q − 8)."""
+    blocks = blocks.reshape(rows, -1, 18)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., 2:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
+    return q.reshape(rows, -1), d, -8 * d
+
+
+def _q4_k(blocks: np.ndarray, rows: int):
+    """Q4_K super-block of 256: fp16 d and dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32,
+    then 4 × 32 bytes, each holding one sub-block in low nibbles and the next in high; x = d·sc·q − dmin·m."""
+    blocks = blocks.reshape(rows, -1, 144)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = blocks[..., 4:16]
+    low, high, extra = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([low & 0x3F, (extra & 0x0F) | ((low >> 2) & 0x30)], axis=-1).astype(np.float32)
+    m = np.concatenate([high & 0x3F, (extra >> 4) | ((high >> 2) & 0x30)], axis=-1).astype(np.float32)
+    qs = blocks[..., 16:].reshape(rows, -1, 4, 32)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3)  # [rows, super-blocks, 4 chunks, low/high, 32]
+    scales = (d[..., None] * sc).reshape(rows, -1)
+    biases = -(dmin[..., None] * m).reshape(rows, -1)
+    return q.reshape(rows, -1), scales, biases
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned values [rows, n] → MLX's packing: uint32 words, the first value in the lowest bits."""
+    q = q.astype(np.uint32)
+    per_word = 32 // bits
+    words = q.reshape(q.shape[0], -1, per_word) << (bits * np.arange(per_word, dtype=np.uint32))
+    return np.bitwise_or.reduce(words, axis=-1).astype(np.uint32)
+
+
+def convert_gguf(
+    gguf_path: Path,
+    mlx_path: Path,
+    dtype: str | None = None,
+    force: bool = False,
+    quantize: Quantization | None = None,
+    mmproj: Path | None = None,
+) -> Path:
+    """Convert a Gemma 3 GGUF file (and its mmproj file for images) to an MLX folder, lossless where MLX's
+    groups can hold GGML's blocks."""
+    from .gguf_tokenizer import chat_template, sentencepiece_model
+
+    gguf_path, mlx_path = Path(gguf_path), Path(mlx_path)
+    where = str(gguf_path)
+    reader = open_gguf(gguf_path)
+    dtype = dtype or "float32"
+    check_architecture(reader, where)
+    tokenizer = sentencepiece_model(reader, where)
+    config = config_from_metadata(reader, where, dtype)
+    tensors = {tensor_key(t.name): t for t in reader.tensors if tensor_key(t.name)}
+    if mmproj is not None:
+        vision_reader = open_gguf(Path(mmproj))
+        tokens = [str(t) for t in field(reader, "tokenizer.ggml.tokens", where)]
+        config = multimodal_config(config, vision_reader, tokens, str(mmproj))
+        tensors = {f"language_model.{k}": t for k, t in tensors.items()}
+        tensors.update({vision_key(t.name): t for t in vision_reader.tensors if vision_key(t.name)})
+    model = build_model(parse_config(config, where))
+    shapes = {k: converted_shape(k, tuple(int(n) for n in reversed(t.shape))) for k, t in tensors.items()}
+    check_shapes(model, shapes, where, {k: t.name for k, t in tensors.items()})
+    plan = tensor_plan(tensors, model, quantize)
+    config["quantization"] = quantization_json(plan, 4, 32) if any(plan.values()) else None
+    if config["quantization"] is None:
+        del config["quantization"]
+    with output_folder(mlx_path, force) as work:
+        writer = ShardWriter(work)
+        with Progress(sum(int(t.n_bytes) for t in tensors.values()), f"converting {gguf_path.name}") as progress:
+            for key, tensor in tensors.items():
+                for name, array in converted_tensor(key, tensor, plan.get(key.removesuffix(".weight")), DTYPES[dtype]):
+                    mx.eval(array)
+                    writer.add(name, array)
+                progress.advance(int(tensor.n_bytes))
+        writer.close()
+        report_size(model, writer)
+        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (work / "tokenizer.model").write_bytes(tokenizer)
+        template = chat_template(reader)
+        if template:
+            (work / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return mlx_path
+
+
+def tensor_plan(tensors: dict, model, quantize: Quantization | None) -> dict[str, QuantSpec | None]:
+    """Layer path → how it is stored: lossless GGML types at their own bits and group 32, others float
+    (or, with -q, requantized as asked where the group divides the width)."""
+    from mlx_gemma3.quantize import quantization_plan
+
+    requantized = quantization_plan(model, quantize.recipe, quantize.bits, quantize.group_size) if quantize else {}
+    plan = {}
+    for key, tensor in tensors.items():
+        if not key.endswith(".weight") or len(tensor.shape) != 2:
+            continue
+        path = key.removesuffix(".weight")
+        kind = tensor.tensor_type.name
+        if path.endswith(NEVER_QUANTIZED):
+            continue
+        plan[path] = QuantSpec(LOSSLESS[kind], 32) if kind in LOSSLESS else requantized.get(path)
+    return plan
+
+
+def converted_tensor(key: str, tensor, spec: QuantSpec | None, dtype: mx.Dtype):
+    """(name, array) pairs for one tensor: norms shifted back by 1, quantized layers as weight/scales/biases."""
+    path = key.removesuffix(".weight")
+    if spec is not None and tensor.tensor_type.name in LOSSLESS:
+        weight, scales, biases = lossless_parts(tensor)
+        yield from ((f"{path}.weight", mx.array(weight)), (f"{path}.scales", mx.array(scales)),
+                    (f"{path}.biases", mx.array(biases)))
+        return
+    values = dequantized(tensor)
+    if key.endswith(SHIFTED_NORMS) and not key.startswith(VISION):
+        values = values - np.float32(1.0)  # GGUF stores Gemma's (1 + w)
+    array = converted(key, mx.array(values)).astype(dtype)
+    if spec is None:
+        yield key, array
+        return
+    weight, scales, biases = mx.quantize(array, group_size=spec.group_size, bits=spec.bits)
+    yield from ((f"{path}.weight", weight), (f"{path}.scales", scales), (f"{path}.biases", biases))
