@@ -6,7 +6,7 @@ from typing import Iterator
 
 from .cache import load_prompt_cache, save_prompt_cache
 from .errors import Gemma3Error
-from .generation import GenerationResponse, Options, generate_ids, image_runs, prepare_prompt
+from .generation import GenerationResponse, Options, generate_ids, image_runs, own_stream, prepare_prompt
 
 CACHE_OPTIONS = ("kv_bits", "kv_group_size", "max_kv_size")
 
@@ -45,7 +45,8 @@ class Chat:
         user = {"role": "user", "content": content}
         opts = Options(**{**self.options, **options})
         opts.check()
-        ids, features = prepare_prompt(self.model, self.processor, self.conversation(user), None, opts, self.encoded_images)
+        with own_stream():
+            ids, features = prepare_prompt(self.model, self.processor, self.conversation(user), None, opts, self.encoded_images)
         reused = self._reuse(ids, features is not None)
         if features is not None:
             features = features[sum(first < reused for first, _ in self._runs(ids)) :]

@@ -90,10 +90,16 @@ def stream_generate(
     Close the generator to cancel."""
     opts = Options(**options)
     opts.check()
-    ids, features = prepare_prompt(model, processor, prompt, images, opts, encoded_images)
+    with own_stream():  # MLX work off the main thread needs a stream made in that thread
+        ids, features = prepare_prompt(model, processor, prompt, images, opts, encoded_images)
     if image_features is not None:
         features = image_features
     yield from generate_ids(model, processor, ids, cache, opts, features)
+
+
+def own_stream():
+    """A fresh MLX stream on the default device, as a context: generation never shares the caller's stream."""
+    return mx.stream(mx.new_stream(mx.default_device()))
 
 
 def prepare_prompt(model, processor, prompt, images, opts: Options, encoded: dict | None = None):
@@ -166,9 +172,8 @@ def generate_tokens(
     model, ids: list[int], cache, opts: Options, max_tokens: int, features=None
 ) -> Iterator[tuple[int, mx.array]]:
     """(token, raw logits) per step on a stream of its own; step n+1 is queued before step n is handed out."""
-    stream = mx.new_stream(mx.default_device())
     sampler = opts.sampler()
-    with mx.stream(stream):
+    with own_stream():
         seen = mx.array(ids)
         prefill(model, ids[:-1], cache, opts.prefill_step_size, features)
         prompt = seen[-1:]

@@ -20,6 +20,7 @@ from .tokenizer import Tokenizer
 
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 TIED_HEAD_KEYS = ("lm_head.", "language_model.lm_head.")
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 
 
 @dataclass
@@ -43,18 +44,25 @@ def load(path: str | Path, compute_dtype: mx.Dtype | None = None):
         raise Gemma3Error(f"model folder {folder} does not exist: pass a folder written by mlx_gemma3.convert")
     config = load_config(folder)
     model = build_model(config)
-    weights = read_weights(folder)
-    if config.text.tie_word_embeddings:  # mlx-vlm stores a copy of the tied head: the embedding is the head
-        weights = {k: v for k, v in weights.items() if not k.startswith(TIED_HEAD_KEYS)}
     dtype = compute_dtype or default_compute_dtype()
-    weights = {k: v.astype(dtype) if v.dtype in FLOAT_TYPES else v for k, v in weights.items()}
+    weights = model_weights(folder, config, dtype)
     quantization = config.raw.get("quantization", config.raw.get("quantization_config"))
     apply_quantization(model, quantization, weights, where=str(folder))
     check_weights(model, weights, where=str(folder))
-    model.load_weights(list(weights.items()), strict=True)
-    text = model.language_model if config.is_multimodal else model
-    mx.eval(text.parameters())  # the vision tower stays lazy: read from disk when the first image comes
+    if config.is_multimodal:  # the vision tower is read from disk when the first image comes
+        weights = {k: v for k, v in weights.items() if not k.startswith(VISION_PREFIXES)}
+        model.defer_vision(lambda: {k: v for k, v in model_weights(folder, config, dtype).items() if k.startswith(VISION_PREFIXES)})
+    model.load_weights(list(weights.items()), strict=not config.is_multimodal)
+    mx.eval(model.language_model.parameters() if config.is_multimodal else model.parameters())
     return model, Processor(Tokenizer.from_folder(folder), config, find_chat_template(folder))
+
+
+def model_weights(folder: Path, config: ModelConfig, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """The folder's tensors (not yet read: MLX loads lazily), floats in the compute dtype."""
+    weights = read_weights(folder)
+    if config.text.tie_word_embeddings:  # mlx-vlm stores a copy of the tied head: the embedding is the head
+        weights = {k: v for k, v in weights.items() if not k.startswith(TIED_HEAD_KEYS)}
+    return {k: v.astype(dtype) if v.dtype in FLOAT_TYPES else v for k, v in weights.items()}
 
 
 def build_model(config: ModelConfig) -> nn.Module:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -21,6 +23,19 @@ class Gemma3(nn.Module):
         self.language_model = Gemma3TextLM(config)
         self.vision_tower = VisionTower(config.vision)
         self.multi_modal_projector = Projector(config.vision, config.text.hidden_size)
+        self._vision_loader = None
+        self._vision_lock = threading.Lock()
+
+    def defer_vision(self, loader) -> None:
+        """Read the vision weights with `loader()` when the first image is encoded (in whichever thread)."""
+        self._vision_loader = loader
+
+    def _load_vision(self) -> None:
+        with self._vision_lock:
+            if self._vision_loader is not None:
+                self.load_weights(list(self._vision_loader().items()), strict=False)
+                mx.eval(self.vision_tower.parameters(), self.multi_modal_projector.parameters())
+                self._vision_loader = None
 
     def __call__(
         self,
@@ -44,6 +59,7 @@ class Gemma3(nn.Module):
 
     def encode_images(self, pixel_values: mx.array) -> mx.array:
         """Pixels [N, H, W, 3] → image features [N, tokens_per_image, text hidden]."""
+        self._load_vision()
         dtype = self.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype
         return self.multi_modal_projector(self.vision_tower(pixel_values.astype(dtype)))
 

@@ -156,3 +156,27 @@ def gemma3_processor(folder: Path, image_size: int, tokens_per_image: int):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
     return Gemma3Processor(image_processor, AutoTokenizer.from_pretrained(folder), image_seq_length=tokens_per_image)
+
+
+# The tiny SentencePiece (tests/spm_fixture.py) holds the image pieces at these ids.
+SPM_IMAGE_TOKENS = dict(boi_token_index=107, eoi_token_index=108, image_token_index=109)
+
+
+@pytest.fixture(scope="session")
+def image_chat_model(tmp_path_factory):
+    """A converted tiny multimodal model with tokenizer and chat template, and transformers' model and processor."""
+    import shutil
+
+    from spm_fixture import train_tokenizer
+
+    import mlx_gemma3
+
+    folder = tmp_path_factory.mktemp("vlm")
+    hf = tiny_multimodal_model(seed=6, image_tokens=SPM_IMAGE_TOKENS)
+    hf.save_pretrained(folder / "hf")
+    train_tokenizer(folder / "hf")
+    shutil.copyfile(FIXTURES / "gemma3_chat_template.jinja", folder / "hf" / "chat_template.jinja")
+    model, processor = mlx_gemma3.load(convert(folder / "hf", folder / "mlx"))
+    (folder / "spm").mkdir()
+    train_tokenizer(folder / "spm")
+    return folder / "mlx", model, processor, hf, gemma3_processor(folder / "spm", TINY_VISION["image_size"], 4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mlx_gemma3
-from conftest import TINY_IMAGE_TOKENS, TINY_VISION, convert, tiny_multimodal_model
+from conftest import SPM_IMAGE_TOKENS, TINY_IMAGE_TOKENS, TINY_VISION, convert, tiny_multimodal_model
 
 BOI, EOI, IMG = (TINY_IMAGE_TOKENS[k] for k in ("boi_token_index", "eoi_token_index", "image_token_index"))
 SIZE = TINY_VISION["image_size"]
@@ -115,30 +115,6 @@ def test_image_token_count_mismatch_is_an_error(converted):
     ids = prompt_with_images([3, "image", 3], 4)
     with pytest.raises(mlx_gemma3.Gemma3Error, match="8 features"):
         model(mx.array(ids), pixel_values=mx.array(pixels(2)))
-
-
-# The tiny SentencePiece (tests/spm_fixture.py) holds the image pieces at these ids.
-SPM_IMAGE_TOKENS = dict(boi_token_index=107, eoi_token_index=108, image_token_index=109)
-
-
-@pytest.fixture(scope="module")
-def image_chat_model(tmp_path_factory):
-    """A converted tiny multimodal model with tokenizer and chat template, and transformers' model and processor."""
-    import shutil
-
-    from spm_fixture import train_tokenizer
-
-    from conftest import FIXTURES, gemma3_processor
-
-    folder = tmp_path_factory.mktemp("vlm")
-    hf = tiny_multimodal_model(seed=6, image_tokens=SPM_IMAGE_TOKENS)
-    hf.save_pretrained(folder / "hf")
-    train_tokenizer(folder / "hf")
-    shutil.copyfile(FIXTURES / "gemma3_chat_template.jinja", folder / "hf" / "chat_template.jinja")
-    model, processor = mlx_gemma3.load(convert(folder / "hf", folder / "mlx"))
-    (folder / "spm").mkdir()
-    train_tokenizer(folder / "spm")
-    return folder / "mlx", model, processor, hf, gemma3_processor(folder / "spm", SIZE, 4)
 
 
 def random_picture(path, width: int, height: int, seed: int = 3):
