@@ -97,4 +97,6 @@ def reply(chat: Chat, line: str, images: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import exit_with
+
+    exit_with(main())

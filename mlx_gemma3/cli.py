@@ -49,6 +49,15 @@ def sampling_options(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
+def exit_with(code: int):
+    """End a command-line process. MLX's own exit-time cleanup runs too late, so the main thread drops its
+    streams first (only here: afterwards this thread can run no MLX work)."""
+    import mlx.core as mx
+
+    mx.clear_streams()
+    raise SystemExit(code)
+
+
 def run(main: Callable[[], int]) -> int:
     """Run a CLI body: a Gemma3Error becomes one `error:` line and exit 1; Ctrl-C exits 130."""
     try:

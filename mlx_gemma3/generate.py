@@ -70,4 +70,6 @@ def print_stats(last: GenerationResponse, out) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import exit_with
+
+    exit_with(main())

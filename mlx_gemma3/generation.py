@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -153,8 +154,14 @@ def _stream(model, processor, ids: list[int], cache, opts: Options, max_tokens: 
     detokenizer = processor.tokenizer.detokenizer() if processor.tokenizer else None
     stop = eos_ids(processor, opts.stop_ids)
     tic = time.perf_counter()
-    prompt_tps = n = 0
-    for n, (token, logits) in enumerate(generate_tokens(model, ids, cache, opts, max_tokens, features), start=1):
+    steps = generate_tokens(model, ids, cache, opts, max_tokens, features)
+    with closing(steps):  # close it here, in this thread, not whenever it is garbage collected
+        yield from _responses(steps, ids, detokenizer, stop, max_tokens, tic)
+
+
+def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: int, tic: float):
+    prompt_tps = 0.0
+    for n, (token, logits) in enumerate(steps, start=1):
         if n == 1:
             prompt_tps = len(ids) / (time.perf_counter() - tic)
             tic = time.perf_counter()
@@ -173,26 +180,33 @@ def generate_tokens(
 ) -> Iterator[tuple[int, mx.array]]:
     """(token, raw logits) per step on a stream of its own; step n+1 is queued before step n is handed out."""
     sampler = opts.sampler()
-    with own_stream():
-        seen = mx.array(ids)
-        prefill(model, ids[:-1], cache, opts.prefill_step_size, features)
-        prompt = seen[-1:]
+    stream = mx.new_stream(mx.default_device())
+    with mx.stream(stream):
+        try:
+            yield from _steps(model, ids, cache, opts, max_tokens, features, sampler)
+        finally:
+            mx.synchronize(stream)  # a step queued ahead must finish before anyone frees what it uses
 
-        def step(tokens: mx.array, seen: mx.array) -> tuple[mx.array, mx.array]:
-            logits = model(tokens[None], cache=cache)[0, -1]
-            return sampler(processed(logits[None], seen, opts))[0], logits
 
-        token, logits = step(prompt, seen)
-        mx.async_eval(token, logits)
-        for n in range(max_tokens):
-            if n + 1 < max_tokens:
-                if opts.needs_history():
-                    seen = mx.concatenate([seen, token[None]])
-                next_token, next_logits = step(token[None], seen)
-                mx.async_eval(next_token, next_logits)
-            yield token.item(), logits
-            if n + 1 < max_tokens:
-                token, logits = next_token, next_logits
+def _steps(model, ids: list[int], cache, opts: Options, max_tokens: int, features, sampler):
+    seen = mx.array(ids)
+    prefill(model, ids[:-1], cache, opts.prefill_step_size, features)
+
+    def step(tokens: mx.array, seen: mx.array) -> tuple[mx.array, mx.array]:
+        logits = model(tokens[None], cache=cache)[0, -1]
+        return sampler(processed(logits[None], seen, opts))[0], logits
+
+    token, logits = step(seen[-1:], seen)
+    mx.async_eval(token, logits)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            if opts.needs_history():
+                seen = mx.concatenate([seen, token[None]])
+            next_token, next_logits = step(token[None], seen)
+            mx.async_eval(next_token, next_logits)
+        yield token.item(), logits
+        if n + 1 < max_tokens:
+            token, logits = next_token, next_logits
 
 
 def prefill(model, ids: list[int], cache, step: int, features=None) -> None:

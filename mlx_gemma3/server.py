@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import mlx.core as mx
+
 from .errors import Gemma3Error
 from .generation import stream_generate
 from .tools import ToolCall, as_tool, parse_tool_calls, tool_results_text, with_tools
@@ -52,6 +54,10 @@ def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -
 class Handler(BaseHTTPRequestHandler):
     state: ServerState
     protocol_version = "HTTP/1.1"
+
+    def finish(self):
+        super().finish()
+        mx.clear_streams()  # each request runs in its own thread; MLX needs it to drop its streams
 
     def log_message(self, format, *args):  # one quiet line per request on stderr
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
@@ -354,4 +360,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import exit_with
+
+    exit_with(main())

@@ -126,6 +126,13 @@ def hf_text(tmp_path):
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def pytest_unconfigure(config):
+    """After the last test: MLX's own exit-time cleanup runs too late, so drop this thread's streams now."""
+    import mlx.core as mx
+
+    mx.clear_streams()
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory):
     """A converted tiny model with a trained tokenizer and a Gemma-style chat template: (mlx folder, hf folder, model)."""
