@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ CONFIGS = {
              dict(quantize=True, q_bits=4, q_group_size=64, dtype="bfloat16")),
 }
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+STATS = "convert-stats.json"
 
 
 def gguf_file(work: Path) -> Path:
@@ -81,10 +83,16 @@ def float_hf_folder(work: Path) -> Path:
     return out
 
 
-def run(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd)} failed: {result.stderr.strip().splitlines()[-1:]}")
+def run(cmd: list[str]) -> dict:
+    """Run a command; returns its wall seconds and peak resident memory in GB (the child's own rusage)."""
+    tic = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd)} failed: {stderr.strip().splitlines()[-1:]}")
+    return {"seconds": time.perf_counter() - tic, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
 
 
 def converted(work: Path, engine: str, config: str) -> Path:
@@ -95,15 +103,26 @@ def converted(work: Path, engine: str, config: str) -> Path:
     source = float_hf_folder(work)
     ours, theirs = CONFIGS[config]
     if engine == "ours":
-        run([sys.executable, "-m", "mlx_gemma3.convert", "--hf-path", str(source), "--mlx-path", str(out), "--force", *ours])
+        cmd = [sys.executable, "-m", "mlx_gemma3.convert", "--hf-path", str(source), "--mlx-path", str(out), "--force", *ours]
     else:
         code = (
             "import sys, json; from mlx_lm.convert import convert; "
             "convert(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))"
         )
         shutil.rmtree(out, ignore_errors=True)
-        run([sys.executable, "-c", code, str(source), str(out), json.dumps(theirs)])
+        cmd = [sys.executable, "-c", code, str(source), str(out), json.dumps(theirs)]
+    stats = run(cmd)
+    record = work / STATS
+    known = json.loads(record.read_text()) if record.is_file() else {}
+    known[out.name] = {**stats, "input_gb": (source / "model.safetensors").stat().st_size / 1e9}
+    record.write_text(json.dumps(known, indent=2))
     return out
+
+
+def converter_stats(work: Path) -> dict:
+    """Seconds and peak resident memory of each conversion made in `work` (those made by this script)."""
+    record = work / STATS
+    return json.loads(record.read_text()) if record.is_file() else {}
 
 
 def prepare(work: Path, configs: list[str], engines: list[str]) -> dict[str, dict[str, Path]]:

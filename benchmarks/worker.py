@@ -139,6 +139,10 @@ def main() -> None:
     out = ENGINES[args.engine](args)
     out.update(engine=args.engine, model=args.model, peak_rss_gb=peak_rss_gb())
     print(json.dumps(out), flush=True)
+    import mlx.core as mx
+
+    if hasattr(mx, "clear_streams"):  # MLX's own exit-time cleanup of streams runs too late (see mlx_gemma3.cli)
+        mx.clear_streams()
 
 
 if __name__ == "__main__":

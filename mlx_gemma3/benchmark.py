@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--runs", type=int, default=3, help="measured runs; medians are reported (default 3)")
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
     parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache to 4 or 8 bits")
+    parser.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128), help="KV quantization group")
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"),
         help="compute dtype (default: float32 on the CPU, bfloat16 on a GPU)",
@@ -73,7 +74,8 @@ def measure(model, processor, ids: list[int], generation_tokens: int, **options)
     mx.reset_peak_memory()
     stamps = []
     tic = time.perf_counter()
-    for _ in stream_generate(model, processor, ids, cache=cache, max_tokens=generation_tokens, logit_bias=bias, **options):
+    stream = stream_generate(model, processor, ids, cache=cache, max_tokens=generation_tokens, logit_bias=bias, **options)
+    for _ in stream:
         stamps.append(time.perf_counter())
     n = len(stamps)
     return {
@@ -106,7 +108,7 @@ def benchmark(folder: str, args) -> dict:
             f"--prompt-tokens + --generation-tokens is {args.prompt_tokens + args.generation_tokens}; "
             f"the model's context is {context}"
         )
-    options = dict(prefill_step_size=args.prefill_step_size, kv_bits=args.kv_bits)
+    options = dict(prefill_step_size=args.prefill_step_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     if not args.no_warmup:
         measure(model, processor, prompt_ids(config, min(WARMUP[0], args.prompt_tokens)), WARMUP[1], **options)
     ids = prompt_ids(config, args.prompt_tokens)
@@ -145,12 +147,13 @@ def describe(figures: dict) -> str:
 def report(result: dict, out) -> None:
     m = result["median"]
     decode = "n/a (one token)" if m["decode_tps"] is None else f"{m['decode_tps']:.2f} tokens-per-sec"
-    print(f"Model: {result['model']} ({result['device']}, {result['compute_dtype']}, MLX {result['mlx_version']})", file=out)
+    where = f"{result['device']}, {result['compute_dtype']}, MLX {result['mlx_version']}"
+    print(f"Model: {result['model']} ({where})", file=out)
     print(f"Load: {result['load_s']:.2f} s", file=out)
     print(f"Median of {len(result['runs'])} run(s):", file=out)
     print(f"Prefill: {result['prompt_tokens']} tokens, {m['prefill_tps']:.2f} tokens-per-sec", file=out)
     print(f"Decode: {result['generation_tokens']} tokens, {decode}", file=out)
-    print(f"Time to first token: {m['ttft_s']:.3f} s", file=out)
+    print(f"Time to first token: {m['ttft_s']:.3f} s (model loaded; prefill and the first step)", file=out)
     print(f"Peak memory: {m['peak_memory_gb']:.3f} GB", file=out)
     print(f"KV cache: {m['kv_cache_bytes'] / 1e6:.1f} MB", file=out)
 
@@ -170,4 +173,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import exit_with
+
+    exit_with(main())
