@@ -118,10 +118,14 @@ class KVCache:
 
     def make_mask(self, length: int, blocks: mx.array | None = None) -> mx.array | None:
         """The mask for the next update of `length` tokens (None when one query may see every key)."""
-        if length == 1 and blocks is None and self.window is None:
-            return None
         keys, valid = self.key_positions(length)
+        if length == 1 and blocks is None and valid is None and self.sees_all(keys.size):
+            return None
         return build_mask(keys, valid, self.offset, length, self.window, blocks)
+
+    def sees_all(self, key_count: int) -> bool:
+        """Whether the next single query sees every one of `key_count` contiguous keys."""
+        return self.window is None or key_count <= self.window
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         keys, values = self.store.encode(keys), self.store.encode(values)
@@ -185,6 +189,8 @@ class SlidingKVCache(KVCache):
             return mx.arange(self.offset - self.count, self.offset + length), None
         offset, idx = self.offset + length, (self.idx + length) % self.slots
         count = min(self.count + length, self.slots)
+        if in_order(idx, count, self.slots):
+            return mx.arange(offset - count, offset), None
         positions = offset - 1 - (idx - 1 - mx.arange(self.slots)) % self.slots
         return positions, positions >= offset - count
 
@@ -198,6 +204,8 @@ class SlidingKVCache(KVCache):
             write(self.keys, self.idx, keys)
             write(self.values, self.idx, values)
             self.advance(length)
+            if in_order(self.idx, self.count, self.slots):  # before the ring wraps: only the filled slots
+                return self.store.decode(sliced(self.keys, 0, self.count)), self.store.decode(sliced(self.values, 0, self.count))
             return self.store.decode(self.keys), self.store.decode(self.values)
         all_keys, all_values = keys, values
         if self.keys is not None:
@@ -234,6 +242,11 @@ class SlidingKVCache(KVCache):
             raise Gemma3Error(f"a sliding cache of {self.slots} slots cannot hold {self.count} saved tokens")
         self.keys, self.values = grown(keys, keys, self.slots), grown(values, values, self.slots)
         self.offset, self.idx = offset, self.count % self.slots
+
+
+def in_order(idx: int, count: int, slots: int) -> bool:
+    """Whether a ring's valid slots are 0…count−1, oldest first (it has not wrapped, or wrapped exactly)."""
+    return (idx - count) % slots == 0
 
 
 def make_cache(
