@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -110,11 +111,18 @@ def _converted_once(source, folder: Path, what: str) -> Path:
     """`folder`, converting the GGUF that `source(scratch_dir)` provides if it is not there yet."""
     if (folder / "config.json").is_file():
         return folder
-    from mlx_gemma3.convert.gguf import convert_gguf  # only the command lines call the converter
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
         gguf = source(Path(scratch))
         print(f"converting {what} into {folder} (first use only)", file=sys.stderr)
-        convert_gguf(gguf, folder)
+        _run_converter(gguf, folder)
     return folder
+
+
+def _run_converter(gguf: Path, folder: Path) -> None:
+    """The converter's own command line, in a child process: the runtime never imports the converter."""
+    command = [sys.executable, "-m", "mlx_gemma3.convert", "--gguf", str(gguf), "--mlx-path", str(folder)]
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["the converter failed"]
+        raise Gemma3Error(f"converting {gguf} failed: {lines[-1].removeprefix('error: ')}")

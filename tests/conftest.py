@@ -126,6 +126,17 @@ def hf_text(tmp_path):
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+class StepCounter:
+    """A logits processor that changes nothing and counts the decode steps it saw."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def __call__(self, tokens, logits):
+        self.steps += 1
+        return logits
+
+
 def pytest_unconfigure(config):
     """After the last test: MLX's own exit-time cleanup runs too late, so drop this thread's streams now."""
     import mlx.core as mx

@@ -13,21 +13,13 @@ import mlx.core as mx
 import torch
 
 import mlx_gemma3
+from conftest import StepCounter as Counter
 from conftest import random_ids, tiny_text_model
 from mlx_gemma3.background import BackgroundGeneration
 from mlx_gemma3.prompt import prompt_ids
 from mlx_gemma3.tools import run_tools
 
 ROOT = Path(__file__).parent.parent
-
-
-class Counter:
-    def __init__(self):
-        self.steps = 0
-
-    def __call__(self, tokens, logits):
-        self.steps += 1
-        return logits
 
 
 def reference_text(reference, processor, prompt, max_tokens: int) -> str:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import mlx_gemma3
+from conftest import StepCounter as Counter
 from mlx_gemma3.prompt import prompt_ids
 from mlx_gemma3.server import ServerState, make_server
 
@@ -31,15 +32,6 @@ class Forcer:
         self.steps += 1
         step = min(tokens.size - self.first, len(self.ids) - 1)
         return mx.where(mx.arange(logits.shape[-1]) == self.ids[step], 1e4, logits)
-
-
-class Counter:
-    def __init__(self):
-        self.steps = 0
-
-    def __call__(self, tokens, logits):
-        self.steps += 1
-        return logits
 
 
 @pytest.fixture(scope="module")
