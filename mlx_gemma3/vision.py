@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import VisionConfig
+from .device import attention
 from .text import RMSNorm
 
 
@@ -23,7 +24,7 @@ class VisionAttention(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         B, N, _ = x.shape
         q, k, v = (p(x).reshape(B, N, self.n_heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = attention(q, k, v, self.scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, N, -1))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
@@ -29,3 +30,27 @@ def test_load_missing_tensor(hf_text, tmp_path):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(mlx_gemma3.Gemma3Error, match="missing tensor model.norm.weight"):
         mlx_gemma3.load(folder)
+
+
+def _matmul_weights(model):
+    import mlx.nn as nn
+
+    return {path: m.weight for path, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+
+
+def test_cpu_float32_matmul_weights_are_column_major(hf_text, tmp_path):
+    folder = convert(hf_text[0], tmp_path / "mlx")
+    stored = load_file(folder / "model.safetensors")
+    model, _ = mlx_gemma3.load(folder)
+    weights = _matmul_weights(model)
+    assert "model.embed_tokens" in weights and "model.layers.0.mlp.down_proj" in weights
+    for path, w in weights.items():
+        rows, cols = w.shape
+        assert memoryview(w).strides == (4, 4 * rows), path
+        np.testing.assert_array_equal(np.array(w), stored[f"{path}.weight"].astype(np.float32), err_msg=path)
+
+
+def test_half_precision_weights_keep_row_major(hf_text, tmp_path):
+    model, _ = mlx_gemma3.load(convert(hf_text[0], tmp_path / "mlx"), compute_dtype=mx.bfloat16)
+    for path, w in _matmul_weights(model).items():
+        assert memoryview(w).strides == (2 * w.shape[1], 2), path
