@@ -65,7 +65,7 @@ def model_weights(folder: Path, config: ModelConfig, dtype: mx.Dtype, column_maj
 def in_compute_dtype(w: mx.array, dtype: mx.Dtype, column_major: bool) -> mx.array:
     if w.dtype not in FLOAT_TYPES:
         return w
-    if column_major and w.ndim == 2:
+    if column_major:
         return in_column_major(w, dtype)
     return w.astype(dtype)
 
