@@ -50,8 +50,8 @@ def measured(model, cfg, tokens: int, dtype, kv_bits: int | None) -> dict:
 
 
 def main() -> None:
-    from mlx_gemma3.config import load_config
-    from mlx_gemma3.load import build_model
+    from mlx_gemma3.model.config import load_config
+    from mlx_gemma3.model.load import build_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a Gemma 3 folder (only its config.json is read)")

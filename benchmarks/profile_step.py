@@ -90,7 +90,7 @@ def step_times(model, cache, steps: int) -> dict:
 
 def pipelined_time(model, cache, steps: int) -> float:
     """Per-token seconds in mlx_gemma3's generation loop (greedy), starting from the filled cache."""
-    from mlx_gemma3.generation import Options, generate_tokens
+    from mlx_gemma3.generation.stream import Options, generate_tokens
 
     stamps = []
     for _ in generate_tokens(model, [1234], cache, Options(max_tokens=steps + 2), steps + 2):
@@ -145,7 +145,7 @@ def _in_features(module) -> int:
 
 def pieces(model, cache, dtype) -> dict:
     """The step's other operations at their decode shapes, each kind over all layers in one evaluation."""
-    from mlx_gemma3.text import RMSNorm
+    from mlx_gemma3.model.text import RMSNorm
 
     cfg = model.config.text
     layers = model.layers

@@ -8,10 +8,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_gemma3.config import FULL, SLIDING, parse_config
+from mlx_gemma3.model.config import FULL, SLIDING, parse_config
 from mlx_gemma3.errors import Gemma3Error
-from mlx_gemma3.load import build_model, check_shapes
-from mlx_gemma3.quantize import NEVER_QUANTIZED, QuantSpec, quantization_json
+from mlx_gemma3.model.load import build_model, check_shapes
+from mlx_gemma3.model.quantize import NEVER_QUANTIZED, QuantSpec, quantization_json
 
 from .hf import DTYPES, Quantization, converted, converted_shape, report_size, text_config_json
 from .output import ShardWriter, output_folder
@@ -310,7 +310,7 @@ def convert_gguf(
 def tensor_plan(tensors: dict, model, quantize: Quantization | None) -> dict[str, QuantSpec | None]:
     """Layer path → how it is stored: lossless GGML types at their own bits and group 32, others float
     (or, with -q, requantized as asked where the group divides the width)."""
-    from mlx_gemma3.quantize import quantization_plan
+    from mlx_gemma3.model.quantize import quantization_plan
 
     requantized = quantization_plan(model, quantize.recipe, quantize.bits, quantize.group_size) if quantize else {}
     plan = {}

@@ -13,10 +13,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from safetensors import safe_open
 
-from mlx_gemma3.config import FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
+from mlx_gemma3.model.config import FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
 from mlx_gemma3.errors import Gemma3Error
-from mlx_gemma3.load import build_model, check_shapes, weight_files
-from mlx_gemma3.quantize import quantization_json, quantization_plan
+from mlx_gemma3.model.load import build_model, check_shapes, weight_files
+from mlx_gemma3.model.quantize import quantization_json, quantization_plan
 
 from .output import ShardWriter, output_folder
 from .progress import Progress

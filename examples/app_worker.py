@@ -4,7 +4,7 @@ import argparse
 import time
 
 import mlx_gemma3
-from mlx_gemma3.background import BackgroundGeneration
+from mlx_gemma3.generation.background import BackgroundGeneration
 from mlx_gemma3.cli import model_folder
 
 

@@ -4,7 +4,7 @@ import argparse
 
 import mlx_gemma3
 from mlx_gemma3.cli import model_folder
-from mlx_gemma3.tools import run_tools
+from mlx_gemma3.processing.tools import run_tools
 
 
 def get_weather(city: str, unit: str = "celsius") -> dict:

@@ -1,9 +1,9 @@
 """mlx_gemma3: Google's Gemma 3 models on Apple Silicon through MLX."""
 
-from .conversation import Chat
+from .generation.chat import Chat
 from .errors import Gemma3Error
-from .generation import GenerationResponse, generate, stream_generate
-from .load import load
+from .generation.stream import GenerationResponse, generate, stream_generate
+from .model.load import load
 
 __all__ = ["Chat", "Gemma3Error", "GenerationResponse", "generate", "load", "stream_generate"]
 __version__ = "0.1.0"

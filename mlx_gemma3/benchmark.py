@@ -14,8 +14,8 @@ import numpy as np
 
 from .cli import Parser, model_folder, run
 from .errors import Gemma3Error
-from .generation import eos_ids, stream_generate
-from .load import load
+from .generation.stream import eos_ids, stream_generate
+from .model.load import load
 
 FIGURES = ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb", "kv_cache_bytes")
 SUPPRESS = -1e9  # logit bias that keeps EOS out, so every run decodes exactly --generation-tokens

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 
 from .cli import Parser, add_model_flags, add_sampling_flags, model_folder, run, sampling_options
-from .conversation import Chat
+from .generation.chat import Chat
 from .errors import Gemma3Error
-from .image import open_image
-from .load import load
+from .processing.image import open_image
+from .model.load import load
 
 
 HELP = (

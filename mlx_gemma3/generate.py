@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 from .cli import Parser, add_model_flags, add_sampling_flags, model_folder, run, sampling_options
-from .generation import GenerationResponse, stream_generate
-from .load import load
-from .prompt import IMAGE_MARK
+from .generation.stream import GenerationResponse, stream_generate
+from .model.load import load
+from .processing.prompt import IMAGE_MARK
 
 
 def parse_args(argv: list[str] | None):

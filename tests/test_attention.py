@@ -1,4 +1,4 @@
-"""mlx_gemma3.device.attention (the CPU's composed path and MLX's fused kernel) against torch's attention."""
+"""mlx_gemma3.model.attention.attention (the CPU's composed path and MLX's fused kernel) against torch's attention."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_gemma3.device import attention
+from mlx_gemma3.model.attention import attention
 
 
 def torch_attention(q, k, v, scale, mask):

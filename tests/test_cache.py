@@ -8,7 +8,7 @@ import pytest
 
 import mlx_gemma3
 from conftest import TINY_TEXT, convert, random_ids, reference_logits
-from mlx_gemma3.cache import SlidingKVCache
+from mlx_gemma3.model.cache import SlidingKVCache
 
 WINDOW = TINY_TEXT["sliding_window"]
 
@@ -137,7 +137,7 @@ def test_quantized_cache_rejects_a_group_that_does_not_divide_head_dim(hf_text, 
 
 @pytest.mark.parametrize("bits", [None, 4])
 def test_prompt_cache_round_trip_continues_identically(wide_head, tmp_path, bits):
-    from mlx_gemma3.cache import load_prompt_cache, save_prompt_cache
+    from mlx_gemma3.model.cache import load_prompt_cache, save_prompt_cache
 
     model, _ = wide_head
     ids = random_ids(3 * WINDOW + 5)
@@ -153,7 +153,7 @@ def test_prompt_cache_round_trip_continues_identically(wide_head, tmp_path, bits
 
 
 def test_prompt_cache_rejects_other_files(tmp_path):
-    from mlx_gemma3.cache import load_prompt_cache
+    from mlx_gemma3.model.cache import load_prompt_cache
 
     mx.save_safetensors(str(tmp_path / "w.safetensors"), {"a": mx.zeros((2,))})
     with pytest.raises(mlx_gemma3.Gemma3Error, match="not a prompt cache"):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import mlx_gemma3
-from mlx_gemma3.prompt import prompt_ids
+from mlx_gemma3.processing.prompt import prompt_ids
 
 
 def reference_step_logits(reference, ids: list[int], prompt_length: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import torch
 
 import mlx_gemma3
 from conftest import run_cli
-from mlx_gemma3.prompt import prompt_ids
+from mlx_gemma3.processing.prompt import prompt_ids
 
 
 def reference_reply(reference, processor, prompt, max_tokens: int, **prompt_options) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlx_gemma3 import Gemma3Error
-from mlx_gemma3.config import parse_config
+from mlx_gemma3.model.config import parse_config
 
 HUB_4B_LEGACY = {  # the shape of google/gemma-3-4b-it's config.json: text_config omits class defaults
     "architectures": ["Gemma3ForConditionalGeneration"],

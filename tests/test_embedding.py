@@ -15,9 +15,9 @@ import torch
 import mlx_gemma3
 from conftest import StepCounter as Counter
 from conftest import random_ids, tiny_text_model
-from mlx_gemma3.background import BackgroundGeneration
-from mlx_gemma3.prompt import prompt_ids
-from mlx_gemma3.tools import run_tools
+from mlx_gemma3.generation.background import BackgroundGeneration
+from mlx_gemma3.processing.prompt import prompt_ids
+from mlx_gemma3.processing.tools import run_tools
 
 ROOT = Path(__file__).parent.parent
 
@@ -51,7 +51,7 @@ def test_two_models_side_by_side_in_threads(tiny_chat_model, tmp_path):
     from spm_fixture import train_tokenizer
 
     from conftest import convert
-    from mlx_gemma3.generation import stream_generate
+    from mlx_gemma3.generation.stream import stream_generate
 
     folder, _, reference = tiny_chat_model
     other_reference = tiny_text_model(seed=21)
@@ -85,7 +85,7 @@ def test_import_changes_nothing_global():
         "from PIL import Image, ImageFile\n"
         "before = (str(mx.default_device()), str(mx.default_stream(mx.default_device())), list(warnings.filters),"
         " Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES, logging.getLogger().handlers[:], sys.getrecursionlimit())\n"
-        "import mlx_gemma3, mlx_gemma3.server, mlx_gemma3.tools, mlx_gemma3.image, mlx_gemma3.background\n"
+        "import mlx_gemma3, mlx_gemma3.serve.server, mlx_gemma3.processing.tools, mlx_gemma3.processing.image, mlx_gemma3.generation.background\n"
         "after = (str(mx.default_device()), str(mx.default_stream(mx.default_device())), list(warnings.filters),"
         " Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES, logging.getLogger().handlers[:], sys.getrecursionlimit())\n"
         "print(before == after)\n"

@@ -9,7 +9,7 @@ import torch
 
 import mlx_gemma3
 from conftest import TINY_TEXT, convert, random_ids, tiny_text_model
-from mlx_gemma3.generation import generate, stream_generate
+from mlx_gemma3.generation.stream import generate, stream_generate
 
 WINDOW = TINY_TEXT["sliding_window"]
 NEW_TOKENS = 100

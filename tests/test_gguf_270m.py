@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mlx_gemma3
-from mlx_gemma3.generation import stream_generate
+from mlx_gemma3.generation.stream import stream_generate
 
 DATA = Path(__file__).parent / "data"
 NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -109,7 +109,7 @@ def torch_model_from(folder: Path):
 
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from mlx_gemma3.load import read_weights
+    from mlx_gemma3.model.load import read_weights
 
     config = json.loads((folder / "config.json").read_text())
     quantization = config.pop("quantization", {})

@@ -11,7 +11,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from mlx_gemma3.convert.gguf_tokenizer import chat_template, sentencepiece_model
 from mlx_gemma3.errors import Gemma3Error
-from mlx_gemma3.tokenizer import Tokenizer
+from mlx_gemma3.processing.tokenizer import Tokenizer
 from spm_fixture import CORPUS, train_tokenizer
 
 LINES = (Path(__file__).parent / "data" / "multilingual.txt").read_text(encoding="utf-8").split("\n")

@@ -15,9 +15,9 @@ from spm_fixture import train_tokenizer
 from conftest import gemma3_processor
 
 from mlx_gemma3 import Gemma3Error
-from mlx_gemma3.image import open_image, pan_and_scan, preprocess, process_images
-from mlx_gemma3.prompt import IMAGE_MARK, expand_image_tokens, gemma_chat
-from mlx_gemma3.tokenizer import Tokenizer
+from mlx_gemma3.processing.image import open_image, pan_and_scan, preprocess, process_images
+from mlx_gemma3.processing.prompt import IMAGE_MARK, expand_image_tokens, gemma_chat
+from mlx_gemma3.processing.tokenizer import Tokenizer
 
 # transformers 5.23: Gemma3ImageProcessor is the torchvision backend and falls back to Gemma3ImageProcessorPil
 # without torchvision; the PIL class resizes with PIL bilinear, the reference these tests pin.

@@ -1,4 +1,4 @@
-"""mlx_gemma3.load on good and bad folders."""
+"""mlx_gemma3.model.load on good and bad folders."""
 
 from __future__ import annotations
 

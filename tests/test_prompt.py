@@ -8,9 +8,9 @@ from spm_fixture import train_tokenizer
 
 from conftest import FIXTURES
 from mlx_gemma3 import Gemma3Error
-from mlx_gemma3.load import Processor
-from mlx_gemma3.prompt import gemma_chat, prompt_ids, render_template
-from mlx_gemma3.tokenizer import Tokenizer
+from mlx_gemma3.model.load import Processor
+from mlx_gemma3.processing.prompt import gemma_chat, prompt_ids, render_template
+from mlx_gemma3.processing.tokenizer import Tokenizer
 
 TEMPLATE = (FIXTURES / "gemma3_chat_template.jinja").read_text()
 CONVERSATIONS = [

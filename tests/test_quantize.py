@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 import mlx_gemma3
 from conftest import TINY_IMAGE_TOKENS, TINY_TEXT, convert, random_ids, reference_logits, randomize
 from mlx_gemma3.convert.hf import map_key
-from mlx_gemma3.load import build_model, read_weights
+from mlx_gemma3.model.load import build_model, read_weights
 
 WIDE_TEXT = {**TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "query_pre_attn_scalar": 32}
 # fc2's input (96) divides by 32 only, as the real 4304-wide vision MLP divides by none of 32/64/128.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_gemma3.sample import Sampler, logit_bias, repetition_penalty
+from mlx_gemma3.generation.sample import Sampler, logit_bias, repetition_penalty
 
 
 def random_logits(seed=0, batch=3, vocab=200):

@@ -17,8 +17,8 @@ from PIL import Image
 
 import mlx_gemma3
 from conftest import StepCounter as Counter
-from mlx_gemma3.prompt import prompt_ids
-from mlx_gemma3.server import ServerState, make_server
+from mlx_gemma3.processing.prompt import prompt_ids
+from mlx_gemma3.serve.server import ServerState, make_server
 
 
 class Forcer:
@@ -173,7 +173,7 @@ def test_image_message_to_a_text_model_is_a_400(server):
 
 
 def test_image_message_matches_transformers(image_chat_model, tmp_path):
-    from mlx_gemma3.prompt import gemma_chat
+    from mlx_gemma3.processing.prompt import gemma_chat
 
     _, model, processor, hf, hf_processor = image_chat_model
     httpd = make_server(ServerState(model, processor, "tiny-vlm"), "127.0.0.1", 0)

@@ -10,7 +10,7 @@ import sentencepiece as spm
 from spm_fixture import CORPUS, reference, special_pieces, train_tokenizer
 
 from mlx_gemma3.errors import Gemma3Error
-from mlx_gemma3.tokenizer import BOS_ID, END_OF_TURN_ID, START_OF_TURN_ID, Tokenizer
+from mlx_gemma3.processing.tokenizer import BOS_ID, END_OF_TURN_ID, START_OF_TURN_ID, Tokenizer
 
 WHOLE = "\n".join(CORPUS)
 

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 import pytest
 
 from mlx_gemma3 import Gemma3Error
-from mlx_gemma3.tools import (
+from mlx_gemma3.processing.tools import (
     ToolCall,
     as_tool,
     call_tool,

@@ -125,8 +125,8 @@ def random_picture(path, width: int, height: int, seed: int = 3):
 
 
 def test_greedy_generation_with_an_image_matches_transformers(image_chat_model, tmp_path):
-    from mlx_gemma3.generation import stream_generate
-    from mlx_gemma3.prompt import gemma_chat
+    from mlx_gemma3.generation.stream import stream_generate
+    from mlx_gemma3.processing.prompt import gemma_chat
 
     _, model, processor, hf, hf_processor = image_chat_model
     picture = random_picture(tmp_path / "a.png", 90, 70)
@@ -141,7 +141,7 @@ def test_greedy_generation_with_an_image_matches_transformers(image_chat_model, 
 
 
 def test_pan_and_scan_prompt_matches_transformers(image_chat_model, tmp_path):
-    from mlx_gemma3.generation import Options, prepare_prompt
+    from mlx_gemma3.generation.stream import Options, prepare_prompt
 
     _, model, processor, hf, hf_processor = image_chat_model
     wide = random_picture(tmp_path / "wide.png", 1200, 300)
@@ -162,7 +162,7 @@ def test_pan_and_scan_prompt_matches_transformers(image_chat_model, tmp_path):
 
 def test_chat_encodes_an_image_once_and_matches_a_single_pass(image_chat_model, tmp_path):
     _, model, processor, hf, hf_processor = image_chat_model
-    from mlx_gemma3.prompt import gemma_chat
+    from mlx_gemma3.processing.prompt import gemma_chat
 
     random_picture(tmp_path / "a.png", 64, 64)
     chat = mlx_gemma3.Chat(model, processor, max_tokens=8)
@@ -195,7 +195,7 @@ def test_chat_encodes_an_image_once_and_matches_a_single_pass(image_chat_model, 
 
 def test_generate_cli_with_an_image(image_chat_model, tmp_path):
     from conftest import run_cli
-    from mlx_gemma3.prompt import gemma_chat
+    from mlx_gemma3.processing.prompt import gemma_chat
 
     folder, _, processor, hf, hf_processor = image_chat_model
     picture = random_picture(tmp_path / "a.png", 80, 50)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import Gemma3Error
+from ..errors import Gemma3Error
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 START_OF_TURN_ID, END_OF_TURN_ID = 105, 106

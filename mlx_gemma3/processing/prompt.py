@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from .errors import Gemma3Error
+from ..errors import Gemma3Error
 from .tokenizer import BOS_ID
 
 ROLES = {"user": "user", "assistant": "model", "model": "model"}

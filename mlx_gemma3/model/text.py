@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from .cache import attention_mask, make_cache
 from .config import ModelConfig, TextConfig
-from .device import attention
+from .attention import attention
 
 FLOAT16_MAX = 65504.0
 

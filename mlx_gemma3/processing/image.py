@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import Gemma3Error
+from ..errors import Gemma3Error
 
 # Refused before decoding: a small file can claim a huge size (a decompression bomb).
 MAX_PIXELS = 64_000_000

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import Gemma3Error
+from ..errors import Gemma3Error
 
 REWIND = 16  # tokens a sliding cache keeps beyond its window so trim() works after the ring has wrapped
 STEP = 256  # full caches grow by this many slots at a time

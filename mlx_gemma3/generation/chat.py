@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .cache import load_prompt_cache, save_prompt_cache
-from .errors import Gemma3Error
-from .generation import GenerationResponse, Options, generate_ids, image_runs, own_stream, prepare_prompt
+from ..model.cache import load_prompt_cache, save_prompt_cache
+from ..errors import Gemma3Error
+from .stream import GenerationResponse, Options, generate_ids, image_runs, own_stream, prepare_prompt
 
 CACHE_OPTIONS = ("kv_bits", "kv_group_size", "max_kv_size")
 

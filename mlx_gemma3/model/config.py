@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Gemma3Error
+from ..errors import Gemma3Error
 
 TEXT_MODEL_TYPES = ("gemma3_text",)
 MULTIMODAL_MODEL_TYPES = ("gemma3",)

@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import Gemma3Error
+from ..errors import Gemma3Error
 
 STYLES = ("python", "json")
 FENCE = re.compile(r"```[ \t]*([A-Za-z_]*)[ \t]*\n?(.*?)```", re.DOTALL)

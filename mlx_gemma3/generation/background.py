@@ -7,7 +7,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .generation import stream_generate
+from .stream import stream_generate
 
 
 class BackgroundGeneration:

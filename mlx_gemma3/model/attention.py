@@ -1,17 +1,10 @@
-"""What depends on the device MLX computes on: the compute dtype and the attention path."""
+"""Scaled dot-product attention: MLX's fused kernel, or a composed path that is faster on the CPU."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-
-def on_cpu() -> bool:
-    return mx.default_device().type == mx.DeviceType.cpu
-
-
-def default_compute_dtype() -> mx.Dtype:
-    """float32 on the CPU (MLX's CPU kernels are slow in half precision), bfloat16 on a GPU."""
-    return mx.float32 if on_cpu() else mx.bfloat16
+from .device import on_cpu
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:

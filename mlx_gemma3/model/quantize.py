@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
-from .errors import Gemma3Error
+from ..errors import Gemma3Error
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)

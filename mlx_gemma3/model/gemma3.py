@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import ModelConfig
-from .errors import Gemma3Error
+from ..errors import Gemma3Error
 from .text import Gemma3TextLM
 from .vision import Projector, VisionTower
 

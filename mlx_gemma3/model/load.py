@@ -12,12 +12,12 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
 from .device import default_compute_dtype, on_cpu
-from .errors import Gemma3Error
-from .model import Gemma3
-from .prompt import find_chat_template
+from ..errors import Gemma3Error
+from .gemma3 import Gemma3
+from ..processing.prompt import find_chat_template
 from .quantize import apply_quantization
 from .text import Gemma3TextLM
-from .tokenizer import Tokenizer
+from ..processing.tokenizer import Tokenizer
 
 FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 TIED_HEAD_KEYS = ("lm_head.", "language_model.lm_head.")

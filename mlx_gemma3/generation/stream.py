@@ -11,11 +11,11 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .errors import Gemma3Error
-from .image import process_images
-from .prompt import prompt_ids
+from ..errors import Gemma3Error
+from ..processing.image import process_images
+from ..processing.prompt import prompt_ids
 from .sample import Sampler, logit_bias, repetition_penalty
-from .tokenizer import END_OF_TURN_ID, EOS_ID
+from ..processing.tokenizer import END_OF_TURN_ID, EOS_ID
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V]) → logits
 

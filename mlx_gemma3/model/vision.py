@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import VisionConfig
-from .device import attention
+from .attention import attention
 from .text import RMSNorm
 
 

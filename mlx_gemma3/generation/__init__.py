@@ -1,0 +1,1 @@
+"""Generation: the step loop, samplers, streaming, multi-turn chat and background generation."""

@@ -1,0 +1,1 @@
+"""The model: config, text and vision towers, attention, caches, quantization, and loading a folder."""
