@@ -31,6 +31,8 @@ sys.path.insert(0, str(HERE))
 
 from prepare import CONFIGS, converter_stats, gguf_file, prepare  # noqa: E402
 
+from mlx_gemma3.processing.tokenizer import EOS_IDS  # noqa: E402
+
 FIGURES = ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_gb", "peak_mlx_gb", "load_s")
 ENGINE_NAMES = {"ours": "mlx_gemma3", "mlx_lm": "mlx-lm", "llama_cpp": "llama.cpp", "ours:bfloat16": "mlx_gemma3 bf16 act."}
 
@@ -52,7 +54,7 @@ def measure(engine: str, model: Path, args) -> dict:
     name, _, dtype = engine.partition(":")
     cmd = [sys.executable, str(HERE / "worker.py"), "--engine", name, "--model", str(model),
            "--prompt-tokens", str(args.prompt_tokens), "--generation-tokens", str(args.generation_tokens),
-           "--prefill-step-size", str(args.prefill_step_size)]
+           "--prefill-step-size", str(args.prefill_step_size), "--suppress", ",".join(map(str, EOS_IDS))]
     if dtype:
         cmd += ["--compute-dtype", dtype]
     t0 = time.time()

@@ -21,7 +21,6 @@ import mlx.core as mx
 
 HERE = Path(__file__).resolve().parent
 CHUNK = 4096
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def formula(cfg, tokens: int, bytes_per: float) -> dict:
@@ -52,12 +51,13 @@ def measured(model, cfg, tokens: int, dtype, kv_bits: int | None) -> dict:
 def main() -> None:
     from mlx_gemma3.model.config import load_config
     from mlx_gemma3.model.load import build_model
+    from mlx_gemma3.model.quantize import DEFAULT_GROUP_SIZE, KV_BITS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a Gemma 3 folder (only its config.json is read)")
     parser.add_argument("--tokens", default="1024,2048,4096,8192,16384,32768")
     parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="also measure a quantized KV cache")
+    parser.add_argument("--kv-bits", type=int, choices=KV_BITS, help="also measure a quantized KV cache")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "kv_memory.json")
     args = parser.parse_args()
     config = load_config(args.model)
@@ -68,7 +68,8 @@ def main() -> None:
     for dtype_name, bits in variants:
         for tokens in [int(t) for t in args.tokens.split(",")]:
             # a quantized cache stores bits/8 bytes per value plus a scale and a bias (in the input dtype) per group
-            per_value = BYTES[dtype_name] if bits is None else bits / 8 + 2 * BYTES[dtype_name] / 64
+            size = getattr(mx, dtype_name).size
+            per_value = size if bits is None else bits / 8 + 2 * size / DEFAULT_GROUP_SIZE
             expect = formula(cfg, tokens, per_value)
             got = measured(model, cfg, tokens, getattr(mx, dtype_name), bits)
             rows.append({
@@ -82,7 +83,7 @@ def main() -> None:
     lines = ["| KV dtype | tokens | measured MB | formula MB | measured ÷ formula | full layers MB | sliding layers MB | sliding share | saved vs no rotating cache |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        kind = r["dtype"] if r["kv_bits"] is None else f"{r['kv_bits']}-bit (group 64)"
+        kind = r["dtype"] if r["kv_bits"] is None else f"{r['kv_bits']}-bit (group {DEFAULT_GROUP_SIZE})"
         m = r["measured"]
         lines.append(f"| {kind} | {r['tokens']} | {m['total'] / 1e6:.2f} | {r['formula']['total'] / 1e6:.2f} | {r['ratio']:.4f} | "
                      f"{m['full'] / 1e6:.2f} | {m['sliding'] / 1e6:.3f} | {100 * r['sliding_share']:.1f} % | "

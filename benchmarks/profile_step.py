@@ -265,12 +265,14 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    from mlx_gemma3.model.config import FLOAT_DTYPES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, help="mlx_gemma3 model folder (repeatable)")
     parser.add_argument("--mlx-lm-model", action="append", default=[], help="mlx-lm folder of the same weights")
     parser.add_argument("--contexts", default="64,512", help="comma list of context lengths (tokens in the cache)")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
+    parser.add_argument("--compute-dtype", choices=FLOAT_DTYPES)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "profile.json")
     args = parser.parse_args()
     dtype = getattr(mx, args.compute_dtype) if args.compute_dtype else None

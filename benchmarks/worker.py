@@ -1,13 +1,13 @@
 """One measurement in a fresh process: load a model, prefill a prompt, decode, print one JSON line.
 
     python benchmarks/worker.py --engine ours|mlx_lm|llama_cpp --model PATH --prompt-tokens 512 \
-        --generation-tokens 128 [--t0 EPOCH_SECONDS] [--compute-dtype bfloat16]
+        --generation-tokens 128 --suppress 1,106 [--t0 EPOCH_SECONDS] [--compute-dtype bfloat16]
 
 `--t0` is the parent's clock just before it started this process, so time to first token counts the
 interpreter's start, the imports and the model load. Peak memory is the process's peak resident set (what
 the OS charged, comparable across engines) and, for MLX engines, MLX's own allocator peak.
-Every engine gets the same token ids (BOS + a fixed random draw) and has EOS/<end_of_turn> suppressed,
-so each run decodes exactly --generation-tokens tokens.
+Every engine gets the same token ids (BOS + a fixed random draw) and has the --suppress ids suppressed
+(compare.py passes the EOS ids: EOS and <end_of_turn>), so each run decodes exactly --generation-tokens tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import time
 
 T_START = time.time()
 
-EOS_IDS = (1, 106)
 SUPPRESS = -1e9
 
 
@@ -67,7 +66,7 @@ def run_ours(args) -> dict:
     load_s = time.perf_counter() - tic
     ids = prompt_token_ids(args.prompt_tokens)
     stream = mlx_gemma3.stream_generate(
-        model, processor, ids, max_tokens=args.generation_tokens, logit_bias={i: SUPPRESS for i in EOS_IDS},
+        model, processor, ids, max_tokens=args.generation_tokens, logit_bias={i: SUPPRESS for i in args.suppress},
         prefill_step_size=args.prefill_step_size,
     )
     out, last = timed(stream, len(ids), args.t0)
@@ -87,7 +86,7 @@ def run_mlx_lm(args) -> dict:
     ids = prompt_token_ids(args.prompt_tokens)
     stream = mlx_lm.stream_generate(
         model, tokenizer, ids, max_tokens=args.generation_tokens,
-        logits_processors=make_logits_processors(logit_bias={i: SUPPRESS for i in EOS_IDS}),
+        logits_processors=make_logits_processors(logit_bias={i: SUPPRESS for i in args.suppress}),
         prefill_step_size=args.prefill_step_size,
     )
     out, last = timed(stream, len(ids), args.t0)
@@ -104,7 +103,7 @@ def run_llama_cpp(args) -> dict:
                 logits_all=False, verbose=False)
     load_s = time.perf_counter() - tic
     ids = prompt_token_ids(args.prompt_tokens)
-    stream = llm.generate(ids, temp=0.0, top_k=1, logits_processor=_suppress_eos, reset=True)
+    stream = llm.generate(ids, temp=0.0, top_k=1, logits_processor=suppressing(args.suppress), reset=True)
 
     def bounded():
         for n, token in enumerate(stream, start=1):
@@ -117,10 +116,18 @@ def run_llama_cpp(args) -> dict:
     return out
 
 
-def _suppress_eos(_ids, logits):
-    for i in EOS_IDS:
-        logits[i] = SUPPRESS
-    return logits
+def suppressing(ids: list[int]):
+    """A llama.cpp logits processor that keeps `ids` from being sampled."""
+
+    def process(_ids, logits):
+        logits[ids] = SUPPRESS
+        return logits
+
+    return process
+
+
+def _ids(text: str) -> list[int]:
+    return [int(i) for i in text.split(",")]
 
 
 ENGINES = {"ours": run_ours, "mlx_lm": run_mlx_lm, "llama_cpp": run_llama_cpp}
@@ -133,7 +140,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--generation-tokens", type=int, default=128)
     parser.add_argument("--prefill-step-size", type=int, default=512)
-    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--compute-dtype", help="float dtype of the activations (ours only)")
+    parser.add_argument("--suppress", type=_ids, required=True, help="comma list of token ids never sampled (the EOS ids)")
     parser.add_argument("--t0", type=float, default=T_START)
     args = parser.parse_args()
     out = ENGINES[args.engine](args)

@@ -7,6 +7,7 @@ import sys
 
 from mlx_gemma3.cli import Parser
 from mlx_gemma3.errors import Gemma3Error
+from mlx_gemma3.model.quantize import BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 from .gguf import convert_gguf
 from .hf import DTYPES, Quantization, convert_hf
@@ -26,13 +27,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize linear and embedding layers")
-    parser.add_argument("--q-bits", type=int, default=4, help="bits per weight: 4 (default) or 8")
-    parser.add_argument("--q-group-size", type=int, default=64, help="weights per scale: 32, 64 (default) or 128")
+    # bits, group size and recipe are checked by quantization_plan, whose error names the accepted values
+    parser.add_argument("--q-bits", type=int, default=DEFAULT_BITS, help=f"bits per weight: {_listed(BITS, DEFAULT_BITS)}")
+    parser.add_argument(
+        "--q-group-size", type=int, default=DEFAULT_GROUP_SIZE,
+        help=f"weights per scale: {_listed(GROUP_SIZES, DEFAULT_GROUP_SIZE)}",
+    )
     parser.add_argument(
         "--quant-recipe", default="uniform",
         help="uniform (default): every layer at --q-bits; mixed: embedding/head, attention V and MLP down at 8 bits",
     )
     return parser.parse_args(argv)
+
+
+def _listed(values: tuple[int, ...], default: int) -> str:
+    """'32, 64 (default) or 128'."""
+    named = [f"{v} (default)" if v == default else str(v) for v in values]
+    return ", ".join(named[:-1]) + " or " + named[-1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,10 +8,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_gemma3.model.config import FULL, SLIDING, parse_config
+from mlx_gemma3.model.config import DEFAULT_SLIDING_PATTERN, FULL, SLIDING, layer_types_for_pattern, parse_config
 from mlx_gemma3.errors import Gemma3Error
 from mlx_gemma3.model.load import build_model, check_shapes
 from mlx_gemma3.model.quantize import NEVER_QUANTIZED, QuantSpec, quantization_json
+from mlx_gemma3.processing.tokenizer import EOS_IDS
 
 from .hf import DTYPES, Quantization, converted, converted_shape, report_size, text_config_json
 from .output import ShardWriter, output_folder
@@ -58,7 +59,6 @@ VISION_NAMES = {
 # Stored as Gemma's (1 + w): the text norms, and in an mmproj file only the projector's RMSNorm.
 SHIFTED_NORMS = ("norm.weight", "mm_soft_emb_norm.weight")
 SLIDING_ROPE_BASE = 10_000.0  # not stored in GGUF files
-SLIDING_PATTERN = 6  # five sliding layers, then one full layer
 LOSSLESS = {"Q4_0": 4, "Q8_0": 8, "Q4_K": 4}  # GGML type → MLX bits (group 32)
 
 
@@ -116,14 +116,14 @@ def config_from_metadata(reader, where: str, dtype: str) -> dict:
         "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
         "sliding_window": get("attention.sliding_window"),
         "max_position_embeddings": get("context_length"),
-        "layer_types": [FULL if (i + 1) % SLIDING_PATTERN == 0 else SLIDING for i in range(layers)],
+        "layer_types": list(layer_types_for_pattern(DEFAULT_SLIDING_PATTERN, layers)),  # not stored in GGUF files
         "rope_parameters": {FULL: _rope(reader, where), SLIDING: {"rope_type": "default", "rope_theta": SLIDING_ROPE_BASE}},
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
-        "eos_token_id": [1, 106],
+        "eos_token_id": list(EOS_IDS),
         "dtype": dtype,
     }
     config = parse_config(raw, where)
-    return text_config_json(config.text, {"eos_token_id": [1, 106]}, dtype)
+    return text_config_json(config.text, {"eos_token_id": list(EOS_IDS)}, dtype)
 
 
 def _rope(reader, where: str) -> dict:

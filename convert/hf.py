@@ -13,10 +13,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from safetensors import safe_open
 
-from mlx_gemma3.model.config import FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
+from mlx_gemma3.model.config import FLOAT_DTYPES, FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
 from mlx_gemma3.errors import Gemma3Error
 from mlx_gemma3.model.load import build_model, check_shapes, weight_files
-from mlx_gemma3.model.quantize import quantization_json, quantization_plan
+from mlx_gemma3.model.quantize import DEFAULT_BITS, DEFAULT_GROUP_SIZE, quantization_json, quantization_plan
 
 from .output import ShardWriter, output_folder
 from .progress import Progress
@@ -45,7 +45,7 @@ TOKENIZER_FILES = (
     "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
     "preprocessor_config.json", "processor_config.json",
 )
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DTYPES = {name: getattr(mx, name) for name in FLOAT_DTYPES}
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1}
 
@@ -152,8 +152,8 @@ def _sliding_pattern(layer_types: tuple[str, ...]) -> int | None:
 class Quantization:
     """What -q asks for: default bits and group size, and the recipe that picks per-layer exceptions."""
 
-    bits: int = 4
-    group_size: int = 64
+    bits: int = DEFAULT_BITS
+    group_size: int = DEFAULT_GROUP_SIZE
     recipe: str = "uniform"
 
 

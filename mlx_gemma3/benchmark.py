@@ -12,10 +12,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .cli import Parser, model_folder, run
+from .cli import Parser, add_kv_cache_flags, model_folder, run
 from .errors import Gemma3Error
 from .generation.stream import eos_ids, stream_generate
+from .model.config import FLOAT_DTYPES
+from .model.device import FLOAT_TYPES
 from .model.load import load
+from .model.quantize import DEFAULT_GROUP_SIZE
 
 FIGURES = ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb", "kv_cache_bytes")
 SUPPRESS = -1e9  # logit bias that keeps EOS out, so every run decodes exactly --generation-tokens
@@ -37,10 +40,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--generation-tokens", type=int, default=128, help="tokens to decode (default 128)")
     parser.add_argument("--runs", type=int, default=3, help="measured runs; medians are reported (default 3)")
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
-    parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache to 4 or 8 bits")
-    parser.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128), help="KV quantization group")
+    add_kv_cache_flags(parser)
     parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"),
+        "--dtype", choices=FLOAT_DTYPES,
         help="compute dtype (default: float32 on the CPU, bfloat16 on a GPU)",
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the short warm-up run")
@@ -67,7 +69,7 @@ def prompt_ids(config, count: int, seed: int = 0) -> list[int]:
 
 def measure(model, processor, ids: list[int], generation_tokens: int, **options) -> dict:
     """One run from an empty cache: prefill, time to first token, decode rate, peak memory, KV bytes."""
-    cache = model.make_cache(options.get("kv_bits"), options.get("kv_group_size", 64))
+    cache = model.make_cache(options.get("kv_bits"), options.get("kv_group_size", DEFAULT_GROUP_SIZE))
     vocab = processor.config.text.vocab_size
     bias = {i: SUPPRESS for i in eos_ids(processor) if 0 <= i < vocab}
     mx.clear_cache()
@@ -116,7 +118,7 @@ def benchmark(folder: str, args) -> dict:
     for i in range(args.runs):
         runs.append(measure(model, processor, ids, args.generation_tokens, **options))
         print(f"run {i + 1}/{args.runs}: {describe(runs[-1])}", file=sys.stderr, flush=True)
-    weight = next(v.dtype for _, v in _arrays(model.parameters()) if v.dtype in (mx.float32, mx.bfloat16, mx.float16))
+    weight = next(v.dtype for _, v in _arrays(model.parameters()) if v.dtype in FLOAT_TYPES)
     return {
         "model": folder,
         "device": str(mx.default_device()),

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import Gemma3Error
+from .model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,9 +38,17 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, help="penalise tokens already seen (e.g. 1.1)")
     parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     parser.add_argument("--max-kv-size", type=int, help="bound every layer's cache to this many tokens")
-    parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache to 4 or 8 bits")
-    parser.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128), help="KV quantization group")
+    add_kv_cache_flags(parser)
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
+
+
+def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
+    bits = " or ".join(map(str, KV_BITS))
+    parser.add_argument("--kv-bits", type=int, choices=KV_BITS, help=f"quantize the KV cache to {bits} bits")
+    parser.add_argument(
+        "--kv-group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
+        help=f"KV quantization group (default {DEFAULT_GROUP_SIZE})",
+    )
 
 
 def sampling_options(args: argparse.Namespace) -> dict:

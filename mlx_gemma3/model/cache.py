@@ -9,10 +9,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import Gemma3Error
+from .quantize import KV_BITS
 
 REWIND = 16  # tokens a sliding cache keeps beyond its window so trim() works after the ring has wrapped
 STEP = 256  # full caches grow by this many slots at a time
-KV_BITS = (4, 8)
 PROMPT_CACHE_FORMAT = "mlx_gemma3.prompt_cache/1"
 
 

@@ -12,6 +12,7 @@ from ..errors import Gemma3Error
 TEXT_MODEL_TYPES = ("gemma3_text",)
 MULTIMODAL_MODEL_TYPES = ("gemma3",)
 FULL, SLIDING = "full_attention", "sliding_attention"
+DEFAULT_SLIDING_PATTERN = 6  # five sliding layers, then one full layer
 
 # Gemma3TextConfig's class defaults: a multimodal config's `text_config` omits any key equal to these.
 TEXT_DEFAULTS = {
@@ -26,7 +27,7 @@ TEXT_DEFAULTS = {
     "rms_norm_eps": 1e-6,
     "query_pre_attn_scalar": 256,
     "sliding_window": 4096,
-    "sliding_window_pattern": 6,
+    "sliding_window_pattern": DEFAULT_SLIDING_PATTERN,
     "rope_theta": 1_000_000.0,
     "rope_local_base_freq": 10_000.0,
     "final_logit_softcapping": None,
@@ -50,7 +51,7 @@ IMAGE_TOKEN_DEFAULTS["eoi_token_index"] = 256_000
 # A standalone `gemma3_text` config.json must name the shape of the network itself.
 REQUIRED_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the float dtypes weights and computations may use
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,12 @@ def _layer_types(raw: dict, num_layers: int, where: str) -> tuple[str, ...]:
                 f"{where}: layer_types must list {num_layers} entries of {FULL!r} or {SLIDING!r}"
             )
         return tuple(types)
-    pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", 6))
+    pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", DEFAULT_SLIDING_PATTERN))
+    return layer_types_for_pattern(pattern, num_layers)
+
+
+def layer_types_for_pattern(pattern: int, num_layers: int) -> tuple[str, ...]:
+    """Legacy `sliding_window_pattern`: every pattern-th layer is full, the others sliding."""
     return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers))
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .config import FLOAT_DTYPES
+
+FLOAT_TYPES = tuple(getattr(mx, name) for name in FLOAT_DTYPES)  # the same dtypes as MLX types
+
 
 def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu

@@ -11,7 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
-from .device import default_compute_dtype, on_cpu
+from .device import FLOAT_TYPES, default_compute_dtype, on_cpu
 from ..errors import Gemma3Error
 from .gemma3 import Gemma3
 from ..processing.prompt import find_chat_template
@@ -19,7 +19,6 @@ from .quantize import apply_quantization
 from .text import Gemma3TextLM
 from ..processing.tokenizer import Tokenizer
 
-FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 TIED_HEAD_KEYS = ("lm_head.", "language_model.lm_head.")
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 

@@ -8,8 +8,10 @@ import mlx.nn as nn
 
 from ..errors import Gemma3Error
 
-BITS = (4, 8)
-GROUP_SIZES = (32, 64, 128)
+BITS = (4, 8)  # weight bit widths
+GROUP_SIZES = (32, 64, 128)  # values per scale and bias
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64
+KV_BITS = BITS  # the KV cache quantizes with the same mx.quantize widths and groups
 RECIPES = ("uniform", "mixed")
 # The "mixed" recipe keeps these at 8 bits: the embedding (also the output head) and the layers whose
 # errors reach the residual stream unnormalised.

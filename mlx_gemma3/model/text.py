@@ -8,6 +8,7 @@ import mlx.nn as nn
 from .cache import attention_mask, make_cache
 from .config import ModelConfig, TextConfig
 from .attention import attention
+from .quantize import DEFAULT_GROUP_SIZE
 
 FLOAT16_MAX = 65504.0
 
@@ -145,7 +146,7 @@ class Gemma3TextLM(nn.Module):
         cap = self.config.text.final_logit_softcapping
         return out if cap is None else mx.tanh(out / cap) * cap
 
-    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64, max_kv_size: int | None = None) -> list:
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = DEFAULT_GROUP_SIZE, max_kv_size: int | None = None) -> list:
         """One cache per layer; `max_kv_size` also bounds full layers to a rotating window (as mlx-lm does)."""
         return make_cache(self.model.layers, self.config.text.sliding_window, kv_bits, kv_group_size, max_kv_size)
 

@@ -13,6 +13,7 @@ from ..errors import Gemma3Error
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 START_OF_TURN_ID, END_OF_TURN_ID = 105, 106
+EOS_IDS = (EOS_ID, END_OF_TURN_ID)  # an instruction-tuned Gemma 3 ends its turn with either
 # Gemma 3 appends this one after the 262144 SentencePiece pieces; it is not in tokenizer.model.
 IMAGE_SOFT_TOKEN = "<image_soft_token>"
 
