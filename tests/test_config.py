@@ -97,3 +97,52 @@ def test_bad_configs_are_one_clear_error(raw, message):
     with pytest.raises(Gemma3Error) as info:
         parse_config(raw)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+BAD_LAYER_PATTERNS = {
+    "pattern_zero": ({"sliding_window_pattern": 0}, "sliding_window_pattern must be a positive integer"),
+    "pattern_negative": ({"sliding_window_pattern": -6}, "sliding_window_pattern must be a positive integer"),
+    "pattern_not_a_number": ({"sliding_window_pattern": "6"}, "sliding_window_pattern must be a positive integer"),
+    "private_pattern_zero": ({"_sliding_window_pattern": 0}, "_sliding_window_pattern must be a positive integer"),
+    "layer_types_too_short": ({"layer_types": ["sliding_attention"] * 61}, "layer_types must list 62 entries"),
+    "layer_types_unknown": (
+        {"layer_types": ["sliding_attention"] * 61 + ["chunked_attention"]}, "unknown entry 'chunked_attention'"
+    ),
+    "layer_types_not_a_list": ({"layer_types": "sliding_attention"}, "layer_types must list 62 entries"),
+}
+
+
+def write_config(folder, raw: dict):
+    import json
+
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+def bad_pattern_config(case: str) -> dict:
+    raw = {k: v for k, v in HUB_27B_TEXT.items() if k != "sliding_window_pattern"}
+    return {**raw, **BAD_LAYER_PATTERNS[case][0]}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LAYER_PATTERNS))
+def test_bad_layer_pattern_is_one_clear_error(tmp_path, case):
+    from mlx_gemma3.model.config import load_config
+
+    folder = write_config(tmp_path / "model", bad_pattern_config(case))
+    with pytest.raises(Gemma3Error) as info:
+        load_config(folder)
+    message = str(info.value)
+    assert BAD_LAYER_PATTERNS[case][1] in message and str(folder / "config.json") in message
+    assert "fix it or remove the key" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("case", ["pattern_zero", "layer_types_unknown"])
+def test_bad_layer_pattern_through_the_generate_cli(tmp_path, case):
+    from conftest import run_cli
+
+    folder = write_config(tmp_path / "model", bad_pattern_config(case))
+    result = run_cli("mlx_gemma3.generate", "--model", str(folder), "--prompt", "hi")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and BAD_LAYER_PATTERNS[case][1] in lines[0]

@@ -257,13 +257,27 @@ def _getter(raw: dict, where: str):
 def _layer_types(raw: dict, num_layers: int, where: str) -> tuple[str, ...]:
     types = raw.get("layer_types")
     if types is not None:
-        if len(types) != num_layers or any(t not in (FULL, SLIDING) for t in types):
-            raise Gemma3Error(
-                f"{where}: layer_types must list {num_layers} entries of {FULL!r} or {SLIDING!r}"
-            )
+        _check_layer_types(types, num_layers, where)
         return tuple(types)
-    pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", DEFAULT_SLIDING_PATTERN))
+    key = "sliding_window_pattern" if "sliding_window_pattern" in raw else "_sliding_window_pattern"
+    pattern = raw.get(key, DEFAULT_SLIDING_PATTERN)
+    if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern < 1:
+        raise Gemma3Error(
+            f"{where}: {key} must be a positive integer (every n-th layer uses full attention; "
+            f"Gemma 3 uses {DEFAULT_SLIDING_PATTERN}), got {pattern!r}: fix it or remove the key"
+        )
     return layer_types_for_pattern(pattern, num_layers)
+
+
+def _check_layer_types(types, num_layers: int, where: str) -> None:
+    expected = f"{where}: layer_types must list {num_layers} entries of {FULL!r} or {SLIDING!r} (one per layer)"
+    if not isinstance(types, list):
+        raise Gemma3Error(f"{expected}, got {type(types).__name__} {types!r}: fix it or remove the key")
+    if len(types) != num_layers:
+        raise Gemma3Error(f"{expected}, got {len(types)}: fix it or remove the key")
+    unknown = [t for t in types if t not in (FULL, SLIDING)]
+    if unknown:
+        raise Gemma3Error(f"{expected}, got unknown entry {unknown[0]!r}: fix it or remove the key")
 
 
 def layer_types_for_pattern(pattern: int, num_layers: int) -> tuple[str, ...]:
