@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def run(main: Callable[[], int]) -> int:
 
 
 DEMO_MODEL = "gemma-3-270m-q4_k_m"
+DIGEST_CHARS = 16  # hex digits of the SHA-256 in a converted GGUF's cache folder name (64 bits)
 
 
 def cache_dir() -> Path:
@@ -94,15 +96,28 @@ def cache_dir() -> Path:
 
 
 def model_folder(model: str | None) -> str:
-    """The folder to load for --model: as given; a .gguf file converted once into the cache; none given:
-    the Gemma 3 270M of the `demo` extra, converted once."""
+    """The folder to load for --model: as given; a .gguf file converted once into the cache, keyed by its
+    content (a changed file with the same name and size converts again); none given: the Gemma 3 270M of
+    the `demo` extra, converted once."""
     if model is None:
         return str(_converted_once(_demo_gguf, cache_dir() / DEMO_MODEL, "the bundled Gemma 3 270M"))
     path = Path(model)
     if path.suffix == ".gguf" and path.is_file():
-        folder = cache_dir() / f"{path.stem}-{path.stat().st_size}"
+        folder = cache_dir() / f"{path.stem}-{content_digest(path)[:DIGEST_CHARS]}"
         return str(_converted_once(lambda _: path, folder, str(path)))
     return model
+
+
+def content_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read a chunk at a time (about 1 s for a 250 MB file)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    except OSError as e:
+        raise Gemma3Error(f"cannot read {path}: {e.strerror}") from None
+    return digest.hexdigest()
 
 
 def _demo_gguf(scratch: Path) -> Path:

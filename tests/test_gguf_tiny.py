@@ -204,3 +204,35 @@ def test_bad_gguf_is_one_line_and_leaves_nothing(gguf_pair, tmp_path, case):
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert message in lines[0] and "Traceback" not in result.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def gguf_and_reference(path: Path, seed: int):
+    """A tiny text GGUF at `path` and transformers running exactly the weights GGML reads back from it."""
+    model = tiny_multimodal_model(seed=seed, image_tokens=SPM_IMAGE_TOKENS)
+    stored = write_text_gguf(path, model, path.parent)
+    model.load_state_dict({k: torch.tensor(v) for k, v in stored.items()}, strict=False)
+    return model.eval()
+
+
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch, capsys):
+    from mlx_gemma3.cli import model_folder
+
+    monkeypatch.setenv("MLX_GEMMA3_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    references = {name: gguf_and_reference(tmp_path / name / "model.gguf", seed) for name, seed in (("a", 11), ("b", 12))}
+    first, second = (tmp_path / name / "model.gguf" for name in "ab")
+    assert first.stat().st_size == second.stat().st_size and first.read_bytes() != second.read_bytes()
+    path = tmp_path / "model.gguf"
+    path.write_bytes(first.read_bytes())
+    folder_a = model_folder(str(path))
+    path.write_bytes(second.read_bytes())  # the same name and size, other weights
+    folder_b = model_folder(str(path))
+    assert folder_a != folder_b and capsys.readouterr().err.count("converting") == 2
+    ids = random_ids(20)
+    for name, folder in (("a", folder_a), ("b", folder_b)):
+        model, _ = mlx_gemma3.load(folder)
+        with torch.no_grad():
+            expected = references[name](input_ids=torch.tensor(ids)).logits.float().numpy()
+        assert np.abs(np.array(model(mx.array(ids))) - expected).max() <= 1e-4, name
+    assert model_folder(str(path)) == folder_b and model_folder(str(first)) == folder_a  # a copy reuses it
+    assert "converting" not in capsys.readouterr().err
