@@ -54,3 +54,40 @@ def test_half_precision_weights_keep_row_major(hf_text, tmp_path):
     model, _ = mlx_gemma3.load(convert(hf_text[0], tmp_path / "mlx"), compute_dtype=mx.bfloat16)
     for path, w in _matmul_weights(model).items():
         assert memoryview(w).strides == (2 * w.shape[1], 2), path
+
+
+@pytest.fixture(scope="module")
+def multimodal_folder(tmp_path_factory):
+    from conftest import TINY_IMAGE_TOKENS, tiny_multimodal_model
+
+    folder = tmp_path_factory.mktemp("multimodal")
+    tiny_multimodal_model(seed=5, image_tokens=TINY_IMAGE_TOKENS).save_pretrained(folder / "hf")
+    return convert(folder / "hf", folder / "mlx")
+
+
+def test_load_for_training_saves_the_folders_own_tensors(multimodal_folder, tmp_path):
+    stored = load_file(multimodal_folder / "model.safetensors")
+    assert any(k.startswith("vision_tower.") for k in stored)
+    with mx.stream(mx.cpu):  # where the inference load would lay weights out column-major
+        model, _ = mlx_gemma3.load(multimodal_folder, for_training=True)
+    assert not model.vision_deferred
+    for path, w in _matmul_weights(model).items():
+        assert memoryview(w).strides == (4 * w.shape[1], 4), path
+    model.save_weights(str(tmp_path / "saved.safetensors"))
+    saved = load_file(tmp_path / "saved.safetensors")
+    assert sorted(saved) == sorted(stored)
+    for key, value in stored.items():
+        np.testing.assert_array_equal(saved[key], value, err_msg=key)
+
+
+def test_default_load_still_defers_the_vision_tower(multimodal_folder):
+    model, _ = mlx_gemma3.load(multimodal_folder)
+    assert model.vision_deferred
+    model, _ = mlx_gemma3.load(multimodal_folder, lazy_vision=False)
+    assert not model.vision_deferred
+
+
+@pytest.mark.parametrize("path", [None, 3, b"folder"])
+def test_load_bad_path_type(path):
+    with pytest.raises(mlx_gemma3.Gemma3Error, match="needs a model folder path"):
+        mlx_gemma3.load(path)

@@ -31,6 +31,11 @@ class Gemma3(nn.Module):
         """Read the vision weights with `loader()` when the first image is encoded (in whichever thread)."""
         self._vision_loader = loader
 
+    @property
+    def vision_deferred(self) -> bool:
+        """Whether the vision tower still holds placeholders, its weights to be read when the first image comes."""
+        return self._vision_loader is not None
+
     def _load_vision(self) -> None:
         with self._vision_lock:
             if self._vision_loader is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,24 +33,43 @@ class Processor:
     chat_template: str | None = None
 
 
-def load(path: str | Path, compute_dtype: mx.Dtype | None = None):
-    """Load an MLX Gemma 3 folder; returns (model, processor)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise Gemma3Error(f"model folder {folder} does not exist: pass a folder written by mlx_gemma3.convert")
+def load(
+    path: str | Path, compute_dtype: mx.Dtype | None = None, lazy_vision: bool = True, for_training: bool = False
+):
+    """Load an MLX Gemma 3 folder; returns (model, processor).
+
+    `lazy_vision`: a multimodal model reads its vision tower when the first image comes; until then its
+    parameters are placeholders. `for_training`: plain parameters to train or `save_weights`: both towers
+    read now and every array row-major (no CPU column-major layout); floats still in `compute_dtype`."""
+    folder = model_path(path)
     config = load_config(folder)
     model = build_model(config)
     dtype = compute_dtype or default_compute_dtype()
-    weights = model_weights(folder, config, dtype, column_major_keys(model, dtype))
+    column_major = set() if for_training else column_major_keys(model, dtype)
+    weights = model_weights(folder, config, dtype, column_major)
     quantization = config.raw.get("quantization", config.raw.get("quantization_config"))
     apply_quantization(model, quantization, weights, where=str(folder))
     check_weights(model, weights, where=str(folder))
-    if config.is_multimodal:  # the vision tower is read from disk when the first image comes
+    defer = config.is_multimodal and lazy_vision and not for_training
+    if defer:
         weights = {k: v for k, v in weights.items() if not k.startswith(VISION_PREFIXES)}
         model.defer_vision(lambda: vision_weights(model, folder, config, dtype))
-    model.load_weights(list(weights.items()), strict=not config.is_multimodal)
-    mx.eval(model.language_model.parameters() if config.is_multimodal else model.parameters())
+    model.load_weights(list(weights.items()), strict=not defer)
+    mx.eval(model.language_model.parameters() if defer else model.parameters())
     return model, Processor(Tokenizer.from_folder(folder), config, find_chat_template(folder))
+
+
+def model_path(path) -> Path:
+    """`path` as an existing folder, or one clear error."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise Gemma3Error(
+            f"load() needs a model folder path (str or Path), got {type(path).__name__}: "
+            "pass a folder written by mlx_gemma3.convert"
+        )
+    folder = Path(path)
+    if not folder.is_dir():
+        raise Gemma3Error(f"model folder {folder} does not exist: pass a folder written by mlx_gemma3.convert")
+    return folder
 
 
 def model_weights(folder: Path, config: ModelConfig, dtype: mx.Dtype, column_major: set[str] = frozenset()) -> dict[str, mx.array]:
