@@ -1,9 +1,9 @@
-"""KV-cache bytes held by mlx_gemma3's caches against GEMMA3.md §9's formula, from 1K to 32K tokens.
+"""KV-cache bytes held by mlx_gemma3's caches against the formula of docs/model.md §9, from 1K to 32K tokens.
 
     python benchmarks/kv_memory.py --model FOLDER [--tokens 1024,2048,4096,8192,16384,32768]
         [--dtypes bfloat16,float32] [--kv-bits 8] [--json results/kv_memory.json]
 
-Formula (§9): KV per token per layer = 2 · kv_heads · head_dim · bytes; full layers hold every token, sliding
+Formula: KV per token per layer = 2 · kv_heads · head_dim · bytes; full layers hold every token, sliding
 layers never more than the window W. The caches come from `model.make_cache()` and are filled synthetically
 (update_and_fetch with random keys and values in 4096-token chunks, as a chunked prefill writes them); bytes
 are the caches' own `nbytes()` (buffers actually allocated, preallocation included). Only config.json is

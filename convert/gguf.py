@@ -18,7 +18,7 @@ from .hf import DTYPES, Quantization, converted, converted_shape, report_size, t
 from .output import ShardWriter, output_folder
 from .progress import Progress
 
-# GGUF tensor name (after `blk.N.`) → checkpoint key (after `model.layers.N.`), GEMMA3.md §8.
+# GGUF tensor name (after `blk.N.`) → checkpoint key (after `model.layers.N.`), docs/formats.md §4.
 LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -35,7 +35,7 @@ LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# mmproj files (llama.cpp's clip): `v.blk.N.` names and the rest, GEMMA3.md §8.
+# mmproj files (llama.cpp's clip): `v.blk.N.` names and the rest, docs/formats.md §4.
 VISION = "vision_tower.vision_model."
 VISION_LAYER_NAMES = {
     "ln1": "layer_norm1",
@@ -94,7 +94,7 @@ def check_architecture(reader, where: str) -> None:
 
 
 def config_from_metadata(reader, where: str, dtype: str) -> dict:
-    """A gemma3_text config.json from the GGUF metadata (GEMMA3.md §8)."""
+    """A gemma3_text config.json from the GGUF metadata (docs/formats.md §4)."""
     check_architecture(reader, where)
 
     def get(key, default=None):

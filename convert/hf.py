@@ -21,7 +21,7 @@ from mlx_gemma3.model.quantize import DEFAULT_BITS, DEFAULT_GROUP_SIZE, quantiza
 from .output import ShardWriter, output_folder
 from .progress import Progress
 
-# Every layout of the text tower's keys (GEMMA3.md §7), most specific first.
+# Every layout of the text tower's keys (docs/formats.md §3), most specific first.
 TEXT_PREFIXES = (
     ("language_model.model.", "model."),
     ("model.language_model.", "model."),
@@ -29,7 +29,7 @@ TEXT_PREFIXES = (
     ("language_model.lm_head.", "lm_head."),
     ("lm_head.", "lm_head."),
 )
-# The vision tower and projector (GEMMA3.md §7), most specific first; transformers 5 drops `vision_model.`.
+# The vision tower and projector (docs/formats.md §3), most specific first; transformers 5 drops `vision_model.`.
 VISION_PREFIXES = (
     ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
     ("vision_tower.vision_model.", "vision_tower.vision_model."),

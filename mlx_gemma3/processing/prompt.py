@@ -82,7 +82,7 @@ def content_text(content) -> str:
 
 
 def gemma_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Gemma 3's chat format (GEMMA3.md §6): system folded into the first user turn, roles user/model."""
+    """Gemma 3's chat format (docs/model.md §7): system folded into the first user turn, roles user/model."""
     messages = check_messages(messages)
     prefix = ""
     if messages[0]["role"] == "system":
@@ -185,7 +185,7 @@ def expand_image_tokens(text: str, crops_per_image: list[int], tokens_per_image:
 
 
 def image_sequence(num_crops: int, tokens_per_image: int) -> str:
-    """The text one image becomes in the prompt (GEMMA3.md §6): its soft tokens between BOI and EOI,
+    """The text one image becomes in the prompt (docs/model.md §7): its soft tokens between BOI and EOI,
     and with pan & scan crops, the original's and each crop's, in Gemma3Processor's wording."""
     from .tokenizer import IMAGE_SOFT_TOKEN
 
