@@ -74,6 +74,13 @@ def tiny_multimodal_model(seed: int = 0, mm_tokens_per_image: int = 4, image_tok
     return randomize(Gemma3ForConditionalGeneration(config), seed)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of reference logits over the last axis (computed in float64)."""
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
 def reference_logits(model, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
@@ -139,9 +146,9 @@ class StepCounter:
 
 def pytest_unconfigure(config):
     """After the last test: MLX's own exit-time cleanup runs too late, so drop this thread's streams now."""
-    import mlx.core as mx
+    from mlx_gemma3.generation.streams import release_thread_streams
 
-    mx.clear_streams()
+    release_thread_streams()
 
 
 @pytest.fixture(scope="session")
