@@ -90,10 +90,10 @@ def step_times(model, cache, steps: int) -> dict:
 
 def pipelined_time(model, cache, steps: int) -> float:
     """Per-token seconds in mlx_gemma3's generation loop (greedy), starting from the filled cache."""
-    from mlx_gemma3.generation.stream import Options, generate_tokens
+    from mlx_gemma3 import generate_step
 
     stamps = []
-    for _ in generate_tokens(model, [1234], cache, Options(max_tokens=steps + 2), steps + 2):
+    for _ in generate_step(model, [1234], cache, max_tokens=steps + 2):
         stamps.append(time.perf_counter())
     gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
     return statistics.median(gaps)

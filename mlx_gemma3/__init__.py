@@ -1,9 +1,10 @@
 """mlx_gemma3: Google's Gemma 3 models on Apple Silicon through MLX."""
 
-from .generation.chat import Chat
 from .errors import Gemma3Error
+from .generation.chat import Chat
+from .generation.step import generate_step
 from .generation.stream import GenerationResponse, generate, stream_generate
 from .model.load import load
 
-__all__ = ["Chat", "Gemma3Error", "GenerationResponse", "generate", "load", "stream_generate"]
+__all__ = ["Chat", "Gemma3Error", "GenerationResponse", "generate", "generate_step", "load", "stream_generate"]
 __version__ = "0.1.0"

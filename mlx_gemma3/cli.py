@@ -63,9 +63,9 @@ def sampling_options(args: argparse.Namespace) -> dict:
 def exit_with(code: int):
     """End a command-line process. MLX's own exit-time cleanup runs too late, so the main thread drops its
     streams first (only here: afterwards this thread can run no MLX work)."""
-    import mlx.core as mx
+    from .generation.streams import release_thread_streams
 
-    mx.clear_streams()
+    release_thread_streams()
     raise SystemExit(code)
 
 

@@ -12,9 +12,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
-import torch
-
-torch.set_num_threads(1)
 
 TINY_TEXT = dict(
     vocab_size=512,
@@ -33,8 +30,18 @@ TINY_VISION = dict(
 )
 
 
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+def reference_torch():
+    """torch on one thread, imported only by the tests that build a reference (`pytest -m "not slow"` and the
+    unit tests never pay for it)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return torch
+
+
+def randomize(model, seed: int):
     """Replace transformers' init (zero norms, tiny weights) with weights that make every path matter."""
+    torch = reference_torch()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -52,7 +59,7 @@ def tiny_text_model(seed: int = 0, **overrides):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(**{**TINY_TEXT, **overrides})
-    torch.manual_seed(seed)
+    reference_torch().manual_seed(seed)
     return randomize(Gemma3ForCausalLM(config), seed)
 
 
@@ -70,11 +77,19 @@ def tiny_multimodal_model(seed: int = 0, mm_tokens_per_image: int = 4, image_tok
         mm_tokens_per_image=mm_tokens_per_image,
         **(image_tokens or {}),
     )
-    torch.manual_seed(seed)
+    reference_torch().manual_seed(seed)
     return randomize(Gemma3ForConditionalGeneration(config), seed)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of reference logits over the last axis (computed in float64)."""
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
 def reference_logits(model, ids: np.ndarray) -> np.ndarray:
+    torch = reference_torch()
     with torch.no_grad():
         return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
 
@@ -139,9 +154,9 @@ class StepCounter:
 
 def pytest_unconfigure(config):
     """After the last test: MLX's own exit-time cleanup runs too late, so drop this thread's streams now."""
-    import mlx.core as mx
+    from mlx_gemma3.generation.streams import release_thread_streams
 
-    mx.clear_streams()
+    release_thread_streams()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 import mlx_gemma3
+from conftest import log_softmax
 from mlx_gemma3.processing.prompt import prompt_ids
 
 
@@ -14,7 +15,7 @@ def reference_step_logits(reference, ids: list[int], prompt_length: int) -> np.n
     """transformers' logits at the positions that predicted each generated token."""
     with torch.no_grad():
         logits = reference(torch.tensor([ids])).logits[0].float().numpy()
-    return logits[prompt_length - 1 : len(ids) - 1]
+    return log_softmax(logits[prompt_length - 1 : len(ids) - 1])
 
 
 def forced(reply: list[int]):
@@ -42,7 +43,7 @@ def test_second_turn_equals_a_single_pass_over_the_conversation(tiny_chat_model)
     assert second[-1].prompt_tokens == len(new_turn)  # only the new turn was prefilled
     generated = [r.token for r in second]
     expected = reference_step_logits(reference, turn_two + generated, len(turn_two))
-    ours = np.stack([np.array(r.logits) for r in second])
+    ours = np.stack([np.array(r.logprobs) for r in second])
     assert np.abs(ours - expected).max() <= 1e-4
     assert generated == list(expected.argmax(-1))
 
@@ -58,7 +59,7 @@ def test_a_saved_chat_continues_identically(tiny_chat_model, tmp_path):
     assert resumed.messages == chat.messages
     ours, theirs = list(chat.stream("Second?")), list(resumed.stream("Second?"))
     assert [r.token for r in ours] == [r.token for r in theirs]
-    assert np.array_equal(np.stack([np.array(r.logits) for r in ours]), np.stack([np.array(r.logits) for r in theirs]))
+    assert np.array_equal(np.stack([np.array(r.logprobs) for r in ours]), np.stack([np.array(r.logprobs) for r in theirs]))
     assert theirs[-1].prompt_tokens == ours[-1].prompt_tokens
 
 
@@ -74,7 +75,7 @@ def test_a_stopped_reply_leaves_the_chat_usable(tiny_chat_model):
     ids = prompt_ids(processor, chat.conversation()[:-1])
     generated = [r.token for r in second]
     expected = reference_step_logits(reference, ids + generated, len(ids))
-    assert np.abs(np.stack([np.array(r.logits) for r in second]) - expected).max() <= 1e-4
+    assert np.abs(np.stack([np.array(r.logprobs) for r in second]) - expected).max() <= 1e-4
 
 
 def test_reset_and_system_start_over(tiny_chat_model):
@@ -86,3 +87,24 @@ def test_reset_and_system_start_over(tiny_chat_model):
     assert chat.messages == [] and chat.cache[0].offset == 0
     chat.send("Hi")
     assert chat.conversation()[0] == {"role": "system", "content": "Be terse."}
+
+
+def test_repetition_penalty_sees_the_whole_conversation(tiny_chat_model):
+    """The penalty of turn two covers the cached first turn too, as transformers applies it to all input ids."""
+    folder, _, reference = tiny_chat_model
+    model, processor = mlx_gemma3.load(folder)
+    chat = mlx_gemma3.Chat(model, processor, system="Answer briefly.", max_tokens=12)
+    answer = processor.tokenizer.encode("Fine, thanks.", add_bos=False) + [106]
+    chat.send("Hello there, how are you?", logits_processors=[forced(answer)])
+    second = list(chat.stream("Tell me more.", repetition_penalty=1.5))
+    turn_two = prompt_ids(processor, chat.conversation()[:-1])
+    assert second[-1].prompt_tokens < len(turn_two) // 2  # the first turn came from the cache
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([turn_two]), max_new_tokens=12, do_sample=False, repetition_penalty=1.5, output_scores=True,
+            return_dict_in_generate=True, eos_token_id=[1, 106], pad_token_id=0,
+        )
+    expected_tokens = out.sequences[0, len(turn_two) :].tolist()
+    expected = log_softmax(torch.stack(out.scores, dim=1)[0].float().numpy())
+    assert [r.token for r in second] == expected_tokens
+    assert np.abs(np.stack([np.array(r.logprobs) for r in second]) - expected).max() <= 1e-4

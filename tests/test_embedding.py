@@ -14,8 +14,9 @@ import torch
 
 import mlx_gemma3
 from conftest import StepCounter as Counter
-from conftest import random_ids, tiny_text_model
+from conftest import log_softmax, random_ids, tiny_text_model
 from mlx_gemma3.generation.background import BackgroundGeneration
+from mlx_gemma3.generation.streams import release_thread_streams
 from mlx_gemma3.processing.prompt import prompt_ids
 from mlx_gemma3.processing.tools import run_tools
 
@@ -62,8 +63,8 @@ def test_two_models_side_by_side_in_threads(tiny_chat_model, tmp_path):
     results = [None] * 4
 
     def run(i):
-        results[i] = np.stack([np.array(r.logits) for r in stream_generate(*models[i % 2], prompt, max_tokens=6)])
-        mx.clear_streams()  # a thread that ran MLX work drops its streams before it ends
+        results[i] = np.stack([np.array(r.logprobs) for r in stream_generate(*models[i % 2], prompt, max_tokens=6)])
+        release_thread_streams()  # a thread that ran MLX work drops its streams before it ends
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for thread in threads:
@@ -74,7 +75,7 @@ def test_two_models_side_by_side_in_threads(tiny_chat_model, tmp_path):
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, output_logits=True,
                               return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
-        expected = torch.stack(out.logits, dim=1)[0].float().numpy()
+        expected = log_softmax(torch.stack(out.logits, dim=1)[0].float().numpy())
         assert np.abs(results[i] - expected).max() <= 1e-4 and np.abs(results[i + 2] - expected).max() <= 1e-4
     assert np.abs(results[0] - results[1]).max() > 1  # two different models
 

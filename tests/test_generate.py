@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mlx_gemma3
-from conftest import TINY_TEXT, convert, random_ids, tiny_text_model
+from conftest import TINY_TEXT, convert, log_softmax, random_ids, tiny_text_model
 from mlx_gemma3.generation.stream import generate, stream_generate
 
 WINDOW = TINY_TEXT["sliding_window"]
@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
             return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
         )
     tokens = out.sequences[0, prompt.shape[1] :].tolist()
-    logits = torch.stack(out.logits, dim=1)[0].float().numpy()
+    logits = log_softmax(torch.stack(out.logits, dim=1)[0].float().numpy())
     return model, processor, prompt[0].tolist(), tokens, logits
 
 
@@ -39,7 +39,7 @@ def test_greedy_tokens_and_logits_match_transformers(tiny, chunk):
     step = chunk or len(prompt)
     responses = list(stream_generate(model, processor, prompt, max_tokens=NEW_TOKENS, prefill_step_size=step))
     assert [r.token for r in responses] == expected_tokens
-    ours = np.stack([np.array(r.logits) for r in responses])
+    ours = np.stack([np.array(r.logprobs) for r in responses])
     assert np.abs(ours - expected_logits).max() <= 1e-4
     assert responses[-1].finish_reason == "length" and all(r.finish_reason is None for r in responses[:-1])
     assert responses[-1].generation_tokens == NEW_TOKENS and responses[-1].prompt_tokens == len(prompt)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-import mlx.core as mx
-
 from .stream import stream_generate
+from .streams import release_thread_streams
 
 
 class BackgroundGeneration:
@@ -35,7 +34,7 @@ class BackgroundGeneration:
             self.error = e
         finally:
             responses.close()
-            mx.clear_streams()  # MLX needs each thread to drop its own streams before it ends
+            release_thread_streams()  # MLX needs each thread to drop its own streams before it ends
 
     def cancel(self) -> None:
         self._cancelled.set()

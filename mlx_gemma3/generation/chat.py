@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..model.cache import load_prompt_cache, save_prompt_cache
+import mlx.core as mx
+
 from ..errors import Gemma3Error
-from .stream import GenerationResponse, Options, generate_ids, image_runs, own_stream, prepare_prompt
+from ..model.cache import load_prompt_cache, save_prompt_cache
+from .step import image_runs
+from .stream import GenerationResponse, Options, generate_ids, prepare_prompt
+from .streams import generation_stream
 
 CACHE_OPTIONS = ("kv_bits", "kv_group_size", "max_kv_size")
 
@@ -45,14 +49,14 @@ class Chat:
         user = {"role": "user", "content": content}
         opts = Options(**{**self.options, **options})
         opts.check()
-        with own_stream():
+        with mx.stream(generation_stream()):
             ids, features = prepare_prompt(self.model, self.processor, self.conversation(user), None, opts, self.encoded_images)
         reused = self._reuse(ids, features is not None)
         if features is not None:
             features = features[sum(first < reused for first, _ in self._runs(ids)) :]
         reply, tokens = [], []
         try:
-            for response in generate_ids(self.model, self.processor, ids[reused:], self.cache, opts, features):
+            for response in generate_ids(self.model, self.processor, ids[reused:], self.cache, opts, features, ids[:reused]):
                 reply.append(response.text)
                 tokens.append(response.token)
                 yield response

@@ -8,7 +8,8 @@ import mlx.core as mx
 
 
 class Sampler:
-    """Picks the next token from logits [B, V]; greedy at temp 0; owns its PRNG key, so a seed reproduces a run."""
+    """Picks the next token from log-probabilities (or logits) [B, V]; greedy at temp 0; owns its PRNG key, so a
+    seed reproduces a run."""
 
     def __init__(self, temp: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None):
         if temp < 0 or top_k < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1:

@@ -1,4 +1,4 @@
-"""Streaming generation: chunked prefill, sampling overlapped with the next step, stop on every EOS id."""
+"""stream_generate and generate: prompts and images in, text out, with stops and statistics over generate_step."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hashlib
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -14,10 +14,10 @@ import numpy as np
 from ..errors import Gemma3Error
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
-from .sample import Sampler, logit_bias, repetition_penalty
 from ..processing.tokenizer import END_OF_TURN_ID, EOS_ID
-
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V]) → logits
+from .sample import Sampler, logit_bias, repetition_penalty
+from .step import PREFILL_STEP_SIZE, LogitsProcessor, generate_step
+from .streams import generation_stream
 
 
 @dataclass
@@ -32,7 +32,7 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB
-    logits: mx.array | None = field(default=None, repr=False)  # this step's raw logits [V]
+    logprobs: mx.array | None = field(default=None, repr=False)  # log-softmax of this step's processed logits [V]
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Options:
     repetition_penalty: float | None = None
     logit_bias: dict[int, float] | None = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
-    prefill_step_size: int = 512
+    prefill_step_size: int = PREFILL_STEP_SIZE
     kv_bits: int | None = None
     kv_group_size: int = 64
     max_kv_size: int | None = None
@@ -67,8 +67,16 @@ class Options:
         except ValueError as e:
             raise Gemma3Error(f"bad sampling option: {e}") from None
 
-    def needs_history(self) -> bool:
-        return bool(self.logits_processors) or self.repetition_penalty is not None
+    def processors(self) -> list[LogitsProcessor]:
+        """The caller's logits processors, then the repetition penalty and the logit bias."""
+        processors = list(self.logits_processors)
+        if self.repetition_penalty is not None:
+            penalty = self.repetition_penalty
+            processors.append(lambda seen, logits: repetition_penalty(logits, seen[None], penalty))
+        if self.logit_bias:
+            bias = self.logit_bias
+            processors.append(lambda seen, logits: logit_bias(logits, bias))
+        return processors
 
     def sampler(self) -> Sampler:
         return Sampler(self.temp, self.top_k, self.top_p, self.min_p, self.seed)
@@ -91,16 +99,11 @@ def stream_generate(
     Close the generator to cancel."""
     opts = Options(**options)
     opts.check()
-    with own_stream():  # MLX work off the main thread needs a stream made in that thread
+    with mx.stream(generation_stream()):
         ids, features = prepare_prompt(model, processor, prompt, images, opts, encoded_images)
     if image_features is not None:
         features = image_features
     yield from generate_ids(model, processor, ids, cache, opts, features)
-
-
-def own_stream():
-    """A fresh MLX stream on the default device, as a context: generation never shares the caller's stream."""
-    return mx.stream(mx.new_stream(mx.default_device()))
 
 
 def prepare_prompt(model, processor, prompt, images, opts: Options, encoded: dict | None = None):
@@ -137,8 +140,10 @@ def encode_images(model, pixels: np.ndarray, encoded: dict) -> mx.array:
     return mx.stack([encoded[key] for key in keys])
 
 
-def generate_ids(model, processor, ids: list[int], cache, opts: Options, features=None) -> Iterator[GenerationResponse]:
-    """Generation from token ids (and the features of their images)."""
+def generate_ids(
+    model, processor, ids: list[int], cache, opts: Options, features=None, history: list[int] = ()
+) -> Iterator[GenerationResponse]:
+    """Generation from token ids (and the features of their images); `history`: the tokens `cache` already holds."""
     cache = cache if cache is not None else model.make_cache(opts.kv_bits, opts.kv_group_size, opts.max_kv_size)
     context = model.config.text.max_position_embeddings
     start = cache[0].offset
@@ -147,21 +152,18 @@ def generate_ids(model, processor, ids: list[int], cache, opts: Options, feature
             f"the prompt is {start + len(ids)} tokens; the model's context is {context}: shorten the prompt"
         )
     max_tokens = min(opts.max_tokens, context - start - len(ids)) if opts.max_kv_size is None else opts.max_tokens
-    yield from _stream(model, processor, ids, cache, opts, max_tokens, features)
-
-
-def _stream(model, processor, ids: list[int], cache, opts: Options, max_tokens: int, features):
+    steps = generate_step(
+        model, ids, cache, sampler=opts.sampler(), logits_processors=opts.processors(),
+        prefill_step_size=opts.prefill_step_size, image_features=features, history=history, max_tokens=max_tokens,
+    )
     detokenizer = processor.tokenizer.detokenizer() if processor.tokenizer else None
-    stop = eos_ids(processor, opts.stop_ids)
-    tic = time.perf_counter()
-    steps = generate_tokens(model, ids, cache, opts, max_tokens, features)
     with closing(steps):  # close it here, in this thread, not whenever it is garbage collected
-        yield from _responses(steps, ids, detokenizer, stop, max_tokens, tic)
+        yield from _responses(steps, ids, detokenizer, eos_ids(processor, opts.stop_ids), max_tokens)
 
 
-def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: int, tic: float):
-    prompt_tps = 0.0
-    for n, (token, logits) in enumerate(steps, start=1):
+def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: int):
+    tic, prompt_tps = time.perf_counter(), 0.0
+    for n, (token, logprobs) in enumerate(steps, start=1):
         if n == 1:
             prompt_tps = len(ids) / (time.perf_counter() - tic)
             tic = time.perf_counter()
@@ -170,87 +172,9 @@ def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: i
         if finish and detokenizer is not None:
             text += detokenizer.finish()
         rate = (n - 1) / max(time.perf_counter() - tic, 1e-9) if n > 1 else 0.0
-        yield GenerationResponse(text, token, finish, len(ids), prompt_tps, n, rate, mx.get_peak_memory() / 1e9, logits)
+        yield GenerationResponse(text, token, finish, len(ids), prompt_tps, n, rate, mx.get_peak_memory() / 1e9, logprobs)
         if finish:
             return
-
-
-def generate_tokens(
-    model, ids: list[int], cache, opts: Options, max_tokens: int, features=None
-) -> Iterator[tuple[int, mx.array]]:
-    """(token, raw logits) per step on a stream of its own; step n+1 is queued before step n is handed out."""
-    sampler = opts.sampler()
-    stream = mx.new_stream(mx.default_device())
-    with mx.stream(stream):
-        try:
-            yield from _steps(model, ids, cache, opts, max_tokens, features, sampler)
-        finally:
-            mx.synchronize(stream)  # a step queued ahead must finish before anyone frees what it uses
-
-
-def _steps(model, ids: list[int], cache, opts: Options, max_tokens: int, features, sampler):
-    seen = mx.array(ids)
-    prefill(model, ids[:-1], cache, opts.prefill_step_size, features)
-
-    def step(tokens: mx.array, seen: mx.array) -> tuple[mx.array, mx.array]:
-        logits = model(tokens[None], cache=cache)[0, -1]
-        return sampler(processed(logits[None], seen, opts))[0], logits
-
-    token, logits = step(seen[-1:], seen)
-    mx.async_eval(token, logits)
-    for n in range(max_tokens):
-        if n + 1 < max_tokens:
-            if opts.needs_history():
-                seen = mx.concatenate([seen, token[None]])
-            next_token, next_logits = step(token[None], seen)
-            mx.async_eval(next_token, next_logits)
-        yield token.item(), logits
-        if n + 1 < max_tokens:
-            token, logits = next_token, next_logits
-
-
-def prefill(model, ids: list[int], cache, step: int, features=None) -> None:
-    """Feed the prompt in chunks of about `step` tokens; a chunk never splits an image."""
-    runs = image_runs(ids, model.config.vision.image_token_id) if features is not None else []
-    if features is not None and len(runs) != features.shape[0]:
-        raise Gemma3Error(f"the prompt has {len(runs)} image(s) but {features.shape[0]} were encoded")
-    start = 0
-    while start < len(ids):
-        end = min(start + step, len(ids))
-        for first, last in runs:
-            if first < end < last:
-                end = first if first > start else last
-        inside = [i for i, (first, last) in enumerate(runs) if start <= first < end]
-        chunk = mx.array(ids[start:end])[None]
-        if inside:
-            model(chunk, cache=cache, image_features=features[inside[0] : inside[-1] + 1])
-        else:
-            model(chunk, cache=cache)
-        mx.eval([c.keys for c in cache])
-        start = end
-
-
-def image_runs(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
-    """(first, one past last) position of each run of image tokens."""
-    runs, first = [], None
-    for i, token in enumerate([*ids, None]):
-        if token == image_token_id and first is None:
-            first = i
-        elif token != image_token_id and first is not None:
-            runs.append((first, i))
-            first = None
-    return runs
-
-
-def processed(logits: mx.array, seen: mx.array, opts: Options) -> mx.array:
-    """Logits after the caller's processors, the repetition penalty and the logit bias."""
-    for processor in opts.logits_processors:
-        logits = processor(seen, logits)
-    if opts.repetition_penalty is not None:
-        logits = repetition_penalty(logits, seen[None], opts.repetition_penalty)
-    if opts.logit_bias:
-        logits = logit_bias(logits, opts.logit_bias)
-    return logits
 
 
 def generate(model, processor, prompt, **options) -> str:

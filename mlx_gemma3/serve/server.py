@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import mlx.core as mx
 
 from ..errors import Gemma3Error
 from ..generation.stream import stream_generate
+from ..generation.streams import release_thread_streams
 from ..processing.tools import ToolCall, as_tool, parse_tool_calls, tool_results_text, with_tools
 
 MAX_BODY_BYTES = 20 * 2**20
@@ -57,7 +57,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def finish(self):
         super().finish()
-        mx.clear_streams()  # each request runs in its own thread; MLX needs it to drop its streams
+        release_thread_streams()  # each request runs in its own thread; MLX needs it to drop its streams
 
     def log_message(self, format, *args):  # one quiet line per request on stderr
         sys.stderr.write(f"{self.address_string()} {format % args}\n")

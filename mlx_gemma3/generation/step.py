@@ -1,0 +1,116 @@
+"""The step loop: chunked prefill, then one token per step with the next step queued while the caller works."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+
+from ..errors import Gemma3Error
+from .streams import generation_stream
+
+Sampler = Callable[[mx.array], mx.array]  # log-probabilities [1, V] → token [1]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V]) → logits [1, V]
+PREFILL_STEP_SIZE = 512
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def generate_step(
+    model,
+    prompt_ids: Sequence[int],
+    cache,
+    *,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    prefill_step_size: int = PREFILL_STEP_SIZE,
+    image_features: mx.array | None = None,
+    history: Sequence[int] = (),
+    max_tokens: int | None = None,
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token, log-probabilities [V]) per generated token, forever or for `max_tokens` steps.
+
+    `cache` (from `model.make_cache()`) holds what came before `prompt_ids`; `history` names those tokens
+    so that logits processors see the whole sequence. `logprobs` are the log-softmax of the processed
+    logits. Step n+1 is queued (`mx.async_eval`) before step n is handed out; close the generator to stop.
+    Runs on this thread's generation stream."""
+    if not prompt_ids:
+        raise Gemma3Error("generate_step needs at least one prompt token")
+    if prefill_step_size < 1:
+        raise Gemma3Error(f"prefill_step_size must be at least 1, got {prefill_step_size}")
+    stream = generation_stream()
+    with mx.stream(stream):
+        try:
+            yield from _steps(model, list(prompt_ids), cache, sampler or greedy, tuple(logits_processors),
+                              prefill_step_size, image_features, list(history), max_tokens)
+        finally:
+            mx.synchronize(stream)  # a step queued ahead must finish before anyone frees what it uses
+
+
+def _steps(model, ids, cache, sampler, processors, prefill_step_size, features, history, max_tokens):
+    prefill(model, ids[:-1], cache, prefill_step_size, features)
+    seen = mx.array(history + ids) if processors else None
+    token, logprobs = decode_one_token(model, mx.array(ids[-1:]), cache, sampler, processors, seen)
+    n = 0
+    while max_tokens is None or n < max_tokens:
+        n += 1
+        if max_tokens is None or n < max_tokens:
+            if processors:
+                seen = mx.concatenate([seen, token])
+            next_token, next_logprobs = decode_one_token(model, token, cache, sampler, processors, seen)
+        yield token.item(), logprobs[0]
+        if max_tokens is None or n < max_tokens:
+            token, logprobs = next_token, next_logprobs
+
+
+def decode_one_token(model, token: mx.array, cache, sampler: Sampler, processors, seen) -> tuple[mx.array, mx.array]:
+    """Queue one step for `token` [1]: (sampled token [1], log-probabilities [1, V]), evaluated asynchronously."""
+    logits = model(token[None], cache=cache)[:, -1]
+    for processor in processors:
+        logits = processor(seen, logits)
+    logits = logits.astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    next_token = sampler(logprobs)
+    mx.async_eval(next_token, logprobs)
+    return next_token, logprobs
+
+
+def prefill(model, ids: list[int], cache, step: int, features=None) -> None:
+    """Feed `ids` in chunks of about `step` tokens (a chunk never splits an image), evaluating each chunk's
+    keys and values before the next."""
+    runs = image_runs(ids, model.config.vision.image_token_id) if features is not None else []
+    if features is not None and len(runs) != features.shape[0]:
+        raise Gemma3Error(f"the prompt has {len(runs)} image(s) but {features.shape[0]} were encoded")
+    start = 0
+    while start < len(ids):
+        end = chunk_end(start, min(start + step, len(ids)), runs)
+        inside = [i for i, (first, _) in enumerate(runs) if start <= first < end]
+        chunk = mx.array(ids[start:end])[None]
+        if inside:
+            model(chunk, cache=cache, image_features=features[inside[0] : inside[-1] + 1])
+        else:
+            model(chunk, cache=cache)
+        mx.eval([(layer.keys, layer.values) for layer in cache])  # TODO(merge): layer.state
+        start = end
+
+
+def chunk_end(start: int, end: int, runs: list[tuple[int, int]]) -> int:
+    """`end`, moved so that the chunk start…end does not cut an image run in two."""
+    for first, last in runs:
+        if first < end < last:
+            end = first if first > start else last
+    return end
+
+
+def image_runs(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
+    """(first, one past last) position of each run of image tokens."""
+    runs, first = [], None
+    for i, token in enumerate([*ids, None]):
+        if token == image_token_id and first is None:
+            first = i
+        elif token != image_token_id and first is not None:
+            runs.append((first, i))
+            first = None
+    return runs
