@@ -12,9 +12,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import Gemma3Error
+from ..model.quantize import DEFAULT_GROUP_SIZE
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
-from ..processing.tokenizer import END_OF_TURN_ID, EOS_ID
+from ..processing.tokenizer import EOS_IDS
 from .sample import Sampler, logit_bias, repetition_penalty
 from .step import PREFILL_STEP_SIZE, LogitsProcessor, generate_step
 from .streams import generation_stream
@@ -50,7 +51,7 @@ class Options:
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     prefill_step_size: int = PREFILL_STEP_SIZE
     kv_bits: int | None = None
-    kv_group_size: int = 64
+    kv_group_size: int = DEFAULT_GROUP_SIZE
     max_kv_size: int | None = None
     system: str | None = None
     use_chat_template: bool = True
@@ -84,7 +85,7 @@ class Options:
 
 def eos_ids(processor, extra: tuple[int, ...] = ()) -> set[int]:
     """Every id that ends a reply: <eos>, <end_of_turn>, the config's and the caller's."""
-    return {EOS_ID, END_OF_TURN_ID, *processor.config.eos_token_ids, *extra}
+    return {*EOS_IDS, *processor.config.eos_token_ids, *extra}
 
 
 def stream_generate(
