@@ -399,8 +399,6 @@ class BatchCache(Cache):
         self.inner = cache_class(meta["inner"]).from_state((), inner)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if keys.shape[0] != self.batch_size:
-            raise Gemma3Error(f"a batch cache of {self.batch_size} rows was given {keys.shape[0]} sequences")
         return self.inner.update_and_fetch(keys, values)
 
     def make_mask(self, length: int, blocks: mx.array | None = None) -> mx.array:
