@@ -127,3 +127,20 @@ def test_batches_refuse_mixed_layouts_and_caches_that_hold_tokens(models):
     model(mx.array(random_ids(4)), cache=used)
     with pytest.raises(mlx_gemma3.Gemma3Error, match="empty caches"):
         batch_cache(used, [0])
+
+
+def test_a_row_that_slid_and_was_trimmed_joins_exactly(models):
+    model = models["tiny"]
+    caches, logits = [], []
+    for prompt, trimmed in zip(prompts([2 * WINDOW + 8] * 2, seed=20), (1, 10)):
+        cache = model.make_cache()
+        model(mx.array([prompt]), cache=cache)
+        assert all(layer.trim(trimmed) == trimmed for layer in cache)
+        logits.append(model(mx.array([[prompt[-trimmed]]]), cache=cache)[:, -1])
+        caches.append(cache)
+    singles = [decode(model, [layer.copy() for layer in cache], row_logits, 6)[:2] for cache, row_logits in zip(caches, logits)]
+    singles = [(tokens[0], seen[0]) for tokens, seen in singles]
+    batch = merge_caches(caches)
+    assert [layer.trimmable() for layer in batch] == [min(a.trimmable(), b.trimmable()) for a, b in zip(*caches)]
+    tokens, seen, _ = decode(model, batch, mx.concatenate(logits), 6)
+    assert_rows_match(tokens, seen, singles)
