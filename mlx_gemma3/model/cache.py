@@ -421,6 +421,10 @@ class BatchCache(Cache):
     def trim(self, n: int) -> int:
         return self.inner.trim(min(n, self.trimmable()))
 
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes + self.padding.nbytes + self.first.nbytes
+
     def rows(self) -> list[KVCache]:
         return [self.extract(row) for row in range(self.batch_size)]
 
@@ -464,12 +468,12 @@ def stacked_rows(rows: list[KVCache], slots: int) -> tuple[tuple[mx.array, ...],
         per_row = []
         for row in rows:
             parts = row.ordered()[side] if row.held() else tuple(p[:, :, :0] for p in template[side])
-            per_row.append(tuple(padded_left(p, slots) for p in parts))
+            per_row.append(tuple(with_leading_zeros(p, slots) for p in parts))
         stacked.append(tuple(mx.concatenate(list(part), axis=0) for part in zip(*per_row)))
     return stacked[0], stacked[1]
 
 
-def padded_left(part: mx.array, slots: int) -> mx.array:
+def with_leading_zeros(part: mx.array, slots: int) -> mx.array:
     pad = mx.zeros((*part.shape[:2], slots - part.shape[2], *part.shape[3:]), dtype=part.dtype)
     return mx.concatenate([pad, part], axis=2)
 
