@@ -6,7 +6,7 @@
 Formula: KV per token per layer = 2 · kv_heads · head_dim · bytes; full layers hold every token, sliding
 layers never more than the window W. The caches come from `model.make_cache()` and are filled synthetically
 (update_and_fetch with random keys and values in 4096-token chunks, as a chunked prefill writes them); bytes
-are the caches' own `nbytes()` (buffers actually allocated, preallocation included). Only config.json is
+are the caches' own `nbytes` (buffers actually allocated, preallocation included). Only config.json is
 read: no weights are loaded.
 """
 
@@ -41,10 +41,10 @@ def measured(model, cfg, tokens: int, dtype, kv_bits: int | None) -> dict:
         for layer in cache:
             k = mx.random.normal((1, cfg.num_key_value_heads, n, cfg.head_dim)).astype(dtype)
             layer.update_and_fetch(k, k)
-            mx.eval([a for part in (layer.keys, layer.values) for a in part] if kv_bits else [layer.keys, layer.values])
+            mx.eval(layer.state)
         done += n
-    full = sum(c.nbytes() for c in cache if c.kind == "full")
-    sliding = sum(c.nbytes() for c in cache if c.kind == "sliding")
+    full = sum(c.nbytes for c in cache if c.window is None)
+    sliding = sum(c.nbytes for c in cache if c.window is not None)
     return {"full": full, "sliding": sliding, "total": full + sliding, "offset": cache[0].offset}
 
 

@@ -157,7 +157,7 @@ def pieces(model, cache, dtype) -> dict:
     # attention over as many keys as each layer's cache hands attention for the next token
     fetched, masks = [], []
     for layer, c in zip(layers, cache):
-        keys, values = c.fetch() if c.kind == "full" else (c.store.decode(c.keys), c.store.decode(c.values))
+        keys, values = c.fetch() if c.window is None else (c.store.decode(c.keys), c.store.decode(c.values))
         n = c.key_positions(1)[0].size
         fetched.append((keys[:, :, :n], values[:, :, :n]))
         masks.append(c.make_mask(1))
@@ -165,8 +165,9 @@ def pieces(model, cache, dtype) -> dict:
     scale = cfg.query_pre_attn_scalar**-0.5
     out["attention"] = timed(lambda: mx.eval([
         mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=m) for (k, v), m in zip(fetched, masks)]))
-    out["attention_keys"] = {"full": fetched[[c.kind for c in cache].index("full")][0].shape[2],
-                             "sliding": fetched[[c.kind for c in cache].index("sliding")][0].shape[2]}
+    windows = [c.window for c in cache]
+    out["attention_keys"] = {"full": fetched[windows.index(None)][0].shape[2],
+                             "sliding": fetched[[w is not None for w in windows].index(True)][0].shape[2]}
     norms = [RMSNorm(hidden, cfg.rms_norm_eps) for _ in range(4 * len(layers) + 1)]
     qk_norms = [RMSNorm(hd, cfg.rms_norm_eps) for _ in range(2 * len(layers))]
     kx = mx.random.normal((1, 1, kv, hd)).astype(dtype)

@@ -86,7 +86,7 @@ def measure(model, processor, ids: list[int], generation_tokens: int, **options)
         "ttft_s": stamps[0] - tic,
         "generated": n,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
-        "kv_cache_bytes": sum(layer.nbytes() for layer in cache),
+        "kv_cache_bytes": sum(layer.nbytes for layer in cache),
     }
 
 

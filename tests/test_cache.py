@@ -8,7 +8,7 @@ import pytest
 
 import mlx_gemma3
 from conftest import TINY_TEXT, convert, random_ids, reference_logits
-from mlx_gemma3.model.cache import SlidingKVCache
+from mlx_gemma3.model.cache import KVCache, SlidingKVCache
 
 WINDOW = TINY_TEXT["sliding_window"]
 
@@ -49,7 +49,7 @@ def record_fetches(cache) -> list[tuple[str, int]]:
     """Wrap every layer cache so each call's fetched key count is recorded as (kind, keys)."""
     seen = []
     for layer_cache in cache:
-        def update(keys, values, original=layer_cache.update_and_fetch, kind=layer_cache.kind):
+        def update(keys, values, original=layer_cache.update_and_fetch, kind=type(layer_cache).__name__):
             out = original(keys, values)
             seen.append((kind, keys.shape[2], out[0].shape[2]))
             return out
@@ -68,10 +68,10 @@ def test_long_run_keeps_sliding_caches_bounded(hf_text, tmp_path):
         before = [c.held() for c in cache]
         mx.eval(model(mx.array(piece), cache=cache))
         start += piece.shape[1]
-        assert all(c.held() == held + piece.shape[1] for c, held in zip(cache, before) if c.kind == "full")
-    sliding = [(chunk, fetched) for kind, chunk, fetched in seen if kind == "sliding"]
+        assert all(c.held() == held + piece.shape[1] for c, held in zip(cache, before) if type(c) is KVCache)
+    sliding = [(chunk, fetched) for kind, chunk, fetched in seen if kind == "SlidingKVCache"]
     assert len(sliding) > 0 and all(fetched <= WINDOW + chunk + cache[0].rewind for chunk, fetched in sliding)
-    assert all(c.held() == 2000 for c in cache if c.kind == "full")
+    assert all(c.held() == 2000 for c in cache if type(c) is KVCache)
 
 
 def test_trim_after_the_ring_wrapped_then_refeed(hf_text, tmp_path):
@@ -92,7 +92,7 @@ def test_trim_refuses_more_than_the_rewind_after_wrap(hf_text, tmp_path):
     model, _ = mlx_gemma3.load(convert(hf_dir, tmp_path / "mlx"))
     cache = model.make_cache()
     model(mx.array(random_ids(3 * WINDOW)), cache=cache)
-    sliding = [c for c in cache if c.kind == "sliding"]
+    sliding = [c for c in cache if type(c) is SlidingKVCache]
     assert all(c.trimmable() == c.rewind for c in sliding)
     assert all(c.trim(100) == c.rewind for c in sliding)
 
@@ -170,3 +170,73 @@ def test_max_kv_size_bounds_full_layers(hf_text, tmp_path):
     assert all(c.held() <= 24 - 1 + c.rewind for c in cache)
     with pytest.raises(mlx_gemma3.Gemma3Error, match="max_kv_size"):
         model.make_cache(max_kv_size=0)
+
+
+def prefilled(model, ids: np.ndarray, bits: int | None) -> list:
+    cache = model.make_cache(kv_bits=bits)
+    mx.eval(model(mx.array(ids), cache=cache))
+    return cache
+
+
+def next_logits(model, cache, ids: np.ndarray) -> np.ndarray:
+    return np.array(model(mx.array(ids), cache=cache)[:, -1])
+
+
+# Every cache kind: the model's caches hold full and sliding layers; 3·W + 5 tokens make the sliding ring wrap.
+KINDS = [(None, 10), (None, 3 * WINDOW + 5), (8, 3 * WINDOW + 5), (4, 3 * WINDOW + 5)]
+
+
+@pytest.mark.parametrize("bits, length", KINDS)
+def test_a_cache_rebuilt_from_its_state_continues_like_the_original(wide_head, bits, length):
+    from mlx_gemma3.model.cache import cache_class
+
+    model, reference = wide_head
+    ids = random_ids(length + 1)
+    expected = next_logits(model, prefilled(model, ids[:, :length], bits), ids[:, length:])
+    cache = prefilled(model, ids[:, :length], bits)
+    rebuilt = [cache_class(type(c).__name__).from_state(c.state, c.meta_state) for c in cache]
+    assert [type(c) for c in rebuilt] == [type(c) for c in cache]
+    assert np.abs(next_logits(model, rebuilt, ids[:, length:]) - expected).max() <= 1e-4
+    if bits is None:
+        assert np.abs(expected - reference_logits(reference, ids)[:, -1]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("bits, length", KINDS)
+def test_a_copy_keeps_its_tokens_while_the_original_is_extended_and_trimmed(wide_head, bits, length):
+    model, reference = wide_head
+    ids = random_ids(length + 24)
+    cache = prefilled(model, ids[:, :length], bits)
+    snapshot = [c.copy() for c in cache]
+    for i in range(length, length + 24):  # one at a time, written in place: the ring overwrites the copy's slots
+        mx.eval(model(mx.array(ids[:, i : i + 1]), cache=cache))
+    assert all(c.trim(3) == 3 for c in cache)
+    held = length + 21
+    ours = next_logits(model, snapshot, ids[:, length : length + 1])
+    expected = next_logits(model, prefilled(model, ids[:, :length], bits), ids[:, length : length + 1])
+    assert np.abs(ours - expected).max() <= 1e-4
+    original = next_logits(model, cache, ids[:, held : held + 1])  # the copy's own write did not reach it
+    if bits is None:
+        references = reference_logits(reference, ids)
+        assert np.abs(ours - references[:, length]).max() <= 1e-4
+        assert np.abs(original - references[:, held]).max() <= 1e-4
+    else:
+        again = next_logits(model, prefilled(model, ids[:, :held], bits), ids[:, held : held + 1])
+        assert np.abs(original - again).max() <= 1e-4
+
+
+def test_cache_bytes_and_trimmability_follow_the_protocol(wide_head):
+    model, _ = wide_head
+    cache = prefilled(model, random_ids(3 * WINDOW), None)
+    assert all(c.nbytes == sum(a.nbytes for a in c.state) for c in cache if type(c) is SlidingKVCache)
+    assert all(c.nbytes >= sum(a.nbytes for a in c.state) > 0 for c in cache)
+    sliding = next(c for c in cache if type(c) is SlidingKVCache)
+    assert sliding.is_trimmable(sliding.rewind) and not sliding.is_trimmable(sliding.rewind + 1)
+
+
+def test_prompt_cache_files_of_the_previous_format_are_named(tmp_path):
+    from mlx_gemma3.model.cache import load_prompt_cache
+
+    path = tmp_path / "old.safetensors"
+    mx.save_safetensors(str(path), {"token_ids": mx.zeros((1,))}, metadata={"format": "mlx_gemma3.prompt_cache/1"})
+    with pytest.raises(mlx_gemma3.Gemma3Error, match="older mlx_gemma3"):
+        load_prompt_cache(path)

@@ -84,7 +84,7 @@ class Chat:
             if first < common < last:
                 common = first
         surplus = len(self.cached_ids) - common
-        if any(layer.trimmable() < surplus for layer in self.cache):
+        if not all(layer.is_trimmable(surplus) for layer in self.cache):
             self.reset_cache()
             return 0
         for layer in self.cache:
@@ -118,8 +118,8 @@ class Chat:
     def load(self, path) -> None:
         """Continue a conversation saved by `save` (with the same model)."""
         cache, ids, extra = load_prompt_cache(path)
-        expected = [layer.kind for layer in self.model.make_cache()]
-        if [layer.kind for layer in cache] != expected or "messages" not in extra:
+        expected = [type(layer) for layer in self.model.make_cache()]
+        if [type(layer) for layer in cache] != expected or "messages" not in extra:
             raise Gemma3Error(f"{path} was saved from a different model or is not a chat: it does not fit this model")
         self.cache, self.cached_ids = cache, ids
         self.messages, self.system = extra["messages"], extra.get("system")

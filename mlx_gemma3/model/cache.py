@@ -1,4 +1,5 @@
-"""KV caches: a growing cache for full-attention layers, a rotating cache for sliding layers, optionally quantized."""
+"""KV caches behind one protocol (`Cache`): growing (full layers), rotating (sliding layers), optionally quantized,
+and `BatchCache`, several sequences as left-padded rows; prompt-cache files."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import Gemma3Error
-from .quantize import KV_BITS
+from .quantize import DEFAULT_GROUP_SIZE, KV_BITS
 
 REWIND = 16  # tokens a sliding cache keeps beyond its window so trim() works after the ring has wrapped
 STEP = 256  # full caches grow by this many slots at a time
-PROMPT_CACHE_FORMAT = "mlx_gemma3.prompt_cache/1"
+PROMPT_CACHE_FORMAT = "mlx_gemma3.prompt_cache/2"
+OLD_PROMPT_CACHE_FORMATS = ("mlx_gemma3.prompt_cache/1",)
 
 
 def attention_mask(length: int, offset: int, window: int | None, start: int = 0, blocks=None) -> mx.array:
@@ -46,7 +48,7 @@ def same_image(keys: mx.array, offset: int, blocks: mx.array) -> mx.array:
 class KVStore:
     """How keys or values are held: as they come (float) or as affine-quantized groups."""
 
-    def __init__(self, bits: int | None = None, group_size: int = 64):
+    def __init__(self, bits: int | None = None, group_size: int = DEFAULT_GROUP_SIZE):
         if bits is not None and bits not in KV_BITS:
             raise Gemma3Error(f"KV cache bits must be one of {KV_BITS}, got {bits}")
         self.bits, self.group_size = bits, group_size
@@ -94,16 +96,112 @@ def joined(a: tuple[mx.array, ...], b: tuple[mx.array, ...]) -> tuple[mx.array, 
     return tuple(mx.concatenate([x, y], axis=2) for x, y in zip(a, b))
 
 
-class KVCache:
-    """Full-attention layers: keeps every key and value in buffers preallocated STEP slots at a time."""
+class Cache:
+    """The protocol every cache follows; generation, prompt-cache files and batching use only this.
 
-    kind = "full"
+    - `offset`: position of the next token: an int, or an array [B] (one per row) for a batch.
+    - `update_and_fetch(keys, values)`: store a chunk [B, KV heads, L, D]; return the keys and values its
+      queries attend to. `make_mask(length, blocks)`: the mask over exactly those keys (None: see all).
+    - `state`: the arrays, keys and values included (cheap: evaluating it after a prefill chunk costs
+      nothing more); `meta_state`: ints and strings that say how to read them (JSON-serialisable);
+      `from_state(state, meta_state)` rebuilds the cache. Both are settable.
+    - `trimmable()`: how many of the last tokens can be forgotten; `is_trimmable(n)`; `trim(n)` forgets as
+      many of the last n as it can and returns how many.
+    - `copy()`: a snapshot that later writes to either cache do not reach. `nbytes`: bytes held.
+    - `rows()`: the single-sequence caches this cache holds (itself, for one sequence).
+    """
+
     window: int | None = None
 
-    def __init__(self, bits: int | None = None, group_size: int = 64):
+    @property
+    def state(self) -> tuple[mx.array, ...]:
+        raise NotImplementedError
+
+    @state.setter
+    def state(self, arrays: tuple[mx.array, ...]) -> None:
+        raise NotImplementedError
+
+    @property
+    def meta_state(self) -> dict:
+        raise NotImplementedError
+
+    @meta_state.setter
+    def meta_state(self, meta: dict) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, state: tuple[mx.array, ...], meta_state: dict) -> Cache:
+        cache = cls.__new__(cls)
+        cache.meta_state = meta_state
+        cache.state = state
+        return cache
+
+    def copy(self) -> Cache:
+        # new array objects: MLX writes a slice in place into the object it is given, never into another one
+        return type(self).from_state(tuple(mx.array(a) for a in self.state), self.meta_state)
+
+    def trimmable(self) -> int:
+        raise NotImplementedError
+
+    def is_trimmable(self, n: int) -> bool:
+        return n <= self.trimmable()
+
+    def trim(self, n: int) -> int:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+    def make_mask(self, length: int, blocks: mx.array | None = None) -> mx.array | None:
+        raise NotImplementedError
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        raise NotImplementedError
+
+    def rows(self) -> list[Cache]:
+        return [self]
+
+
+class KVCache(Cache):
+    """Full-attention layers: keeps every key and value in buffers preallocated STEP slots at a time."""
+
+    POSITION = ("offset",)  # the meta_state entries that say where the cache stands (the rest: its layout)
+
+    def __init__(self, bits: int | None = None, group_size: int = DEFAULT_GROUP_SIZE):
         self.store = KVStore(bits, group_size)
         self.keys = self.values = None
         self.offset = 0
+
+    def layout(self) -> dict:
+        """The constructor's arguments: what caches must share to be rows of one batch."""
+        return {"bits": self.store.bits, "group_size": self.store.group_size}
+
+    def blank(self) -> KVCache:
+        """An empty cache of the same layout."""
+        return type(self)(**self.layout())
+
+    @property
+    def meta_state(self) -> dict:
+        return {**self.layout(), **{name: getattr(self, name) for name in self.POSITION}}
+
+    @meta_state.setter
+    def meta_state(self, meta: dict) -> None:
+        self.__init__(**{name: value for name, value in meta.items() if name not in self.POSITION})
+        for name in self.POSITION:
+            setattr(self, name, meta[name])
+
+    @property
+    def state(self) -> tuple[mx.array, ...]:
+        if self.keys is None:
+            return ()
+        keys, values = self.ordered()
+        return (*keys, *values)
+
+    @state.setter
+    def state(self, arrays: tuple[mx.array, ...]) -> None:
+        half = len(arrays) // 2
+        self.keys, self.values = (tuple(arrays[:half]), tuple(arrays[half:])) if arrays else (None, None)
 
     def held(self) -> int:
         """Keys attended to by the next query (the stored token count)."""
@@ -117,7 +215,6 @@ class KVCache:
         return mx.arange(0, self.offset + length), None
 
     def make_mask(self, length: int, blocks: mx.array | None = None) -> mx.array | None:
-        """The mask for the next update of `length` tokens (None when one query may see every key)."""
         keys, valid = self.key_positions(length)
         if length == 1 and blocks is None and valid is None and self.sees_all(keys.size):
             return None
@@ -147,7 +244,6 @@ class KVCache:
         return self.offset
 
     def trim(self, n: int) -> int:
-        """Forget the last n tokens (as many as possible); returns how many were forgotten."""
         n = min(n, self.trimmable())
         self.offset -= n
         return n
@@ -157,8 +253,10 @@ class KVCache:
         return sliced(self.keys, 0, self.offset), sliced(self.values, 0, self.offset)
 
     def restore(self, keys: tuple[mx.array, ...], values: tuple[mx.array, ...], offset: int) -> None:
+        """Hold `keys` and `values` (stored form, oldest first) as the last tokens before `offset`."""
         self.keys, self.values, self.offset = keys, values, offset
 
+    @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in (*(self.keys or ()), *(self.values or ())))
 
@@ -166,14 +264,21 @@ class KVCache:
 class SlidingKVCache(KVCache):
     """Sliding-window layers: a ring of window − 1 + rewind slots; a chunk call sees at most W + chunk + rewind keys."""
 
-    kind = "sliding"
+    POSITION = ("offset", "count", "idx")
 
-    def __init__(self, window: int, rewind: int = REWIND, bits: int | None = None, group_size: int = 64):
+    def __init__(self, window: int, rewind: int = REWIND, bits: int | None = None, group_size: int = DEFAULT_GROUP_SIZE):
         super().__init__(bits, group_size)
         self.window, self.rewind = window, rewind
         self.slots = window - 1 + rewind
         self.count = 0  # valid slots
         self.idx = 0  # next slot to write
+
+    def layout(self) -> dict:
+        return {"window": self.window, "rewind": self.rewind, **super().layout()}
+
+    @KVCache.state.getter
+    def state(self) -> tuple[mx.array, ...]:
+        return () if self.keys is None else (*self.keys, *self.values)  # the ring as it lies
 
     def held(self) -> int:
         return self.count
@@ -249,8 +354,141 @@ def in_order(idx: int, count: int, slots: int) -> bool:
     return (idx - count) % slots == 0
 
 
+class BatchCache(Cache):
+    """B sequences as the rows of one cache of any kind (`inner`), on a shared timeline of slots: row b is
+    left-padded by `padding[b]` slots (its token at position p lies in slot p + padding[b]) and holds keys
+    from slot `first[b]` on (later than its padding when the row had slid past its window before it joined).
+    `offset` is an array [B]: RoPE turns each row by its own positions; the mask is built per row.
+
+    Make one with `batch_cache` (empty, for left-padded prompts) or `BatchCache.merge`; take rows out with
+    `extract` / `filter`, add some with `merge`."""
+
+    def __init__(self, inner: KVCache, padding, first=None):
+        self.inner = inner
+        self.padding = mx.array(padding, dtype=mx.int32)
+        self.first = self.padding if first is None else mx.array(first, dtype=mx.int32)
+
+    @property
+    def offset(self) -> mx.array:
+        return self.inner.offset - self.padding
+
+    @property
+    def window(self) -> int | None:
+        return self.inner.window
+
+    @property
+    def batch_size(self) -> int:
+        return self.padding.size
+
+    @property
+    def state(self) -> tuple[mx.array, ...]:
+        return (*self.inner.state, self.padding, self.first)
+
+    @state.setter
+    def state(self, arrays: tuple[mx.array, ...]) -> None:
+        self.inner.state = tuple(arrays[:-2])
+        self.padding, self.first = arrays[-2:]
+
+    @property
+    def meta_state(self) -> dict:
+        return {"inner": type(self.inner).__name__, **self.inner.meta_state}
+
+    @meta_state.setter
+    def meta_state(self, meta: dict) -> None:
+        inner = {name: value for name, value in meta.items() if name != "inner"}
+        self.inner = cache_class(meta["inner"]).from_state((), inner)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return self.inner.update_and_fetch(keys, values)
+
+    def make_mask(self, length: int, blocks: mx.array | None = None) -> mx.array:
+        """[B, 1, length, K]: the inner cache's mask, less each row's padding (a padding query sees only itself)."""
+        keys, valid = self.inner.key_positions(length)
+        end = self.inner.offset
+        mask = build_mask(keys, valid, end, length, self.window, blocks)
+        itself = keys[None] == mx.arange(end, end + length)[:, None]
+        own = (keys[None, None] >= self.first[:, None, None]) | itself[None]
+        return mask & own[:, None]
+
+    def trimmable(self) -> int:
+        """The inner cache's limit, and no row may lose all its keys or, if it had slid, one its next query needs."""
+        end, limit = self.inner.offset, self.inner.trimmable()
+        for pad, first in zip(self.padding.tolist(), self.first.tolist()):
+            slid = first > pad
+            limit = min(limit, end - first - (self.window - 1 if slid else 0))
+        return max(limit, 0)
+
+    def trim(self, n: int) -> int:
+        return self.inner.trim(min(n, self.trimmable()))
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes + self.padding.nbytes + self.first.nbytes
+
+    def rows(self) -> list[KVCache]:
+        return [self.extract(row) for row in range(self.batch_size)]
+
+    def extract(self, row: int) -> KVCache:
+        """Row `row` as a single-sequence cache, its padding dropped."""
+        single = self.inner.blank()
+        end, pad, first = self.inner.offset, self.padding[row].item(), self.first[row].item()
+        kept = min(self.inner.held(), end - first)
+        if kept > 0:
+            keys, values = self.inner.ordered()
+            single.restore(row_tail(keys, row, kept), row_tail(values, row, kept), end - pad)
+        return single
+
+    def filter(self, rows: list[int]) -> BatchCache:
+        """A batch of only these rows, in this order (the padding they no longer need dropped)."""
+        return BatchCache.merge([self.extract(row) for row in rows])
+
+    @classmethod
+    def merge(cls, caches: list[Cache]) -> BatchCache:
+        """One batch of every row of `caches` (single or batch caches of one kind and layout), right-aligned."""
+        rows = [row for cache in caches for row in cache.rows()]
+        if len({(type(row), tuple(row.layout().items())) for row in rows}) != 1:
+            raise Gemma3Error("only caches of one kind and layout (window, KV bits, group size) can share a batch")
+        end, held = max(row.offset for row in rows), max(row.held() for row in rows)
+        inner = rows[0].blank()
+        if held:
+            parts = stacked_rows(rows, held)
+            inner.restore(*parts, end)
+        return cls(inner, [end - row.offset for row in rows], [end - row.held() for row in rows])
+
+
+def row_tail(buffers: tuple[mx.array, ...], row: int, length: int) -> tuple[mx.array, ...]:
+    return tuple(mx.contiguous(b[row : row + 1, :, b.shape[2] - length :]) for b in buffers)
+
+
+def stacked_rows(rows: list[KVCache], slots: int) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
+    """Every row's held keys and values (stored form) left-padded with zeros to `slots`, stacked as rows [B, …]."""
+    template = next(row for row in rows if row.held()).ordered()
+    stacked = []
+    for side in range(2):
+        per_row = []
+        for row in rows:
+            parts = row.ordered()[side] if row.held() else tuple(p[:, :, :0] for p in template[side])
+            per_row.append(tuple(with_leading_zeros(p, slots) for p in parts))
+        stacked.append(tuple(mx.concatenate(list(part), axis=0) for part in zip(*per_row)))
+    return stacked[0], stacked[1]
+
+
+def with_leading_zeros(part: mx.array, slots: int) -> mx.array:
+    pad = mx.zeros((*part.shape[:2], slots - part.shape[2], *part.shape[3:]), dtype=part.dtype)
+    return mx.concatenate([pad, part], axis=2)
+
+
+CACHE_CLASSES = {cls.__name__: cls for cls in (KVCache, SlidingKVCache, BatchCache)}
+
+
+def cache_class(name: str) -> type[Cache]:
+    if name not in CACHE_CLASSES:
+        raise Gemma3Error(f"unknown cache class {name!r} (known: {', '.join(CACHE_CLASSES)})")
+    return CACHE_CLASSES[name]
+
+
 def make_cache(
-    layers, window: int, kv_bits: int | None = None, kv_group_size: int = 64, max_kv_size: int | None = None
+    layers, window: int, kv_bits: int | None = None, kv_group_size: int = DEFAULT_GROUP_SIZE, max_kv_size: int | None = None
 ) -> list[KVCache]:
     """One cache per decoder layer: sliding layers get the rotating cache, full layers a growing one."""
     if max_kv_size is not None and max_kv_size < 1:
@@ -266,15 +504,42 @@ def make_cache(
     return [cache_for(layer) for layer in layers]
 
 
-def save_prompt_cache(path: str | Path, cache: list[KVCache], token_ids: list[int], extra: dict | None = None) -> None:
-    """Write every layer's keys and values plus the token history to one safetensors file (atomically)."""
+def left_padded(prompts: list[list[int]], pad_id: int = 0) -> tuple[mx.array, list[int]]:
+    """Prompts of different lengths as one [B, L] array, each padded on the left, and each row's padding."""
+    longest = max(len(prompt) for prompt in prompts)
+    padding = [longest - len(prompt) for prompt in prompts]
+    return mx.array([[pad_id] * pad + list(prompt) for pad, prompt in zip(padding, prompts)]), padding
+
+
+def batch_cache(cache: list[KVCache], padding: list[int]) -> list[BatchCache]:
+    """A model's empty caches (`model.make_cache(...)`) as one batch for prompts left-padded by `padding` each."""
+    if any(layer.offset for layer in cache):
+        raise Gemma3Error("batch_cache starts from empty caches: use merge_caches to batch caches that hold tokens")
+    return [BatchCache(layer, padding) for layer in cache]
+
+
+def merge_caches(caches: list[list[Cache]]) -> list[BatchCache]:
+    """Several models' worth of caches (single sequences or batches) as one batch, layer by layer."""
+    return [BatchCache.merge(list(layers)) for layers in zip(*caches)]
+
+
+def extract_cache(cache: list[BatchCache], row: int) -> list[KVCache]:
+    """Row `row` of a batch as a single sequence's caches."""
+    return [layer.extract(row) for layer in cache]
+
+
+def filter_cache(cache: list[BatchCache], rows: list[int]) -> list[BatchCache]:
+    """A batch of only `rows`."""
+    return [layer.filter(rows) for layer in cache]
+
+
+def save_prompt_cache(path: str | Path, cache: list[Cache], token_ids: list[int], extra: dict | None = None) -> None:
+    """Write every layer's state plus the token history to one safetensors file (atomically)."""
     arrays = {"token_ids": mx.array(list(token_ids) or [0], dtype=mx.int32)}
     layers = []
     for i, layer in enumerate(cache):
-        keys, values = layer.ordered() if layer.keys is not None else ((), ())
-        for name, parts in (("keys", keys), ("values", values)):
-            arrays.update({f"layers.{i}.{name}.{j}": part for j, part in enumerate(parts)})
-        layers.append(cache_description(layer))
+        arrays.update({f"layers.{i}.{j}": part for j, part in enumerate(layer.state)})
+        layers.append({"class": type(layer).__name__, "meta": layer.meta_state})
     meta = {"format": PROMPT_CACHE_FORMAT, "tokens": str(len(token_ids)), "layers": json.dumps(layers)}
     meta["extra"] = json.dumps(extra or {})
     path = Path(path)
@@ -286,35 +551,26 @@ def save_prompt_cache(path: str | Path, cache: list[KVCache], token_ids: list[in
         partial.unlink(missing_ok=True)
 
 
-def cache_description(layer: KVCache) -> dict:
-    described = {"kind": layer.kind, "offset": layer.offset, "bits": layer.store.bits}
-    described["group_size"] = layer.store.group_size
-    if isinstance(layer, SlidingKVCache):
-        described.update(window=layer.window, rewind=layer.rewind)
-    return described
-
-
-def load_prompt_cache(path: str | Path) -> tuple[list[KVCache], list[int], dict]:
+def load_prompt_cache(path: str | Path) -> tuple[list[Cache], list[int], dict]:
     """Read a file written by save_prompt_cache: (cache, token ids, extra)."""
     try:
         arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:  # MLX raises several types for a missing or damaged file
         raise Gemma3Error(f"cannot read prompt cache {path}: {e}") from None
+    if meta.get("format") in OLD_PROMPT_CACHE_FORMATS:
+        raise Gemma3Error(f"{path} was written by an older mlx_gemma3 ({meta['format']}): prefill the prompt again")
     if meta.get("format") != PROMPT_CACHE_FORMAT:
         raise Gemma3Error(f"{path} is not a prompt cache written by mlx_gemma3 (format {meta.get('format')!r})")
-    cache = [restored_layer(arrays, i, d) for i, d in enumerate(json.loads(meta["layers"]))]
+    try:
+        cache = [restored_layer(arrays, i, record) for i, record in enumerate(json.loads(meta["layers"]))]
+    except (KeyError, TypeError, ValueError) as e:
+        raise Gemma3Error(f"prompt cache {path} is damaged: {e!r}") from None
     token_ids = arrays["token_ids"].tolist()[: int(meta["tokens"])]
     return cache, token_ids, json.loads(meta.get("extra", "{}"))
 
 
-def restored_layer(arrays: dict[str, mx.array], i: int, described: dict) -> KVCache:
-    if described["kind"] == "sliding":
-        layer = SlidingKVCache(described["window"], described["rewind"], described["bits"], described["group_size"])
-    else:
-        layer = KVCache(described["bits"], described["group_size"])
-    parts = 1 if described["bits"] is None else 3
-    if f"layers.{i}.keys.0" in arrays:
-        keys = tuple(arrays[f"layers.{i}.keys.{j}"] for j in range(parts))
-        values = tuple(arrays[f"layers.{i}.values.{j}"] for j in range(parts))
-        layer.restore(keys, values, described["offset"])
-    return layer
+def restored_layer(arrays: dict[str, mx.array], i: int, record: dict) -> Cache:
+    state = []
+    while f"layers.{i}.{len(state)}" in arrays:
+        state.append(arrays[f"layers.{i}.{len(state)}"])
+    return cache_class(record["class"]).from_state(tuple(state), record["meta"])
