@@ -113,3 +113,19 @@ def test_generation_reuses_one_stream_per_thread(tiny_chat_model):
     thread.join(timeout=600)
     before, after = found["indices"]
     assert after - before <= 3
+
+
+def test_prefill_evaluates_every_cached_array(tiny, monkeypatch):
+    """Each prompt chunk leaves keys and values evaluated (values left lazy chain every chunk's inputs)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_gemma3.generation.step import prefill
+
+    model = tiny[0]
+    cache = model.make_cache()
+    real_eval, evaluated = mx.eval, []
+    monkeypatch.setattr(mx, "eval", lambda *args: evaluated.append(len(tree_flatten(args))) or real_eval(*args))
+    prefill(model, list(range(3, 43)), cache, 16)
+    monkeypatch.undo()
+    assert {len(layer.state) for layer in cache} == {2}  # keys and values
+    assert evaluated == [2 * len(cache)] * 3

@@ -92,7 +92,7 @@ def prefill(model, ids: list[int], cache, step: int, features=None) -> None:
             model(chunk, cache=cache, image_features=features[inside[0] : inside[-1] + 1])
         else:
             model(chunk, cache=cache)
-        mx.eval([(layer.keys, layer.values) for layer in cache])  # TODO(merge): layer.state
+        mx.eval([layer.state for layer in cache])
         start = end
 
 
