@@ -38,7 +38,11 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p × the top probability")
     parser.add_argument("--repetition-penalty", type=float, help="penalise tokens already seen (e.g. 1.1)")
     parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
-    parser.add_argument("--max-kv-size", type=int, help="bound every layer's cache to this many tokens")
+    parser.add_argument(
+        "--max-kv-size", type=int, metavar="N",
+        help="bound each layer's cache to N tokens (more than 4): memory stays flat, and attention then sees "
+        "only the first 4 tokens (attention sinks, which keep the model coherent) and the latest N-4",
+    )
     add_kv_cache_flags(parser)
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
 

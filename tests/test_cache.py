@@ -8,7 +8,7 @@ import pytest
 
 import mlx_gemma3
 from conftest import TINY_TEXT, convert, random_ids, reference_logits
-from mlx_gemma3.model.cache import KVCache, SlidingKVCache
+from mlx_gemma3.model.cache import SINK_TOKENS, BoundedKVCache, KVCache, SlidingKVCache
 
 WINDOW = TINY_TEXT["sliding_window"]
 
@@ -167,9 +167,64 @@ def test_max_kv_size_bounds_full_layers(hf_text, tmp_path):
     model, _ = mlx_gemma3.load(convert(hf_dir, tmp_path / "mlx"))
     cache = model.make_cache(max_kv_size=24)
     model(mx.array(random_ids(100)), cache=cache)
-    assert all(c.held() <= 24 - 1 + c.rewind for c in cache)
-    with pytest.raises(mlx_gemma3.Gemma3Error, match="max_kv_size"):
-        model.make_cache(max_kv_size=0)
+    for layer, c in zip(model.layers, cache):
+        if layer.is_sliding:  # the window (16) is already below the bound
+            assert type(c) is SlidingKVCache and c.held() <= WINDOW - 1 + c.rewind
+        else:
+            assert type(c) is BoundedKVCache and c.held() <= SINK_TOKENS + (24 - SINK_TOKENS) - 1 + c.recent.rewind
+    for bad in (0, SINK_TOKENS):
+        with pytest.raises(mlx_gemma3.Gemma3Error, match="max_kv_size"):
+            model.make_cache(max_kv_size=bad)
+
+
+def mlx_lm_step_logits(folder, ids: list[int], max_kv_size: int) -> np.ndarray:
+    """mlx-lm's Gemma 3 fed one token at a time, its full layers bounded by RotatingKVCache(max_kv_size, keep=4)."""
+    from mlx_lm.models.cache import KVCache as LmKVCache
+    from mlx_lm.models.cache import RotatingKVCache
+    from mlx_lm.utils import load_model
+
+    lm, _ = load_model(folder)
+    cache = [RotatingKVCache(max_kv_size, keep=4) if type(c) is LmKVCache else c for c in lm.make_cache()]
+    steps = [lm(mx.array([[token]]), cache=cache)[0, -1] for token in ids]
+    return np.stack([np.array(step) for step in steps])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_max_kv_size_keeps_attention_sinks_like_mlx_lm(hf_text, tmp_path, chunk):
+    """Past the bound, full layers see the first 4 tokens and the latest max_kv_size − 4, as mlx-lm's rotating
+    cache does (mlx-lm is the reference: transformers has no bounded cache)."""
+    hf_dir, _ = hf_text
+    folder = convert(hf_dir, tmp_path / "mlx")
+    model, _ = mlx_gemma3.load(folder)
+    ids = random_ids(70, seed=3)[0].tolist()
+    expected = mlx_lm_step_logits(folder, ids, 24)
+    cache = model.make_cache(max_kv_size=24)
+    step = chunk or len(ids) - 10
+    ours = [model(mx.array([ids[i : i + step]]), cache=cache)[0] for i in range(0, len(ids), step)]
+    assert np.abs(np.concatenate([np.array(o) for o in ours]) - expected).max() <= 1e-4
+    without_sinks = model.make_cache()
+    unbounded = np.array(model(mx.array([ids]), cache=without_sinks)[0])
+    assert np.abs(unbounded[30:] - expected[30:]).max() > 1e-2  # the bound is in effect
+
+
+def test_a_bounded_cache_saves_copies_and_trims(hf_text, tmp_path):
+    from mlx_gemma3.model.cache import load_prompt_cache, save_prompt_cache
+
+    hf_dir, _ = hf_text
+    folder = convert(hf_dir, tmp_path / "mlx")
+    model, _ = mlx_gemma3.load(folder)
+    ids = random_ids(45, seed=4)[0].tolist()
+    expected = mlx_lm_step_logits(folder, ids, 24)
+    cache = model.make_cache(max_kv_size=24)
+    mx.eval(model(mx.array([ids[:40]]), cache=cache))
+    copy = [c.copy() for c in cache]
+    save_prompt_cache(tmp_path / "bounded.safetensors", cache, ids[:40])
+    loaded, _, _ = load_prompt_cache(tmp_path / "bounded.safetensors")
+    assert all(c.trim(3) == 3 for c in cache)
+    mx.eval(model(mx.array([ids[37:42]]), cache=cache))  # refeed the trimmed tokens, then two more
+    for c in (copy, loaded):
+        assert np.abs(np.array(model(mx.array([ids[40:45]]), cache=c)[0]) - expected[40:45]).max() <= 1e-4
+    assert np.abs(np.array(model(mx.array([ids[42:45]]), cache=cache)[0]) - expected[42:45]).max() <= 1e-4
 
 
 def prefilled(model, ids: np.ndarray, bits: int | None) -> list:
@@ -240,3 +295,14 @@ def test_prompt_cache_files_of_the_previous_format_are_named(tmp_path):
     mx.save_safetensors(str(path), {"token_ids": mx.zeros((1,))}, metadata={"format": "mlx_gemma3.prompt_cache/1"})
     with pytest.raises(mlx_gemma3.Gemma3Error, match="older mlx_gemma3"):
         load_prompt_cache(path)
+
+
+def test_a_bounded_cache_is_refused_by_batching(hf_text, tmp_path):
+    from mlx_gemma3.model.cache import batch_cache, merge_caches
+
+    hf_dir, _ = hf_text
+    model, _ = mlx_gemma3.load(convert(hf_dir, tmp_path / "mlx"))
+    for build in (lambda: batch_cache(model.make_cache(max_kv_size=24), [0, 2]),
+                  lambda: merge_caches([model.make_cache(max_kv_size=24), model.make_cache(max_kv_size=24)])):
+        with pytest.raises(mlx_gemma3.Gemma3Error, match="bounded by max_kv_size cannot be batched"):
+            build()

@@ -14,6 +14,7 @@ from .quantize import DEFAULT_GROUP_SIZE, KV_BITS
 
 REWIND = 16  # tokens a sliding cache keeps beyond its window so trim() works after the ring has wrapped
 STEP = 256  # full caches grow by this many slots at a time
+SINK_TOKENS = 4  # first tokens a cache bounded by max_kv_size never evicts (as mlx-lm's rotating cache)
 PROMPT_CACHE_FORMAT = "mlx_gemma3.prompt_cache/2"
 OLD_PROMPT_CACHE_FORMATS = ("mlx_gemma3.prompt_cache/1",)
 
@@ -349,6 +350,88 @@ class SlidingKVCache(KVCache):
         self.offset, self.idx = offset, self.count % self.slots
 
 
+class BoundedKVCache(Cache):
+    """A layer bounded by `max_kv_size`: the first `keep` tokens (attention sinks, never evicted) and a rotating
+    window of the latest `max_size − keep`. Without the sinks a model whose first tokens slid out of reach
+    degenerates into repetition; mlx-lm's rotating cache keeps 4 for the same reason."""
+
+    def __init__(self, max_size: int, keep: int = SINK_TOKENS, bits: int | None = None,
+                 group_size: int = DEFAULT_GROUP_SIZE):
+        if max_size <= keep:
+            raise Gemma3Error(
+                f"max_kv_size must be more than {keep} (the first {keep} tokens are always kept), got {max_size}"
+            )
+        self.max_size, self.keep = max_size, keep
+        self.sinks = KVCache(bits, group_size)
+        self.recent = SlidingKVCache(max_size - keep, bits=bits, group_size=group_size)  # counts from the sinks' end
+
+    @property
+    def offset(self) -> int:
+        return self.sinks.offset + self.recent.offset
+
+    def held(self) -> int:
+        return self.sinks.offset + self.recent.held()
+
+    def layout(self) -> dict:
+        return {"max_size": self.max_size, "keep": self.keep, **self.sinks.layout()}
+
+    @property
+    def meta_state(self) -> dict:
+        meta = {**self.layout(), "sinks": self.sinks.meta_state, "recent": self.recent.meta_state}
+        return {**meta, "sink_arrays": len(self.sinks.state)}
+
+    @meta_state.setter
+    def meta_state(self, meta: dict) -> None:
+        self.__init__(**{name: meta[name] for name in ("max_size", "keep", "bits", "group_size")})
+        self.sinks.meta_state, self.recent.meta_state = meta["sinks"], meta["recent"]
+        self._sink_arrays = meta["sink_arrays"]
+
+    @property
+    def state(self) -> tuple[mx.array, ...]:
+        return (*self.sinks.state, *self.recent.state)
+
+    @state.setter
+    def state(self, arrays: tuple[mx.array, ...]) -> None:
+        split = getattr(self, "_sink_arrays", len(self.sinks.state))
+        self.sinks.state, self.recent.state = tuple(arrays[:split]), tuple(arrays[split:])
+
+    def to_sinks(self, length: int) -> int:
+        """How many of the next `length` tokens still go to the sinks."""
+        return max(0, min(self.keep - self.sinks.offset, length))
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        first = self.to_sinks(keys.shape[2])
+        if first:
+            self.sinks.update_and_fetch(keys[:, :, :first], values[:, :, :first])
+        sink_keys, sink_values = self.sinks.fetch()
+        if first == keys.shape[2]:
+            return sink_keys, sink_values
+        recent_keys, recent_values = self.recent.update_and_fetch(keys[:, :, first:], values[:, :, first:])
+        return mx.concatenate([sink_keys, recent_keys], axis=2), mx.concatenate([sink_values, recent_values], axis=2)
+
+    def make_mask(self, length: int, blocks: mx.array | None = None) -> mx.array | None:
+        """Causal over the sinks; causal and within `max_size − keep` over the rest."""
+        first = self.to_sinks(length)
+        rest = length - first
+        if length == 1 and blocks is None and rest == 1 and self.recent.make_mask(1) is None:
+            return None
+        parts = [build_mask(mx.arange(0, self.sinks.offset + first), None, self.offset, length, None, blocks)]
+        if rest:
+            keys, valid = self.recent.key_positions(rest)
+            parts.append(build_mask(keys + self.keep, valid, self.offset, length, self.recent.window, blocks))
+        return mx.concatenate(parts, axis=-1)
+
+    def trimmable(self) -> int:
+        recent = self.recent.trimmable()
+        return recent + self.sinks.offset if recent == self.recent.offset else recent
+
+    def trim(self, n: int) -> int:
+        trimmed = self.recent.trim(n)
+        if trimmed < n and self.recent.offset == 0:
+            trimmed += self.sinks.trim(n - trimmed)
+        return trimmed
+
+
 def in_order(idx: int, count: int, slots: int) -> bool:
     """Whether a ring's valid slots are 0…count−1, oldest first (it has not wrapped, or wrapped exactly)."""
     return (idx - count) % slots == 0
@@ -446,6 +529,7 @@ class BatchCache(Cache):
     def merge(cls, caches: list[Cache]) -> BatchCache:
         """One batch of every row of `caches` (single or batch caches of one kind and layout), right-aligned."""
         rows = [row for cache in caches for row in cache.rows()]
+        refuse_unbatchable(rows)
         if len({(type(row), tuple(row.layout().items())) for row in rows}) != 1:
             raise Gemma3Error("only caches of one kind and layout (window, KV bits, group size) can share a batch")
         end, held = max(row.offset for row in rows), max(row.held() for row in rows)
@@ -454,6 +538,11 @@ class BatchCache(Cache):
             parts = stacked_rows(rows, held)
             inner.restore(*parts, end)
         return cls(inner, [end - row.offset for row in rows], [end - row.held() for row in rows])
+
+
+def refuse_unbatchable(caches: list[Cache]) -> None:
+    if any(not isinstance(cache, KVCache) for cache in caches):
+        raise Gemma3Error("caches bounded by max_kv_size cannot be batched: batch without max_kv_size")
 
 
 def row_tail(buffers: tuple[mx.array, ...], row: int, length: int) -> tuple[mx.array, ...]:
@@ -478,7 +567,7 @@ def with_leading_zeros(part: mx.array, slots: int) -> mx.array:
     return mx.concatenate([pad, part], axis=2)
 
 
-CACHE_CLASSES = {cls.__name__: cls for cls in (KVCache, SlidingKVCache, BatchCache)}
+CACHE_CLASSES = {cls.__name__: cls for cls in (KVCache, SlidingKVCache, BoundedKVCache, BatchCache)}
 
 
 def cache_class(name: str) -> type[Cache]:
@@ -495,10 +584,11 @@ def make_cache(
         raise Gemma3Error(f"max_kv_size must be a positive number of tokens, got {max_kv_size}")
 
     def cache_for(layer) -> KVCache:
+        bounded = max_kv_size is not None and (not layer.is_sliding or max_kv_size < window)
+        if bounded:
+            return BoundedKVCache(max_kv_size, bits=kv_bits, group_size=kv_group_size)
         if layer.is_sliding:
-            return SlidingKVCache(min(window, max_kv_size or window), bits=kv_bits, group_size=kv_group_size)
-        if max_kv_size is not None:
-            return SlidingKVCache(max_kv_size, bits=kv_bits, group_size=kv_group_size)
+            return SlidingKVCache(window, bits=kv_bits, group_size=kv_group_size)
         return KVCache(bits=kv_bits, group_size=kv_group_size)
 
     return [cache_for(layer) for layer in layers]
@@ -513,6 +603,7 @@ def left_padded(prompts: list[list[int]], pad_id: int = 0) -> tuple[mx.array, li
 
 def batch_cache(cache: list[KVCache], padding: list[int]) -> list[BatchCache]:
     """A model's empty caches (`model.make_cache(...)`) as one batch for prompts left-padded by `padding` each."""
+    refuse_unbatchable(cache)
     if any(layer.offset for layer in cache):
         raise Gemma3Error("batch_cache starts from empty caches: use merge_caches to batch caches that hold tokens")
     return [BatchCache(layer, padding) for layer in cache]
