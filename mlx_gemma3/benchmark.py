@@ -12,7 +12,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .cli import Parser, add_kv_cache_flags, model_folder, run
+from .model.sources import model_folder
+from .cli import Parser, add_kv_cache_flags, run
 from .errors import Gemma3Error
 from .generation.stream import eos_ids, stream_generate
 from .model.config import FLOAT_DTYPES

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .cli import Parser, add_model_flags, add_sampling_flags, model_folder, run, sampling_options
+from .model.sources import model_folder
+from .cli import Parser, add_model_flags, add_sampling_flags, run, sampling_options
 from .generation.chat import Chat
 from .errors import Gemma3Error
 from .processing.image import open_image

