@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import Gemma3Error
+from .generation.step import PREFILL_STEP_SIZE
+from .processing.prompt import is_base_model
+from .processing.tokenizer import single_token_ids
 from .model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
 from .model.sources import model_folder  # noqa: F401 (the command lines' --model, re-exported)
 
@@ -18,25 +22,40 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def add_model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=required,
-        help="MLX model folder written by mlx_gemma3.convert, or a Gemma 3 .gguf file (converted once into the cache)",
+        "--model",
+        help="MLX model folder, Gemma 3 .gguf file (converted once into the cache) or Hugging Face repo id "
+        "(e.g. mlx-community/gemma-3-1b-it-4bit, needs the hub extra); default: the demo Gemma 3 270M (a base model)",
     )
-    parser.add_argument("--system", help="system prompt (folded into the first user turn, as Gemma 3 expects)")
+    parser.add_argument(
+        "--system", "--system-prompt", dest="system",
+        help="system prompt (folded into the first user turn, as Gemma 3 expects)",
+    )
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate (default 256)")
+    parser.add_argument(
+        "--max-tokens", "-m", type=int, default=256,
+        help="most tokens to generate (default 256; -1: until the reply or the context ends)",
+    )
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p × the top probability")
     parser.add_argument("--repetition-penalty", type=float, help="penalise tokens already seen (e.g. 1.1)")
     parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    parser.add_argument(
+        "--extra-eos-token", action="append", default=[], metavar="TOKEN",
+        help="also stop at this token (repeatable; each one token of the vocabulary, e.g. '<end_of_image>')",
+    )
     parser.add_argument("--max-kv-size", type=int, help="bound every layer's cache to this many tokens")
     add_kv_cache_flags(parser)
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
+    parser.add_argument(
+        "--prompt-cache-file", metavar="PATH",
+        help="keep the prompt's KV cache in this file and reuse it when a later prompt starts the same way",
+    )
 
 
 def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -48,12 +67,36 @@ def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
+def sampling_options(args: argparse.Namespace, processor) -> dict:
+    """The library options the sampling flags stand for (--extra-eos-token as token ids)."""
     names = (
         "max_tokens", "temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
         "max_kv_size", "kv_bits", "kv_group_size", "prefill_step_size",
     )
-    return {name: getattr(args, name) for name in names}
+    options = {name: getattr(args, name) for name in names}
+    options["stop_ids"] = tuple(single_token_ids(processor.tokenizer, args.extra_eos_token, "--extra-eos-token"))
+    if sys.stderr.isatty():
+        options["prefill_progress"] = show_prefill_progress
+    return options
+
+
+def show_prefill_progress(done: int, total: int) -> None:
+    """One `\r`-updated line on the terminal while a long prompt is prefilled (nothing for one-chunk prompts)."""
+    if done < total:
+        print(f"\rprefill {done}/{total} prompt tokens ({100 * done // total}%)", end="", file=sys.stderr, flush=True)
+    elif done > PREFILL_STEP_SIZE:
+        print(f"\rprefill {total}/{total} prompt tokens (100%)", file=sys.stderr, flush=True)
+
+
+def notice_base_model(processor, folder: str) -> None:
+    """One stderr line when the model is a base (pre-trained) model: see processing.prompt.is_base_model."""
+    if is_base_model(processor):
+        print(
+            f"note: {Path(folder).name} has no chat template, so it is taken for a base (pre-trained) model: it "
+            "continues text rather than follows instructions; for a chat, use an instruction-tuned model "
+            "(e.g. --model mlx-community/gemma-3-1b-it-4bit)",
+            file=sys.stderr,
+        )
 
 
 def exit_with(code: int):
