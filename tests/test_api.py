@@ -99,7 +99,7 @@ def test_a_prompt_of_the_wrong_type(tiny, prompt):
 def test_model_and_processor_must_come_from_load(tiny):
     model, processor = tiny
     for call in (
-        lambda: mlx_gemma3.generate(model, "Hi", max_tokens=5),  # the processor forgotten: "Hi" taken for it
+        lambda: mlx_gemma3.generate(model, "processor", "Hi"),
         lambda: mlx_gemma3.generate(None, None, "Hi"),
         lambda: next(mlx_gemma3.stream_generate("model-folder", processor, "Hi")),
         lambda: mlx_gemma3.Chat(model, None),
