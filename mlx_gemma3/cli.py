@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import Gemma3Error
-from .generation.step import PREFILL_STEP_SIZE
 from .processing.prompt import is_base_model
 from .processing.tokenizer import single_token_ids
 from .model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
@@ -76,16 +75,23 @@ def sampling_options(args: argparse.Namespace, processor) -> dict:
     options = {name: getattr(args, name) for name in names}
     options["stop_ids"] = tuple(single_token_ids(processor.tokenizer, args.extra_eos_token, "--extra-eos-token"))
     if sys.stderr.isatty():
-        options["prefill_progress"] = show_prefill_progress
+        options["prefill_progress"] = PrefillProgress()
     return options
 
 
-def show_prefill_progress(done: int, total: int) -> None:
-    """One `\r`-updated line on the terminal while a long prompt is prefilled (nothing for one-chunk prompts)."""
-    if done < total:
-        print(f"\rprefill {done}/{total} prompt tokens ({100 * done // total}%)", end="", file=sys.stderr, flush=True)
-    elif done > PREFILL_STEP_SIZE:
-        print(f"\rprefill {total}/{total} prompt tokens (100%)", file=sys.stderr, flush=True)
+class PrefillProgress:
+    """One `\r`-updated line on the terminal while a prompt of several chunks is prefilled (none for one chunk)."""
+
+    def __init__(self):
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if done < total:
+            self.shown = True
+            print(f"\rprefill {done}/{total} prompt tokens ({100 * done // total}%)", end="", file=sys.stderr, flush=True)
+        elif self.shown:
+            self.shown = False
+            print(f"\rprefill {total}/{total} prompt tokens (100%)", file=sys.stderr, flush=True)
 
 
 def notice_base_model(processor, folder: str) -> None:

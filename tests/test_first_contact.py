@@ -226,3 +226,13 @@ def test_convert_subcommand_runs_the_converter(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mlx_gemma3", "convert", "--hf-path", str(tmp_path / "missing"),
                              "--mlx-path", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 1 and "does not exist" in one_error_line(result)
+
+
+def test_prefill_progress_line_ends_once_and_stays_quiet_for_one_chunk(capsys):
+    from mlx_gemma3.cli import PrefillProgress
+
+    progress = PrefillProgress()
+    for done in (256, 400):
+        progress(done, 400)
+    progress(10, 10)  # a later one-chunk prompt
+    assert capsys.readouterr().err == "\rprefill 256/400 prompt tokens (64%)\rprefill 400/400 prompt tokens (100%)\n"
