@@ -1,9 +1,11 @@
-"""A tool-calling agent: Python functions become tools; the model's calls run and their results go back."""
+"""A tool-calling agent: Python functions become tools; the model's calls run and their results go back.
+
+Needs an instruction-tuned Gemma 3 (12B or 27B call tools best; e.g. --model mlx-community/gemma-3-12b-it-4bit).
+The default, the demo 270M, is a base model: it runs, but it does not call tools."""
 
 import argparse
 
 import mlx_gemma3
-from mlx_gemma3.cli import model_folder
 from mlx_gemma3.processing.tools import run_tools
 
 
@@ -35,7 +37,7 @@ def main() -> None:
     parser.add_argument("--question", default="What's the weather in Seoul, and how much is 20 EUR in KRW?")
     args = parser.parse_args()
 
-    model, processor = mlx_gemma3.load(model_folder(args.model))
+    model, processor = mlx_gemma3.load(args.model or mlx_gemma3.demo_model())
     chat = mlx_gemma3.Chat(model, processor, max_tokens=300)
     run = run_tools(chat, args.question, [get_weather, convert_currency], max_rounds=3)
     for calls, results in run.rounds:

@@ -5,6 +5,10 @@ from .generation.chat import Chat
 from .generation.step import generate_step
 from .generation.stream import GenerationResponse, generate, stream_generate
 from .model.load import load
+from .model.sources import demo_gguf, demo_model
 
-__all__ = ["Chat", "Gemma3Error", "GenerationResponse", "generate", "generate_step", "load", "stream_generate"]
+__all__ = [
+    "Chat", "Gemma3Error", "GenerationResponse", "demo_gguf", "demo_model", "generate", "generate_step", "load",
+    "stream_generate",
+]
 __version__ = "0.1.0"

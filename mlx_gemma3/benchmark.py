@@ -12,12 +12,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .cli import Parser, add_kv_cache_flags, model_folder, run
+from .cli import Parser, add_kv_cache_flags, run
 from .errors import Gemma3Error
 from .generation.stream import eos_ids, stream_generate
 from .model.config import FLOAT_DTYPES
 from .model.device import FLOAT_TYPES
 from .model.load import load
+from .model.sources import model_folder
 from .model.quantize import DEFAULT_GROUP_SIZE
 
 FIGURES = ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb", "kv_cache_bytes")

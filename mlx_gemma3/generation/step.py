@@ -11,6 +11,7 @@ from .streams import generation_stream
 
 Sampler = Callable[[mx.array], mx.array]  # log-probabilities [1, V] → token [1]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V]) → logits [1, V]
+Progress = Callable[[int, int], None]  # (prompt tokens prefilled so far, prompt tokens to prefill)
 PREFILL_STEP_SIZE = 512
 
 
@@ -29,13 +30,14 @@ def generate_step(
     image_features: mx.array | None = None,
     history: Sequence[int] = (),
     max_tokens: int | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, log-probabilities [V]) per generated token, forever or for `max_tokens` steps.
 
     `cache` (from `model.make_cache()`) holds what came before `prompt_ids`; `history` names those tokens
     so that logits processors see the whole sequence. `logprobs` are the log-softmax of the processed
     logits. Step n+1 is queued (`mx.async_eval`) before step n is handed out; close the generator to stop.
-    Runs on this thread's generation stream."""
+    `progress(done, total)` is called after each prefill chunk. Runs on this thread's generation stream."""
     if not prompt_ids:
         raise Gemma3Error("generate_step needs at least one prompt token")
     if prefill_step_size < 1:
@@ -44,13 +46,13 @@ def generate_step(
     with mx.stream(stream):
         try:
             yield from _steps(model, list(prompt_ids), cache, sampler or greedy, tuple(logits_processors),
-                              prefill_step_size, image_features, list(history), max_tokens)
+                              prefill_step_size, image_features, list(history), max_tokens, progress)
         finally:
             mx.synchronize(stream)  # a step queued ahead must finish before anyone frees what it uses
 
 
-def _steps(model, ids, cache, sampler, processors, prefill_step_size, features, history, max_tokens):
-    prefill(model, ids[:-1], cache, prefill_step_size, features)
+def _steps(model, ids, cache, sampler, processors, prefill_step_size, features, history, max_tokens, progress):
+    prefill(model, ids[:-1], cache, prefill_step_size, features, progress)
     seen = mx.array(history + ids) if processors else None
     token, logprobs = decode_one_token(model, mx.array(ids[-1:]), cache, sampler, processors, seen)
     n = 0
@@ -77,9 +79,9 @@ def decode_one_token(model, token: mx.array, cache, sampler: Sampler, processors
     return next_token, logprobs
 
 
-def prefill(model, ids: list[int], cache, step: int, features=None) -> None:
+def prefill(model, ids: list[int], cache, step: int, features=None, progress: Progress | None = None) -> None:
     """Feed `ids` in chunks of about `step` tokens (a chunk never splits an image), evaluating each chunk's
-    keys and values before the next."""
+    keys and values before the next; `progress(done, len(ids))` follows each chunk."""
     runs = image_runs(ids, model.config.vision.image_token_id) if features is not None else []
     if features is not None and len(runs) != features.shape[0]:
         raise Gemma3Error(f"the prompt has {len(runs)} image(s) but {features.shape[0]} were encoded")
@@ -94,6 +96,8 @@ def prefill(model, ids: list[int], cache, step: int, features=None) -> None:
             model(chunk, cache=cache)
         mx.eval([layer.state for layer in cache])
         start = end
+        if progress is not None:
+            progress(end, len(ids))
 
 
 def chunk_end(start: int, end: int, runs: list[tuple[int, int]]) -> int:

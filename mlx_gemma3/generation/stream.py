@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import os
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
 
 from ..errors import Gemma3Error
-from ..model.quantize import DEFAULT_GROUP_SIZE
+from ..model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
 from ..processing.tokenizer import EOS_IDS
-from .sample import Sampler, logit_bias, repetition_penalty
-from .step import PREFILL_STEP_SIZE, LogitsProcessor, generate_step
+from .prompt_file import reusable_cache, saving_when_prefilled
+from .sample import Sampler, logit_bias, repetition_penalty, sampling_problem
+from .step import PREFILL_STEP_SIZE, LogitsProcessor, Progress, generate_step
 from .streams import generation_stream
 
 
@@ -34,13 +38,14 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     logprobs: mx.array | None = field(default=None, repr=False)  # log-softmax of this step's processed logits [V]
+    reused_tokens: int = 0  # prompt tokens that were already in the cache (a chat's earlier turns, a prompt cache file)
 
 
 @dataclass
 class Options:
     """Everything stream_generate accepts besides the model, processor and prompt."""
 
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # -1 or None: until the reply or the context ends
     temp: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -50,6 +55,7 @@ class Options:
     logit_bias: dict[int, float] | None = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     prefill_step_size: int = PREFILL_STEP_SIZE
+    prefill_progress: Progress | None = None
     kv_bits: int | None = None
     kv_group_size: int = DEFAULT_GROUP_SIZE
     max_kv_size: int | None = None
@@ -57,16 +63,33 @@ class Options:
     use_chat_template: bool = True
     stop_ids: tuple[int, ...] = ()
     pan_and_scan: bool = False
+    prompt_cache_file: str | os.PathLike | None = None
+
+    @classmethod
+    def of(cls, options: dict) -> "Options":
+        """Checked options from keyword arguments; an unknown name is refused with the list of valid ones."""
+        names = [f.name for f in fields(cls)]
+        for name in options:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise Gemma3Error(f"unknown option {name!r}{hint}; valid options: {', '.join(names)}")
+        opts = cls(**options)
+        opts.check()
+        return opts
 
     def check(self) -> None:
-        if self.max_tokens < 1 or self.prefill_step_size < 1:
-            raise Gemma3Error("max_tokens and prefill_step_size must be at least 1")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise Gemma3Error(f"repetition_penalty must be positive, got {self.repetition_penalty}")
-        try:
-            self.sampler()
-        except ValueError as e:
-            raise Gemma3Error(f"bad sampling option: {e}") from None
+        for name, (fits, allowed) in OPTION_RULES.items():
+            value = getattr(self, name)
+            if not fits(value):
+                raise Gemma3Error(f"{name} must be {allowed}, got {value!r:.80}")
+        problem = sampling_problem(self.temp, self.top_k, self.top_p, self.min_p)
+        if problem:
+            raise Gemma3Error(problem)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.max_tokens in UNLIMITED
 
     def processors(self) -> list[LogitsProcessor]:
         """The caller's logits processors, then the repetition penalty and the logit bias."""
@@ -83,6 +106,52 @@ class Options:
         return Sampler(self.temp, self.top_k, self.top_p, self.min_p, self.seed)
 
 
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+TEXT_ONLY = "this model reads text only: images need a Gemma 3 4B, 12B or 27B (multimodal) model"
+UNLIMITED = (-1, None)  # max_tokens values that mean: until the reply or the context ends
+# Each option's type and range (the sampling ranges are sample.sampling_problem's): (fits, what is allowed).
+OPTION_RULES = {
+    "max_tokens": (lambda v: v in UNLIMITED or _integer(v) and v >= 1,
+                   "a positive integer, or -1 / None for no limit (until the reply or the context ends)"),
+    "temp": (_number, "a number (0 is greedy)"),
+    "top_p": (_number, "a number in (0, 1]"),
+    "top_k": (_integer, "an integer (0 is off)"),
+    "min_p": (_number, "a number in [0, 1]"),
+    "seed": (lambda v: v is None or _integer(v), "an integer or None"),
+    "repetition_penalty": (lambda v: v is None or _number(v) and v > 0, "a positive number (1 is off) or None"),
+    "logit_bias": (lambda v: v is None or isinstance(v, dict) and all(_integer(k) and _number(b) for k, b in v.items()),
+                   "a dict {token id: bias} or None"),
+    "logits_processors": (lambda v: isinstance(v, (list, tuple)) and all(map(callable, v)),
+                          "a list of callables (tokens, logits) -> logits"),
+    "prefill_step_size": (lambda v: _integer(v) and v >= 1, "a positive integer (prompt tokens per forward)"),
+    "prefill_progress": (lambda v: v is None or callable(v), "a callable (done, total) or None"),
+    "kv_bits": (lambda v: v is None or v in KV_BITS, f"None or one of {KV_BITS}"),
+    "kv_group_size": (lambda v: v in GROUP_SIZES, f"one of {GROUP_SIZES}"),
+    "max_kv_size": (lambda v: v is None or _integer(v) and v >= 1, "a positive number of tokens or None"),
+    "system": (lambda v: v is None or isinstance(v, str), "a string or None"),
+    "use_chat_template": (lambda v: isinstance(v, bool), "True or False"),
+    "stop_ids": (lambda v: isinstance(v, (list, tuple, set)) and all(map(_integer, v)), "a list of token ids"),
+    "pan_and_scan": (lambda v: isinstance(v, bool), "True or False"),
+    "prompt_cache_file": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a file path or None"),
+}
+
+
+def check_model(model, processor, caller: str) -> None:
+    """(model, processor) as mlx_gemma3.load returns them, or one clear error."""
+    if not hasattr(model, "make_cache") or not hasattr(processor, "tokenizer") or not hasattr(processor, "config"):
+        raise Gemma3Error(
+            f"{caller} needs the (model, processor) pair that mlx_gemma3.load() returns, "
+            f"got {type(model).__name__} and {type(processor).__name__}"
+        )
+
+
 def eos_ids(processor, extra: tuple[int, ...] = ()) -> set[int]:
     """Every id that ends a reply: <eos>, <end_of_turn>, the config's and the caller's."""
     return {*EOS_IDS, *processor.config.eos_token_ids, *extra}
@@ -97,14 +166,25 @@ def stream_generate(
     `image_features` are images already encoded for the image tokens of an id prompt. With `cache`
     (from model.make_cache()), the cache must already hold the tokens before `prompt`. `encoded_images`
     (a dict) keeps encoded images by content so a later call does not encode them again.
+    `prompt_cache_file`: a file holding a prompt's cache; when the new prompt starts with its tokens only the
+    rest is prefilled (`reused_tokens` says how many were reused), and the file is rewritten with this prompt.
     Close the generator to cancel."""
-    opts = Options(**options)
-    opts.check()
+    check_model(model, processor, "stream_generate")
+    opts = Options.of(options)
     with mx.stream(generation_stream()):
         ids, features = prepare_prompt(model, processor, prompt, images, opts, encoded_images)
     if image_features is not None:
         features = image_features
-    yield from generate_ids(model, processor, ids, cache, opts, features)
+    if opts.prompt_cache_file is None:
+        yield from generate_ids(model, processor, ids, cache, opts, features)
+        return
+    if cache is not None or features is not None:
+        raise Gemma3Error("prompt_cache_file takes a text prompt and makes its own cache: pass no cache or images")
+    path = Path(opts.prompt_cache_file)
+    new_cache = lambda: model.make_cache(opts.kv_bits, opts.kv_group_size, opts.max_kv_size)  # noqa: E731
+    cache, held = reusable_cache(model, path, ids, new_cache)
+    opts.prefill_progress = saving_when_prefilled(path, cache, ids, opts.prefill_progress)
+    yield from generate_ids(model, processor, ids[len(held) :], cache, opts, None, held)
 
 
 def prepare_prompt(model, processor, prompt, images, opts: Options, encoded: dict | None = None):
@@ -114,7 +194,7 @@ def prepare_prompt(model, processor, prompt, images, opts: Options, encoded: dic
         return prompt_ids(processor, prompt, opts.system, opts.use_chat_template), None
     vision = model.config.vision
     if vision is None:
-        raise Gemma3Error("this model reads text only: images need a Gemma 3 4B, 12B or 27B (multimodal) model")
+        raise Gemma3Error(TEXT_ONLY)
     pixels, crops = process_images(sources, vision.image_size, opts.pan_and_scan)
     ids = prompt_ids(processor, prompt, opts.system, opts.use_chat_template, crops, vision.tokens_per_image)
     return ids, encode_images(model, pixels, {} if encoded is None else encoded)
@@ -152,17 +232,26 @@ def generate_ids(
         raise Gemma3Error(
             f"the prompt is {start + len(ids)} tokens; the model's context is {context}: shorten the prompt"
         )
-    max_tokens = min(opts.max_tokens, context - start - len(ids)) if opts.max_kv_size is None else opts.max_tokens
+    max_tokens = token_budget(opts, context - start - len(ids))
     steps = generate_step(
         model, ids, cache, sampler=opts.sampler(), logits_processors=opts.processors(),
         prefill_step_size=opts.prefill_step_size, image_features=features, history=history, max_tokens=max_tokens,
+        progress=opts.prefill_progress,
     )
     detokenizer = processor.tokenizer.detokenizer() if processor.tokenizer else None
     with closing(steps):  # close it here, in this thread, not whenever it is garbage collected
-        yield from _responses(steps, ids, detokenizer, eos_ids(processor, opts.stop_ids), max_tokens)
+        yield from _responses(steps, ids, detokenizer, eos_ids(processor, opts.stop_ids), max_tokens, len(history))
 
 
-def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: int):
+def token_budget(opts: Options, room: int) -> int | None:
+    """Most tokens to generate: max_tokens within the room the context leaves; no limit means all that room
+    (or, with a rotating max_kv_size cache, which has no end, until the reply ends)."""
+    if opts.max_kv_size is not None:
+        return None if opts.unlimited else opts.max_tokens
+    return room if opts.unlimited else min(opts.max_tokens, room)
+
+
+def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: int | None, reused: int):
     tic, prompt_tps = time.perf_counter(), 0.0
     for n, (token, logprobs) in enumerate(steps, start=1):
         if n == 1:
@@ -173,7 +262,9 @@ def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: i
         if finish and detokenizer is not None:
             text += detokenizer.finish()
         rate = (n - 1) / max(time.perf_counter() - tic, 1e-9) if n > 1 else 0.0
-        yield GenerationResponse(text, token, finish, len(ids), prompt_tps, n, rate, mx.get_peak_memory() / 1e9, logprobs)
+        yield GenerationResponse(
+            text, token, finish, len(ids), prompt_tps, n, rate, mx.get_peak_memory() / 1e9, logprobs, reused
+        )
         if finish:
             return
 

@@ -1,4 +1,4 @@
-"""load(path) → (model, processor) from an MLX Gemma 3 folder."""
+"""load(path) → (model, processor) from an MLX Gemma 3 folder, a .gguf file or a Hub repo id."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..errors import Gemma3Error
 from .gemma3 import Gemma3
 from ..processing.prompt import find_chat_template
 from .quantize import apply_quantization
+from .sources import SOURCES, model_folder
 from .text import Gemma3TextLM
 from ..processing.tokenizer import Tokenizer
 
@@ -36,7 +37,9 @@ class Processor:
 def load(
     path: str | Path, compute_dtype: mx.Dtype | None = None, lazy_vision: bool = True, for_training: bool = False
 ):
-    """Load an MLX Gemma 3 folder; returns (model, processor).
+    """Load a Gemma 3 model; returns (model, processor). `path`: an MLX folder, a .gguf file (converted once
+    into the cache), or a Hugging Face repo id such as "mlx-community/gemma-3-1b-it-4bit" (downloaded once);
+    `mlx_gemma3.demo_model()` is the demo model's folder.
 
     `lazy_vision`: a multimodal model reads its vision tower when the first image comes; until then its
     parameters are placeholders. `for_training`: plain parameters to train or `save_weights`: both towers
@@ -60,16 +63,13 @@ def load(
 
 
 def model_path(path) -> Path:
-    """`path` as an existing folder, or one clear error."""
+    """`path` resolved to an existing folder (see sources.model_folder), or one clear error."""
     if not isinstance(path, (str, os.PathLike)):
         raise Gemma3Error(
-            f"load() needs a model folder path (str or Path), got {type(path).__name__}: "
-            "pass a folder written by mlx_gemma3.convert"
+            f"load() needs a model folder path (str or Path), got {type(path).__name__}: pass {SOURCES} "
+            "(mlx_gemma3.demo_model() is the demo model)"
         )
-    folder = Path(path)
-    if not folder.is_dir():
-        raise Gemma3Error(f"model folder {folder} does not exist: pass a folder written by mlx_gemma3.convert")
-    return folder
+    return Path(model_folder(path))
 
 
 def model_weights(folder: Path, config: ModelConfig, dtype: mx.Dtype, column_major: set[str] = frozenset()) -> dict[str, mx.array]:

@@ -25,6 +25,13 @@ def find_chat_template(folder: str | Path) -> str | None:
     return None
 
 
+def is_base_model(processor) -> bool:
+    """Whether a loaded model is taken for a base (pre-trained, not instruction-tuned) model: its folder ships
+    no chat template (no chat_template.jinja or chat_template.json, and no chat_template in
+    tokenizer_config.json). The demo 270M is one, as are Google's `-pt` releases; `-it` folders ship a template."""
+    return processor.chat_template is None
+
+
 def _json_template(path: Path) -> str | None:
     if not path.is_file():
         return None
@@ -143,6 +150,8 @@ def prompt_ids(
     A string is wrapped as one user turn when the folder ships a chat template (instruction-tuned models)
     and completed as it is otherwise (base models) or with use_chat_template=False. With images
     (`crops_per_image`: one entry per image), each image placeholder expands to its image tokens."""
+    if not isinstance(prompt, (str, list, tuple)):
+        raise Gemma3Error(f"a prompt is a string, a list of chat messages or a list of token ids; got {type(prompt).__name__}")
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     tokenizer = processor.tokenizer
@@ -161,10 +170,23 @@ def prompt_text(processor, prompt, system: str | None, use_chat_template: bool) 
     """(text, whether BOS must be added): plain completion, or the conversation in the chat format."""
     if isinstance(prompt, str) and (not use_chat_template or processor.chat_template is None):
         if system is not None:
-            raise Gemma3Error("a system prompt needs the chat format: drop --no-chat-template or the system prompt")
+            raise Gemma3Error(system_without_chat(use_chat_template))
         return prompt, True
     text = chat_text(as_messages(prompt, system), processor.chat_template)
     return text, not text.startswith("<bos>")
+
+
+def system_without_chat(use_chat_template: bool) -> str:
+    """Why a system prompt cannot go with a plain-text prompt, for each of the two ways to get one."""
+    if not use_chat_template:
+        return (
+            "a system prompt needs the chat format, and use_chat_template=False (--no-chat-template) completes "
+            "plain text: drop one of the two"
+        )
+    return (
+        "this model folder has no chat template (a base model: it continues text), so a system prompt has no "
+        "place in its prompt: drop the system prompt, or use an instruction-tuned model"
+    )
 
 
 def expand_image_tokens(text: str, crops_per_image: list[int], tokens_per_image: int) -> str:

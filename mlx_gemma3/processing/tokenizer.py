@@ -107,6 +107,23 @@ class Tokenizer:
         return _processor(lambda sp: sp.LoadFromSerializedProto(proto), "the tokenizer")
 
 
+def single_token_ids(tokenizer: Tokenizer | None, texts: list[str], what: str = "a stop token") -> list[int]:
+    """The id of each text, each of which must be exactly one token of the vocabulary (e.g. "<end_of_image>")."""
+    if texts and tokenizer is None:
+        raise Gemma3Error(f"{what} needs the model's tokenizer.model, and this folder has none")
+    ids = []
+    for text in texts:
+        encoded = tokenizer.encode(text, add_bos=False)
+        if len(encoded) != 1:
+            pieces = [tokenizer.decode([i]) for i in encoded]
+            raise Gemma3Error(
+                f"{what} {text!r} is {len(encoded)} tokens of this vocabulary {pieces}, not one: "
+                "pass a single token (such as '<end_of_turn>' or a word the vocabulary holds whole)"
+            )
+        ids += encoded
+    return ids
+
+
 class StreamingDetokenizer:
     """Text for ids one at a time: add(id) returns what it completed, finish() the rest.
 

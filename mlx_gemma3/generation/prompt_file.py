@@ -1,0 +1,34 @@
+"""stream_generate's `prompt_cache_file`: a prompt's KV cache kept in a file and reused by prompts that start with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import Gemma3Error
+from ..model.cache import load_prompt_cache, save_prompt_cache
+
+
+def reusable_cache(model, path: Path, ids: list[int], new_cache) -> tuple[list, list[int]]:
+    """(cache, the tokens it holds): the file's cache when its tokens begin `ids` (and leave at least the last
+    prompt token to feed), else `new_cache()` holding nothing."""
+    if not path.is_file():
+        return new_cache(), []
+    cache, held, _ = load_prompt_cache(path)
+    if [layer.kind for layer in cache] != [layer.kind for layer in model.make_cache()]:
+        raise Gemma3Error(f"prompt cache {path} was saved from a different model: delete it or pass another file")
+    if len(held) < len(ids) and ids[: len(held)] == held:
+        return cache, held
+    return new_cache(), []
+
+
+def saving_when_prefilled(path: Path, cache, prompt_ids: list[int], progress):
+    """A prefill progress callback that also writes the cache to `path` once the prompt (all but its last
+    token, which generation feeds) is in it."""
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        if done == total:
+            save_prompt_cache(path, cache, prompt_ids[:-1])
+
+    return report
