@@ -7,7 +7,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from ..errors import Gemma3Error
-from ..model.cache import load_prompt_cache, save_prompt_cache
+from ..model.cache import load_prompt_cache, same_layers, save_prompt_cache
 from .step import image_runs
 from .stream import GenerationResponse, Options, check_model, generate_ids, prepare_prompt
 from .streams import generation_stream
@@ -122,8 +122,8 @@ class Chat:
     def load(self, path) -> None:
         """Continue a conversation saved by `save` (with the same model)."""
         cache, ids, extra = load_prompt_cache(path)
-        expected = [type(layer) for layer in self.model.make_cache()]
-        if [type(layer) for layer in cache] != expected or "messages" not in extra:
+        expected = self.model.make_cache(**{k: self.options[k] for k in CACHE_OPTIONS if k in self.options})
+        if not same_layers(cache, expected) or "messages" not in extra:
             raise Gemma3Error(f"{path} was saved from a different model or is not a chat: it does not fit this model")
         self.cache, self.cached_ids = cache, ids
         self.messages, self.system = extra["messages"], extra.get("system")

@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import Gemma3Error
-from ..model.cache import load_prompt_cache, save_prompt_cache
+from ..model.cache import load_prompt_cache, same_layers, save_prompt_cache
 
 
-def reusable_cache(model, path: Path, ids: list[int], new_cache) -> tuple[list, list[int]]:
+def reusable_cache(path: Path, ids: list[int], new_cache) -> tuple[list, list[int]]:
     """(cache, the tokens it holds): the file's cache when its tokens begin `ids` (and leave at least the last
     prompt token to feed), else `new_cache()` holding nothing."""
     if not path.is_file():
         return new_cache(), []
     cache, held, _ = load_prompt_cache(path)
-    if [layer.kind for layer in cache] != [layer.kind for layer in model.make_cache()]:
+    if not same_layers(cache, new_cache()):
         raise Gemma3Error(f"prompt cache {path} was saved from a different model: delete it or pass another file")
     if len(held) < len(ids) and ids[: len(held)] == held:
         return cache, held

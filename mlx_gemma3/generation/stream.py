@@ -182,7 +182,7 @@ def stream_generate(
         raise Gemma3Error("prompt_cache_file takes a text prompt and makes its own cache: pass no cache or images")
     path = Path(opts.prompt_cache_file)
     new_cache = lambda: model.make_cache(opts.kv_bits, opts.kv_group_size, opts.max_kv_size)  # noqa: E731
-    cache, held = reusable_cache(model, path, ids, new_cache)
+    cache, held = reusable_cache(path, ids, new_cache)
     opts.prefill_progress = saving_when_prefilled(path, cache, ids, opts.prefill_progress)
     yield from generate_ids(model, processor, ids[len(held) :], cache, opts, None, held)
 

@@ -594,6 +594,11 @@ def make_cache(
     return [cache_for(layer) for layer in layers]
 
 
+def same_layers(cache: list[Cache], other: list[Cache]) -> bool:
+    """Whether two caches have the same layers: count, class and window (a loaded file fits this model)."""
+    return [(type(c), c.window) for c in cache] == [(type(c), c.window) for c in other]
+
+
 def left_padded(prompts: list[list[int]], pad_id: int = 0) -> tuple[mx.array, list[int]]:
     """Prompts of different lengths as one [B, L] array, each padded on the left, and each row's padding."""
     longest = max(len(prompt) for prompt in prompts)
