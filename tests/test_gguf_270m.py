@@ -1,9 +1,16 @@
-"""The real Gemma 3 270M (PyPI GGUF, Q4_K_M): lossless import, logits and greedy text against transformers' GGUF load."""
+"""The real Gemma 3 270M (PyPI GGUF, Q4_K_M): lossless import, logits and greedy text against transformers' GGUF load,
+peak memory of the conversion."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import struct
+import subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -24,13 +31,73 @@ def gguf_file(tmp_path_factory) -> Path:
     return assemble(tmp_path_factory.mktemp("gguf") / NAME)
 
 
-@pytest.fixture(scope="session")
-def lossless(gguf_file, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("g270") / "mlx"
-    from mlx_gemma3.convert.__main__ import main
+# Converts in this process, printing the resident memory when the first tensor is converted and the peak after it:
+# the peak is reset then (Linux's /proc/self/clear_refs), so the baseline is everything before the tensors (the
+# interpreter, MLX, and the gguf reader's parse of the 262k-token vocabulary, ~0.8 GB) and the growth is what
+# converting the tensors costs.
+PEAK_SCRIPT = """
+import re, sys
+import mlx_gemma3.convert.gguf as gguf_convert
+from mlx_gemma3.convert.__main__ import main
 
-    assert main(["--gguf", str(gguf_file), "--mlx-path", str(folder)]) == 0
-    return mlx_gemma3.load(folder)
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+write_tensor, start = gguf_convert.write_tensor, []
+
+def measured(*args):
+    if not start:
+        start.append(status("VmRSS"))
+        open("/proc/self/clear_refs", "w").write("5")
+    write_tensor(*args)
+
+gguf_convert.write_tensor = measured
+assert main(sys.argv[1:]) == 0
+print("PEAK", start[0], status("VmHWM"))
+"""
+MARGIN = 32 * 2**20  # allocator slack and one block of rows in flight (convert/gguf.py BLOCK_VALUES)
+
+
+class Conversion(NamedTuple):
+    folder: Path
+    stderr: str
+    grown: int  # how far the peak resident memory rose above the baseline while the tensors were converted
+
+
+def convert_measured(gguf_file: Path, folder: Path, *args: str) -> Conversion:
+    command = [sys.executable, "-c", PEAK_SCRIPT, "--gguf", str(gguf_file), "--mlx-path", str(folder), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    start, peak = map(int, result.stdout.split("PEAK")[1].split())
+    return Conversion(folder, result.stderr, peak - start)
+
+
+@pytest.fixture(scope="session")
+def lossless_conversion(gguf_file, tmp_path_factory) -> Conversion:
+    return convert_measured(gguf_file, tmp_path_factory.mktemp("g270") / "mlx")
+
+
+@pytest.fixture(scope="session")
+def lossless(lossless_conversion):
+    return mlx_gemma3.load(lossless_conversion.folder)
+
+
+def largest_tensor_bytes(folder: Path) -> int:
+    """The largest tensor stored in the folder's model.safetensors, from its header."""
+    with open(folder / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return max(end - begin for key, entry in header.items() if key != "__metadata__" for begin, end in [entry["data_offsets"]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conversion", ["lossless_conversion"])
+def test_peak_memory_stays_near_the_largest_tensor(request, gguf_file, conversion):
+    measured = request.getfixturevalue(conversion)
+    largest = largest_tensor_bytes(measured.folder)
+    print(f"{conversion}: peak grew {measured.grown / 2**20:.0f} MiB over the baseline; largest tensor "
+          f"{largest / 2**20:.0f} MiB, GGUF {gguf_file.stat().st_size / 2**20:.0f} MiB")
+    assert measured.grown <= 1.5 * largest + MARGIN
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +118,9 @@ def test_lossless_tensors_are_bit_identical_to_ggml(gguf_file):
         kind = tensor.tensor_type.name
         if kind not in LOSSLESS:
             continue
-        weight, scales, biases = (mx.array(a) for a in lossless_parts(tensor))
+        weight, scales, biases = (mx.array(a) for a in lossless_parts(tensor.data, tensor.tensor_type))
         ours = np.array(mx.dequantize(weight, scales, biases, group_size=32, bits=LOSSLESS[kind]))
-        assert np.array_equal(ours.view(np.uint32), dequantized(tensor).view(np.uint32)), tensor.name
+        assert np.array_equal(ours.view(np.uint32), dequantized(tensor.data, tensor.tensor_type).view(np.uint32)), tensor.name
         kinds.add(kind)
     assert kinds == {"Q8_0", "Q4_K"}  # this file has no Q4_0; the tiny-model GGUF tests cover it
 
