@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -66,6 +68,9 @@ LOSSLESS = {"Q4_0": 4, "Q8_0": 8, "Q4_K": 4}  # GGML type → MLX bits, in group
 GGML_GROUP_SIZE = 32  # values per scale in Q4_0, Q8_0 and Q4_K's sub-blocks
 # Values converted at once: bounds the working memory per block of rows (about 10 bytes a value at most).
 BLOCK_VALUES = 1 << 20
+# The dtype requantized layers are quantized in when --dtype is not given, so their scales and biases take 16
+# bits (4-bit group 64: 4.5 bits per weight), as GGML's block scales do.
+REQUANTIZED_DTYPE = "float16"
 
 
 def open_gguf(path: Path):
@@ -310,7 +315,7 @@ def convert_gguf(
     gguf_path, mlx_path = Path(gguf_path), Path(mlx_path)
     where = str(gguf_path)
     reader = open_gguf(gguf_path)
-    dtypes = (DTYPES[dtype or "float32"],) * 2
+    dtypes = (DTYPES[dtype or "float32"], DTYPES[dtype or REQUANTIZED_DTYPE])
     check_architecture(reader, where)
     tokenizer = sentencepiece_model(reader, where)
     config = config_from_metadata(reader, where, dtype or "float32")
@@ -324,15 +329,18 @@ def convert_gguf(
     model = build_model(parse_config(config, where))
     shapes = {k: converted_shape(k, t.shape) for k, t in tensors.items()}
     check_shapes(model, shapes, where, {k: t.tensor.name for k, t in tensors.items()})
-    plan = tensor_plan(tensors, model, quantize)
+    plan, outcomes = tensor_plan(tensors, model, quantize)
     if any(plan.values()):
-        config["quantization"] = quantization_json(plan, DEFAULT_BITS, GGML_GROUP_SIZE)
+        defaults = (quantize.bits, quantize.group_size) if quantize else (DEFAULT_BITS, GGML_GROUP_SIZE)
+        config["quantization"] = quantization_json(plan, *defaults)
     with output_folder(mlx_path, force) as work:
         writer = ShardWriter(work)
         with Progress(sum(int(t.tensor.n_bytes) for t in tensors.values()), f"converting {gguf_path.name}") as progress:
             for key, source in tensors.items():
                 write_tensor(writer, key, source, plan.get(key.removesuffix(".weight")), dtypes, progress)
         writer.close()
+        if quantize:
+            print(requantize_summary(outcomes, quantize), file=sys.stderr)
         report_size(model, writer)
         (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (work / "tokenizer.model").write_bytes(tokenizer)
@@ -342,19 +350,45 @@ def convert_gguf(
     return mlx_path
 
 
-def tensor_plan(tensors: dict[str, Source], model, quantize: Quantization | None) -> dict[str, QuantSpec | None]:
-    """Layer path → how it is stored: lossless GGML types at their own bits and group 32, others float
-    (or, with -q, requantized as asked where the group divides the width)."""
+def tensor_plan(tensors: dict[str, Source], model, quantize: Quantization | None) -> tuple[dict, Counter]:
+    """Layer path → how it is stored (QuantSpec, or None for float), and how many weights went which way."""
     from mlx_gemma3.model.quantize import quantization_plan
 
-    requantized = quantization_plan(model, quantize.recipe, quantize.bits, quantize.group_size) if quantize else {}
-    plan = {}
+    asked = quantization_plan(model, quantize.recipe, quantize.bits, quantize.group_size) if quantize else {}
+    plan, outcomes = {}, Counter()
     for key, source in tensors.items():
         path = key.removesuffix(".weight")
         if not key.endswith(".weight") or len(source.shape) != 2 or path.endswith(NEVER_QUANTIZED):
             continue
-        plan[path] = lossless_spec(source.kind) or requantized.get(path)
-    return plan
+        plan[path], outcome = storage(source.kind, asked.get(path), quantize)
+        outcomes[outcome] += 1
+    return plan, outcomes
+
+
+def storage(kind, wanted: QuantSpec | None, quantize: Quantization | None) -> tuple[QuantSpec | None, tuple[str, str]]:
+    """How one weight is stored, and why: GGML's lossless types at their own bits in groups of 32, other types
+    in float; with -q, requantized as asked unless lossless and at or below the asked bits."""
+    stored = lossless_spec(kind)
+    if quantize is None:
+        return stored, ("kept", kind.name)
+    if stored is not None and wanted is None:
+        return stored, ("kept", f"as stored ({kind.name}): the group size does not divide its width")
+    if stored is not None and stored.bits <= wanted.bits:
+        return stored, ("kept", f"as stored ({kind.name}): lossless {stored.bits}-bit, not above the {wanted.bits} bits asked")
+    if wanted is None:
+        return None, ("kept", f"in float ({kind.name}): the group size does not divide its width")
+    return wanted, ("requantized", kind.name)
+
+
+def requantize_summary(outcomes: Counter, quantize: Quantization) -> str:
+    """One line: what -q requantized, and what it left as it was and why."""
+    requantized = Counter({kind: n for (what, kind), n in outcomes.items() if what == "requantized"})
+    recipe = "" if quantize.recipe == "uniform" else f", {quantize.recipe} recipe"
+    kinds = ", ".join(f"{n} {kind}" for kind, n in requantized.most_common())
+    done = f"requantized {requantized.total()} tensors ({kinds})" if requantized else "requantized no tensor"
+    parts = [f"{done} to {quantize.bits}-bit, group {quantize.group_size}{recipe}"]
+    parts += [f"kept {n} {why}" for (what, why), n in outcomes.items() if what == "kept"]
+    return "; ".join(parts)
 
 
 def write_tensor(writer: ShardWriter, key: str, source: Source, spec: QuantSpec | None, dtypes, progress) -> None:

@@ -79,6 +79,12 @@ def lossless_conversion(gguf_file, tmp_path_factory) -> Conversion:
 
 
 @pytest.fixture(scope="session")
+def q4_conversion(gguf_file, tmp_path_factory) -> Conversion:
+    """`-q` with its defaults: 4 bits, group 64."""
+    return convert_measured(gguf_file, tmp_path_factory.mktemp("g270q4") / "mlx", "-q")
+
+
+@pytest.fixture(scope="session")
 def lossless(lossless_conversion):
     return mlx_gemma3.load(lossless_conversion.folder)
 
@@ -91,7 +97,7 @@ def largest_tensor_bytes(folder: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("conversion", ["lossless_conversion"])
+@pytest.mark.parametrize("conversion", ["lossless_conversion", "q4_conversion"])
 def test_peak_memory_stays_near_the_largest_tensor(request, gguf_file, conversion):
     measured = request.getfixturevalue(conversion)
     largest = largest_tensor_bytes(measured.folder)
@@ -188,8 +194,8 @@ def torch_model_from(folder: Path):
         path = key.removesuffix(".weight")
         if f"{path}.scales" in stored:
             spec = quantization.get(path) if isinstance(quantization.get(path), dict) else quantization
-            value = mx.dequantize(value, stored[f"{path}.scales"], stored[f"{path}.biases"],
-                                  group_size=spec["group_size"], bits=spec["bits"])
+            scales, biases = (stored[f"{path}.{part}"].astype(mx.float32) for part in ("scales", "biases"))
+            value = mx.dequantize(value, scales, biases, group_size=spec["group_size"], bits=spec["bits"])  # exact in float32
         state[key] = torch.tensor(np.array(value.astype(mx.float32)))
     model = Gemma3ForCausalLM(Gemma3TextConfig(**{k: v for k, v in config.items() if k != "model_type"}))
     model.load_state_dict(state, strict=False)
@@ -203,22 +209,54 @@ def perplexity(model, ids: list[int]) -> float:
     return math.exp(-float(picked.mean()))
 
 
-def test_requantized_perplexity(lossless, gguf_file, tmp_path):
+def test_requantized_perplexity(lossless, lossless_conversion, q4_conversion, gguf_file, tmp_path):
     from mlx_gemma3.convert.__main__ import main
 
     _, processor = lossless
     ids = processor.tokenizer.encode(LONG)
     assert len(ids) >= 2000
-    results = {}
-    for name, args in {"lossless import": [], "8-bit": ["-q", "--q-bits", "8"],
-                       "4-bit group 64": ["-q", "--q-bits", "4", "--q-group-size", "64"]}.items():
-        folder = tmp_path / name.replace(" ", "-")
-        assert main(["--gguf", str(gguf_file), "--mlx-path", str(folder), *args]) == 0
-        results[name] = perplexity(torch_model_from(folder), ids)
+    assert main(["--gguf", str(gguf_file), "--mlx-path", str(tmp_path / "8-bit"), "-q", "--q-bits", "8"]) == 0
+    folders = {"lossless import": lossless_conversion.folder, "8-bit": tmp_path / "8-bit",
+               "4-bit group 64": q4_conversion.folder}  # -q's defaults
+    results = {name: perplexity(torch_model_from(folder), ids) for name, folder in folders.items()}
     base = results["lossless import"]
     print("perplexity on tests/data/perplexity.txt (%d tokens): %s" % (len(ids), ", ".join(f"{k} {v:.3f}" for k, v in results.items())))
     assert abs(results["8-bit"] / base - 1) <= 0.01
     assert results["4-bit group 64"] < 2 * base  # reported; 4-bit costs a little
+
+
+@pytest.mark.slow
+def test_q_requantizes_down_to_the_bits_asked(q4_conversion, gguf_file):
+    folder, stderr = q4_conversion.folder, q4_conversion.stderr
+    block = json.loads((folder / "config.json").read_text())["quantization"]
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    reported = float(stderr.split(" bits per weight")[0].split()[-1])
+    print(f"-q: {reported} bits per weight, weights {weights / 2**20:.0f} MiB, GGUF {gguf_file.stat().st_size / 2**20:.0f} MiB")
+    print(stderr.splitlines()[0])
+    assert weights < gguf_file.stat().st_size and reported <= 5
+    assert block["bits"] == 4 and block["group_size"] == 64 and "model.embed_tokens" not in block  # Q8_0 → 4-bit
+    kept = {path for path, spec in block.items() if isinstance(spec, dict)}
+    assert kept and all(block[path] == {"group_size": 32, "bits": 4} for path in kept)  # the Q4_K tensors
+    assert [line.startswith("requantized") for line in stderr.splitlines()].count(True) == 1
+    assert "requantized 100 tensors (81 Q5_0, 10 Q8_0, 9 Q6_K)" in stderr
+    assert f"kept {len(kept)} as stored (Q4_K): lossless 4-bit, not above the 4 bits asked" in stderr
+
+
+@pytest.fixture(scope="session")
+def q4_reference(q4_conversion):
+    return torch_model_from(q4_conversion.folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", ["english", "code"])
+def test_requantized_logits_match_transformers_on_our_dequantized_weights(q4_conversion, q4_reference, prompt):
+    model, processor = mlx_gemma3.load(q4_conversion.folder)
+    ids = processor.tokenizer.encode(PROMPTS[prompt])
+    with torch.no_grad():
+        expected = q4_reference(torch.tensor([ids])).logits.float().numpy()
+    ours = np.array(model(mx.array([ids])))
+    print(f"{prompt}: max |Δ| {np.abs(ours - expected).max():.2e}")
+    assert np.abs(ours - expected).max() <= 1e-3
 
 
 def test_generate_without_a_model_converts_the_demo_once(lossless, reference, tmp_path):
