@@ -1,13 +1,13 @@
-"""Writing an MLX folder safely: a temporary folder beside the target, safetensors shards streamed to disk, rename at the end."""
+"""Writing an MLX folder safely: a new folder beside the target, safetensors shards streamed to disk, rename at the end."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +33,7 @@ def output_folder(target: Path, force: bool):
     if target.exists() and not target.is_dir():
         raise Gemma3Error(f"output path {target} is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    work = new_folder(target.parent, f".{target.name}.partial-")
     try:
         yield work
         _replace(work, target)
@@ -42,9 +42,20 @@ def output_folder(target: Path, force: bool):
         raise
 
 
+def new_folder(parent: Path, prefix: str) -> Path:
+    """A new folder with a random name, made by mkdir so its mode respects the umask (tempfile.mkdtemp's is 0700)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 def _replace(work: Path, target: Path) -> None:
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = new_folder(target.parent, f".{target.name}.old-")
         os.replace(target, old / "folder")
         os.replace(work, target)
         shutil.rmtree(old, ignore_errors=True)
