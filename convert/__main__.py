@@ -27,17 +27,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize linear and embedding layers")
-    # bits, group size and recipe are checked by quantization_plan, whose error names the accepted values
-    parser.add_argument("--q-bits", type=int, default=DEFAULT_BITS, help=f"bits per weight: {_listed(BITS, DEFAULT_BITS)}")
+    # bits, group size and recipe are checked by quantization_plan, whose error names the accepted values;
+    # each of them implies -q
+    parser.add_argument("--q-bits", type=int, help=f"bits per weight: {_listed(BITS, DEFAULT_BITS)}; implies -q")
     parser.add_argument(
-        "--q-group-size", type=int, default=DEFAULT_GROUP_SIZE,
-        help=f"weights per scale: {_listed(GROUP_SIZES, DEFAULT_GROUP_SIZE)}",
+        "--q-group-size", type=int, help=f"weights per scale: {_listed(GROUP_SIZES, DEFAULT_GROUP_SIZE)}; implies -q"
     )
     parser.add_argument(
-        "--quant-recipe", default="uniform",
-        help="uniform (default): every layer at --q-bits; mixed: embedding/head, attention V and MLP down at 8 bits",
+        "--quant-recipe",
+        help="uniform (default): every layer at --q-bits; mixed: embedding/head, attention V and MLP down at 8 bits; "
+        "implies -q",
     )
     return parser.parse_args(argv)
+
+
+def quantization(args: argparse.Namespace) -> Quantization | None:
+    """What -q asks for; --q-bits, --q-group-size or --quant-recipe without -q imply it."""
+    given = {"bits": args.q_bits, "group_size": args.q_group_size, "recipe": args.quant_recipe}
+    given = {name: value for name, value in given.items() if value is not None}
+    return Quantization(**given) if args.quantize or given else None
 
 
 def _listed(values: tuple[int, ...], default: int) -> str:
@@ -49,7 +57,7 @@ def _listed(values: tuple[int, ...], default: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        quantize = Quantization(args.q_bits, args.q_group_size, args.quant_recipe) if args.quantize else None
+        quantize = quantization(args)
         if args.gguf:
             out = convert_gguf(args.gguf, args.mlx_path, args.dtype, args.force, quantize, args.mmproj)
         else:

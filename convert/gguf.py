@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +16,7 @@ import numpy as np
 from mlx_gemma3.model.config import DEFAULT_SLIDING_PATTERN, FULL, SLIDING, layer_types_for_pattern, parse_config
 from mlx_gemma3.errors import Gemma3Error
 from mlx_gemma3.model.load import build_model, check_shapes
-from mlx_gemma3.model.quantize import NEVER_QUANTIZED, QuantSpec, quantization_json
+from mlx_gemma3.model.quantize import DEFAULT_BITS, NEVER_QUANTIZED, QuantSpec, quantization_json
 from mlx_gemma3.processing.tokenizer import EOS_IDS
 
 from .hf import DTYPES, Quantization, converted, converted_shape, report_size, text_config_json
@@ -59,7 +64,13 @@ VISION_NAMES = {
 # Stored as Gemma's (1 + w): the text norms, and in an mmproj file only the projector's RMSNorm.
 SHIFTED_NORMS = ("norm.weight", "mm_soft_emb_norm.weight")
 SLIDING_ROPE_BASE = 10_000.0  # not stored in GGUF files
-LOSSLESS = {"Q4_0": 4, "Q8_0": 8, "Q4_K": 4}  # GGML type → MLX bits (group 32)
+LOSSLESS = {"Q4_0": 4, "Q8_0": 8, "Q4_K": 4}  # GGML type → MLX bits, in groups of GGML_GROUP_SIZE
+GGML_GROUP_SIZE = 32  # values per scale in Q4_0, Q8_0 and Q4_K's sub-blocks
+# Values converted at once: bounds the working memory per block of rows (about 10 bytes a value at most).
+BLOCK_VALUES = 1 << 20
+# The dtype requantized layers are quantized in when --dtype is not given, so their scales and biases take 16
+# bits (4-bit group 64: 4.5 bits per weight), as GGML's block scales do.
+REQUANTIZED_DTYPE = "float16"
 
 
 def open_gguf(path: Path):
@@ -196,22 +207,25 @@ def multimodal_config(text: dict, reader, tokens: list[str], where: str) -> dict
     }
 
 
-def dequantized(tensor) -> np.ndarray:
-    """The tensor as float32, shaped [rows, columns] as in the checkpoint (GGUF lists the column count first)."""
+def dequantized(raw: np.ndarray, kind) -> np.ndarray:
+    """Rows of GGML data (uint8 [rows, bytes per row], or the reader's typed view) as float32 [rows, values]."""
     import gguf
 
-    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    return np.asarray(values, dtype=np.float32).reshape([int(n) for n in reversed(tensor.shape)])
+    return np.asarray(gguf.quants.dequantize(raw, kind), dtype=np.float32)
 
 
-def lossless_parts(tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(packed uint32 weight, float32 scales, float32 biases) of a Q4_0, Q8_0 or Q4_K tensor, MLX affine, group 32,
-    whose dequantization equals GGML's bit for bit."""
-    kind = tensor.tensor_type.name
-    rows = int(tensor.shape[1])
-    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1)
-    q, scales, biases = {"Q4_0": _q4_0, "Q8_0": _q8_0, "Q4_K": _q4_k}[kind](blocks, rows)
-    return pack(q, LOSSLESS[kind]), scales, biases
+def lossless_spec(kind) -> QuantSpec | None:
+    """The MLX groups that hold a GGML type exactly, or None for the types MLX cannot hold as they are."""
+    return QuantSpec(LOSSLESS[kind.name], GGML_GROUP_SIZE) if kind.name in LOSSLESS else None
+
+
+def lossless_parts(raw: np.ndarray, kind) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed uint32 weight, float32 scales, float32 biases) of rows of a Q4_0, Q8_0 or Q4_K tensor, MLX affine,
+    group 32, whose dequantization equals GGML's bit for bit."""
+    rows = raw.shape[0]
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, -1)
+    q, scales, biases = {"Q4_0": _q4_0, "Q8_0": _q8_0, "Q4_K": _q4_k}[kind.name](blocks, rows)
+    return pack(q, LOSSLESS[kind.name]), scales, biases
 
 
 def _q8_0(blocks: np.ndarray, rows: int):
@@ -256,6 +270,36 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(words, axis=-1).astype(np.uint32)
 
 
+class Source(NamedTuple):
+    """A tensor of a GGUF file, read from the file in blocks of leading rows: not through the reader's memory
+    map, whose pages would stay resident until the end."""
+
+    tensor: Any  # gguf's ReaderTensor
+    path: Path
+
+    @property
+    def kind(self):
+        return self.tensor.tensor_type
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """As in the checkpoint: GGUF lists the dimensions innermost first."""
+        return tuple(int(n) for n in reversed(self.tensor.shape))
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the leading dimension as raw bytes, uint8 [rows, bytes per row]."""
+        per_row = int(self.tensor.n_bytes) // self.shape[0]
+        count = (stop - start) * per_row
+        try:
+            with open(self.path, "rb") as f:
+                data = os.pread(f.fileno(), count, int(self.tensor.data_offset) + start * per_row)
+        except OSError as e:
+            raise Gemma3Error(f"cannot read tensor {self.tensor.name} from {self.path}: {e}") from None
+        if len(data) != count:
+            raise Gemma3Error(f"{self.path} changed during the conversion: tensor {self.tensor.name} lies past its end")
+        return np.frombuffer(data, np.uint8).reshape(stop - start, per_row)
+
+
 def convert_gguf(
     gguf_path: Path,
     mlx_path: Path,
@@ -265,39 +309,38 @@ def convert_gguf(
     mmproj: Path | None = None,
 ) -> Path:
     """Convert a Gemma 3 GGUF file (and its mmproj file for images) to an MLX folder, lossless where MLX's
-    groups can hold GGML's blocks."""
+    groups can hold GGML's blocks; tensor by tensor, in blocks of rows, so memory stays near one block."""
     from .gguf_tokenizer import chat_template, sentencepiece_model
 
     gguf_path, mlx_path = Path(gguf_path), Path(mlx_path)
     where = str(gguf_path)
     reader = open_gguf(gguf_path)
-    dtype = dtype or "float32"
+    dtypes = (DTYPES[dtype or "float32"], DTYPES[dtype or REQUANTIZED_DTYPE])
     check_architecture(reader, where)
     tokenizer = sentencepiece_model(reader, where)
-    config = config_from_metadata(reader, where, dtype)
-    tensors = {tensor_key(t.name): t for t in reader.tensors if tensor_key(t.name)}
+    config = config_from_metadata(reader, where, dtype or "float32")
+    tensors = {tensor_key(t.name): Source(t, gguf_path) for t in reader.tensors if tensor_key(t.name)}
     if mmproj is not None:
         vision_reader = open_gguf(Path(mmproj))
         tokens = [str(t) for t in field(reader, "tokenizer.ggml.tokens", where)]
         config = multimodal_config(config, vision_reader, tokens, str(mmproj))
         tensors = {f"language_model.{k}": t for k, t in tensors.items()}
-        tensors.update({vision_key(t.name): t for t in vision_reader.tensors if vision_key(t.name)})
+        tensors.update({vision_key(t.name): Source(t, Path(mmproj)) for t in vision_reader.tensors if vision_key(t.name)})
     model = build_model(parse_config(config, where))
-    shapes = {k: converted_shape(k, tuple(int(n) for n in reversed(t.shape))) for k, t in tensors.items()}
-    check_shapes(model, shapes, where, {k: t.name for k, t in tensors.items()})
-    plan = tensor_plan(tensors, model, quantize)
-    config["quantization"] = quantization_json(plan, 4, 32) if any(plan.values()) else None
-    if config["quantization"] is None:
-        del config["quantization"]
+    shapes = {k: converted_shape(k, t.shape) for k, t in tensors.items()}
+    check_shapes(model, shapes, where, {k: t.tensor.name for k, t in tensors.items()})
+    plan, outcomes = tensor_plan(tensors, model, quantize)
+    if any(plan.values()):
+        defaults = (quantize.bits, quantize.group_size) if quantize else (DEFAULT_BITS, GGML_GROUP_SIZE)
+        config["quantization"] = quantization_json(plan, *defaults)
     with output_folder(mlx_path, force) as work:
         writer = ShardWriter(work)
-        with Progress(sum(int(t.n_bytes) for t in tensors.values()), f"converting {gguf_path.name}") as progress:
-            for key, tensor in tensors.items():
-                for name, array in converted_tensor(key, tensor, plan.get(key.removesuffix(".weight")), DTYPES[dtype]):
-                    mx.eval(array)
-                    writer.add(name, array)
-                progress.advance(int(tensor.n_bytes))
+        with Progress(sum(int(t.tensor.n_bytes) for t in tensors.values()), f"converting {gguf_path.name}") as progress:
+            for key, source in tensors.items():
+                write_tensor(writer, key, source, plan.get(key.removesuffix(".weight")), dtypes, progress)
         writer.close()
+        if quantize:
+            print(requantize_summary(outcomes, quantize), file=sys.stderr)
         report_size(model, writer)
         (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (work / "tokenizer.model").write_bytes(tokenizer)
@@ -307,38 +350,73 @@ def convert_gguf(
     return mlx_path
 
 
-def tensor_plan(tensors: dict, model, quantize: Quantization | None) -> dict[str, QuantSpec | None]:
-    """Layer path → how it is stored: lossless GGML types at their own bits and group 32, others float
-    (or, with -q, requantized as asked where the group divides the width)."""
+def tensor_plan(tensors: dict[str, Source], model, quantize: Quantization | None) -> tuple[dict, Counter]:
+    """Layer path → how it is stored (QuantSpec, or None for float), and how many weights went which way."""
     from mlx_gemma3.model.quantize import quantization_plan
 
-    requantized = quantization_plan(model, quantize.recipe, quantize.bits, quantize.group_size) if quantize else {}
-    plan = {}
-    for key, tensor in tensors.items():
-        if not key.endswith(".weight") or len(tensor.shape) != 2:
-            continue
+    asked = quantization_plan(model, quantize.recipe, quantize.bits, quantize.group_size) if quantize else {}
+    plan, outcomes = {}, Counter()
+    for key, source in tensors.items():
         path = key.removesuffix(".weight")
-        kind = tensor.tensor_type.name
-        if path.endswith(NEVER_QUANTIZED):
+        if not key.endswith(".weight") or len(source.shape) != 2 or path.endswith(NEVER_QUANTIZED):
             continue
-        plan[path] = QuantSpec(LOSSLESS[kind], 32) if kind in LOSSLESS else requantized.get(path)
-    return plan
+        plan[path], outcome = storage(source.kind, asked.get(path), quantize)
+        outcomes[outcome] += 1
+    return plan, outcomes
 
 
-def converted_tensor(key: str, tensor, spec: QuantSpec | None, dtype: mx.Dtype):
-    """(name, array) pairs for one tensor: norms shifted back by 1, quantized layers as weight/scales/biases."""
+def storage(kind, wanted: QuantSpec | None, quantize: Quantization | None) -> tuple[QuantSpec | None, tuple[str, str]]:
+    """How one weight is stored, and why: GGML's lossless types at their own bits in groups of 32, other types
+    in float; with -q, requantized as asked unless lossless and at or below the asked bits."""
+    stored = lossless_spec(kind)
+    if quantize is None:
+        return stored, ("kept", kind.name)
+    if stored is not None and wanted is None:
+        return stored, ("kept", f"as stored ({kind.name}): the group size does not divide its width")
+    if stored is not None and stored.bits <= wanted.bits:
+        return stored, ("kept", f"as stored ({kind.name}): lossless {stored.bits}-bit, not above the {wanted.bits} bits asked")
+    if wanted is None:
+        return None, ("kept", f"in float ({kind.name}): the group size does not divide its width")
+    return wanted, ("requantized", kind.name)
+
+
+def requantize_summary(outcomes: Counter, quantize: Quantization) -> str:
+    """One line: what -q requantized, and what it left as it was and why."""
+    requantized = Counter({kind: n for (what, kind), n in outcomes.items() if what == "requantized"})
+    recipe = "" if quantize.recipe == "uniform" else f", {quantize.recipe} recipe"
+    kinds = ", ".join(f"{n} {kind}" for kind, n in requantized.most_common())
+    done = f"requantized {requantized.total()} tensors ({kinds})" if requantized else "requantized no tensor"
+    parts = [f"{done} to {quantize.bits}-bit, group {quantize.group_size}{recipe}"]
+    parts += [f"kept {n} {why}" for (what, why), n in outcomes.items() if what == "kept"]
+    return "; ".join(parts)
+
+
+def write_tensor(writer: ShardWriter, key: str, source: Source, spec: QuantSpec | None, dtypes, progress) -> None:
+    """Convert and write one tensor in blocks of rows; each block is on disk before the next is read."""
+    rows = source.shape[0]
+    step = max(1, BLOCK_VALUES // math.prod(source.shape[1:]))
     path = key.removesuffix(".weight")
-    if spec is not None and tensor.tensor_type.name in LOSSLESS:
-        weight, scales, biases = lossless_parts(tensor)
-        yield from ((f"{path}.weight", mx.array(weight)), (f"{path}.scales", mx.array(scales)),
-                    (f"{path}.biases", mx.array(biases)))
-        return
-    values = dequantized(tensor)
+    names = [key] if spec is None else [f"{path}.weight", f"{path}.scales", f"{path}.biases"]
+    slots = None
+    for start in range(0, rows, step):
+        raw = source.read_rows(start, min(start + step, rows))
+        arrays = converted_block(key, source, raw, spec, dtypes)
+        slots = slots or [writer.reserve(n, a.dtype, (rows, *a.shape[1:])) for n, a in zip(names, arrays)]
+        for slot, array in zip(slots, arrays):
+            slot.write(start, array)
+        progress.advance(raw.nbytes)
+
+
+def converted_block(key: str, source: Source, raw: np.ndarray, spec: QuantSpec | None, dtypes) -> list[mx.array]:
+    """Rows of one tensor in our layout: [float values] (norms shifted back by 1), or a quantized layer's
+    [weight, scales, biases], copied from GGML's blocks when they are lossless, else requantized."""
+    float_dtype, quantized_dtype = dtypes
+    if spec is not None and spec == lossless_spec(source.kind):
+        return [mx.array(part) for part in lossless_parts(raw, source.kind)]
+    values = dequantized(raw, source.kind).reshape(raw.shape[0], *source.shape[1:])
     if key.endswith(SHIFTED_NORMS) and not key.startswith(VISION):
         values = values - np.float32(1.0)  # GGUF stores Gemma's (1 + w)
-    array = converted(key, mx.array(values)).astype(dtype)
+    array = converted(key, mx.array(values))
     if spec is None:
-        yield key, array
-        return
-    weight, scales, biases = mx.quantize(array, group_size=spec.group_size, bits=spec.bits)
-    yield from ((f"{path}.weight", weight), (f"{path}.scales", scales), (f"{path}.biases", biases))
+        return [array.astype(float_dtype)]
+    return list(mx.quantize(array.astype(quantized_dtype), group_size=spec.group_size, bits=spec.bits))

@@ -146,3 +146,20 @@ def test_group_size_that_divides_no_layer(tmp_path):
     out = tmp_path / "out"
     assert_one_line_error(run_convert(tmp_path / "hf", out, "-q", "--q-group-size", "128"), "divides no layer")
     assert not out.exists() and leftovers(out) == []
+
+
+@pytest.mark.parametrize("umask,folder_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)],
+                         ids=["umask 022", "umask 027"])
+def test_output_permissions_follow_the_umask(hf_text, tmp_path, umask, folder_mode, file_mode):
+    import os
+    import stat
+
+    hf_dir, _ = hf_text
+    previous = os.umask(umask)
+    try:
+        out = convert(hf_dir, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == folder_mode
+    files = list(out.iterdir())
+    assert files and all(stat.S_IMODE(f.stat().st_mode) == file_mode for f in files), [(f.name, oct(f.stat().st_mode)) for f in files]

@@ -80,3 +80,32 @@ def test_ctrl_c_leaves_nothing(wide_checkpoint, tmp_path):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shard_writer_streams_row_blocks_into_valid_safetensors(tmp_path):
+    import mlx.core as mx
+    from safetensors.torch import load_file
+
+    from mlx_gemma3.convert.output import ShardWriter
+
+    rng = np.random.default_rng(1)
+    tensors = {
+        "a.weight": mx.array(rng.integers(0, 2**32, (6, 4), dtype=np.uint32)),
+        "b.scales": mx.array(rng.standard_normal((5, 3), dtype=np.float32)).astype(mx.bfloat16),
+        "c.conv": mx.array(rng.standard_normal((2, 3, 4, 5), dtype=np.float32)).transpose(0, 2, 3, 1),
+        "d.norm": mx.array(rng.standard_normal(7, dtype=np.float32)),
+    }
+    writer = ShardWriter(tmp_path, max_bytes=128)
+    slot = writer.reserve("a.weight", mx.uint32, (6, 4))
+    for start in (4, 0, 2):  # blocks of rows, in any order
+        slot.write(start, tensors["a.weight"][start:start + 2])
+    for key in ("b.scales", "c.conv", "d.norm"):
+        writer.add(key, tensors[key])
+    files = writer.close()
+    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    loaded = {k: v for f in files for k, v in mx.load(str(f)).items()}
+    assert loaded.keys() == tensors.keys()
+    assert all(loaded[k].dtype == v.dtype and mx.array_equal(loaded[k], v).item() for k, v in tensors.items())
+    read = {k: v for f in files for k, v in load_file(str(f)).items()}  # the safetensors library reads them too
+    assert read.keys() == tensors.keys() and read["b.scales"].float().tolist() == tensors["b.scales"].tolist()
+    assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []

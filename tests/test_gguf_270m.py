@@ -1,9 +1,16 @@
-"""The real Gemma 3 270M (PyPI GGUF, Q4_K_M): lossless import, logits and greedy text against transformers' GGUF load."""
+"""The real Gemma 3 270M (PyPI GGUF, Q4_K_M): lossless import, logits and greedy text against transformers' GGUF load,
+peak memory of the conversion."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import struct
+import subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -24,13 +31,79 @@ def gguf_file(tmp_path_factory) -> Path:
     return assemble(tmp_path_factory.mktemp("gguf") / NAME)
 
 
-@pytest.fixture(scope="session")
-def lossless(gguf_file, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("g270") / "mlx"
-    from mlx_gemma3.convert.__main__ import main
+# Converts in this process, printing the resident memory when the first tensor is converted and the peak after it:
+# the peak is reset then (Linux's /proc/self/clear_refs), so the baseline is everything before the tensors (the
+# interpreter, MLX, and the gguf reader's parse of the 262k-token vocabulary, ~0.8 GB) and the growth is what
+# converting the tensors costs.
+PEAK_SCRIPT = """
+import re, sys
+import mlx_gemma3.convert.gguf as gguf_convert
+from mlx_gemma3.convert.__main__ import main
 
-    assert main(["--gguf", str(gguf_file), "--mlx-path", str(folder)]) == 0
-    return mlx_gemma3.load(folder)
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+write_tensor, start = gguf_convert.write_tensor, []
+
+def measured(*args):
+    if not start:
+        start.append(status("VmRSS"))
+        open("/proc/self/clear_refs", "w").write("5")
+    write_tensor(*args)
+
+gguf_convert.write_tensor = measured
+assert main(sys.argv[1:]) == 0
+print("PEAK", start[0], status("VmHWM"))
+"""
+MARGIN = 32 * 2**20  # allocator slack and one block of rows in flight (convert/gguf.py BLOCK_VALUES)
+
+
+class Conversion(NamedTuple):
+    folder: Path
+    stderr: str
+    grown: int  # how far the peak resident memory rose above the baseline while the tensors were converted
+
+
+def convert_measured(gguf_file: Path, folder: Path, *args: str) -> Conversion:
+    command = [sys.executable, "-c", PEAK_SCRIPT, "--gguf", str(gguf_file), "--mlx-path", str(folder), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    start, peak = map(int, result.stdout.split("PEAK")[1].split())
+    return Conversion(folder, result.stderr, peak - start)
+
+
+@pytest.fixture(scope="session")
+def lossless_conversion(gguf_file, tmp_path_factory) -> Conversion:
+    return convert_measured(gguf_file, tmp_path_factory.mktemp("g270") / "mlx")
+
+
+@pytest.fixture(scope="session")
+def q4_conversion(gguf_file, tmp_path_factory) -> Conversion:
+    """`-q` with its defaults: 4 bits, group 64."""
+    return convert_measured(gguf_file, tmp_path_factory.mktemp("g270q4") / "mlx", "-q")
+
+
+@pytest.fixture(scope="session")
+def lossless(lossless_conversion):
+    return mlx_gemma3.load(lossless_conversion.folder)
+
+
+def largest_tensor_bytes(folder: Path) -> int:
+    """The largest tensor stored in the folder's model.safetensors, from its header."""
+    with open(folder / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return max(end - begin for key, entry in header.items() if key != "__metadata__" for begin, end in [entry["data_offsets"]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conversion", ["lossless_conversion", "q4_conversion"])
+def test_peak_memory_stays_near_the_largest_tensor(request, gguf_file, conversion):
+    measured = request.getfixturevalue(conversion)
+    largest = largest_tensor_bytes(measured.folder)
+    print(f"{conversion}: peak grew {measured.grown / 2**20:.0f} MiB over the baseline; largest tensor "
+          f"{largest / 2**20:.0f} MiB, GGUF {gguf_file.stat().st_size / 2**20:.0f} MiB")
+    assert measured.grown <= 1.5 * largest + MARGIN
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +124,9 @@ def test_lossless_tensors_are_bit_identical_to_ggml(gguf_file):
         kind = tensor.tensor_type.name
         if kind not in LOSSLESS:
             continue
-        weight, scales, biases = (mx.array(a) for a in lossless_parts(tensor))
+        weight, scales, biases = (mx.array(a) for a in lossless_parts(tensor.data, tensor.tensor_type))
         ours = np.array(mx.dequantize(weight, scales, biases, group_size=32, bits=LOSSLESS[kind]))
-        assert np.array_equal(ours.view(np.uint32), dequantized(tensor).view(np.uint32)), tensor.name
+        assert np.array_equal(ours.view(np.uint32), dequantized(tensor.data, tensor.tensor_type).view(np.uint32)), tensor.name
         kinds.add(kind)
     assert kinds == {"Q8_0", "Q4_K"}  # this file has no Q4_0; the tiny-model GGUF tests cover it
 
@@ -121,8 +194,8 @@ def torch_model_from(folder: Path):
         path = key.removesuffix(".weight")
         if f"{path}.scales" in stored:
             spec = quantization.get(path) if isinstance(quantization.get(path), dict) else quantization
-            value = mx.dequantize(value, stored[f"{path}.scales"], stored[f"{path}.biases"],
-                                  group_size=spec["group_size"], bits=spec["bits"])
+            scales, biases = (stored[f"{path}.{part}"].astype(mx.float32) for part in ("scales", "biases"))
+            value = mx.dequantize(value, scales, biases, group_size=spec["group_size"], bits=spec["bits"])  # exact in float32
         state[key] = torch.tensor(np.array(value.astype(mx.float32)))
     model = Gemma3ForCausalLM(Gemma3TextConfig(**{k: v for k, v in config.items() if k != "model_type"}))
     model.load_state_dict(state, strict=False)
@@ -136,22 +209,54 @@ def perplexity(model, ids: list[int]) -> float:
     return math.exp(-float(picked.mean()))
 
 
-def test_requantized_perplexity(lossless, gguf_file, tmp_path):
+def test_requantized_perplexity(lossless, lossless_conversion, q4_conversion, gguf_file, tmp_path):
     from mlx_gemma3.convert.__main__ import main
 
     _, processor = lossless
     ids = processor.tokenizer.encode(LONG)
     assert len(ids) >= 2000
-    results = {}
-    for name, args in {"lossless import": [], "8-bit": ["-q", "--q-bits", "8"],
-                       "4-bit group 64": ["-q", "--q-bits", "4", "--q-group-size", "64"]}.items():
-        folder = tmp_path / name.replace(" ", "-")
-        assert main(["--gguf", str(gguf_file), "--mlx-path", str(folder), *args]) == 0
-        results[name] = perplexity(torch_model_from(folder), ids)
+    assert main(["--gguf", str(gguf_file), "--mlx-path", str(tmp_path / "8-bit"), "-q", "--q-bits", "8"]) == 0
+    folders = {"lossless import": lossless_conversion.folder, "8-bit": tmp_path / "8-bit",
+               "4-bit group 64": q4_conversion.folder}  # -q's defaults
+    results = {name: perplexity(torch_model_from(folder), ids) for name, folder in folders.items()}
     base = results["lossless import"]
     print("perplexity on tests/data/perplexity.txt (%d tokens): %s" % (len(ids), ", ".join(f"{k} {v:.3f}" for k, v in results.items())))
     assert abs(results["8-bit"] / base - 1) <= 0.01
     assert results["4-bit group 64"] < 2 * base  # reported; 4-bit costs a little
+
+
+@pytest.mark.slow
+def test_q_requantizes_down_to_the_bits_asked(q4_conversion, gguf_file):
+    folder, stderr = q4_conversion.folder, q4_conversion.stderr
+    block = json.loads((folder / "config.json").read_text())["quantization"]
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    reported = float(stderr.split(" bits per weight")[0].split()[-1])
+    print(f"-q: {reported} bits per weight, weights {weights / 2**20:.0f} MiB, GGUF {gguf_file.stat().st_size / 2**20:.0f} MiB")
+    print(stderr.splitlines()[0])
+    assert weights < gguf_file.stat().st_size and reported <= 5
+    assert block["bits"] == 4 and block["group_size"] == 64 and "model.embed_tokens" not in block  # Q8_0 → 4-bit
+    kept = {path for path, spec in block.items() if isinstance(spec, dict)}
+    assert kept and all(block[path] == {"group_size": 32, "bits": 4} for path in kept)  # the Q4_K tensors
+    assert [line.startswith("requantized") for line in stderr.splitlines()].count(True) == 1
+    assert "requantized 100 tensors (81 Q5_0, 10 Q8_0, 9 Q6_K)" in stderr
+    assert f"kept {len(kept)} as stored (Q4_K): lossless 4-bit, not above the 4 bits asked" in stderr
+
+
+@pytest.fixture(scope="session")
+def q4_reference(q4_conversion):
+    return torch_model_from(q4_conversion.folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", ["english", "code"])
+def test_requantized_logits_match_transformers_on_our_dequantized_weights(q4_conversion, q4_reference, prompt):
+    model, processor = mlx_gemma3.load(q4_conversion.folder)
+    ids = processor.tokenizer.encode(PROMPTS[prompt])
+    with torch.no_grad():
+        expected = q4_reference(torch.tensor([ids])).logits.float().numpy()
+    ours = np.array(model(mx.array([ids])))
+    print(f"{prompt}: max |Δ| {np.abs(ours - expected).max():.2e}")
+    assert np.abs(ours - expected).max() <= 1e-3
 
 
 def test_generate_without_a_model_converts_the_demo_once(lossless, reference, tmp_path):

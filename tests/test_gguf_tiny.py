@@ -236,3 +236,34 @@ def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch, capsys):
         assert np.abs(np.array(model(mx.array(ids))) - expected).max() <= 1e-4, name
     assert model_folder(str(path)) == folder_b and model_folder(str(first)) == folder_a  # a copy reuses it
     assert "converting" not in capsys.readouterr().err
+
+
+def test_q_requantizes_tensors_stored_above_the_bits_asked(gguf_pair, tmp_path):
+    import json
+
+    folder, _ = gguf_pair
+    result = run_cli("mlx_gemma3.convert", "--gguf", str(folder / "text.gguf"), "--mlx-path", str(tmp_path / "mlx"), "-q")
+    assert result.returncode == 0, result.stderr
+    block = json.loads((tmp_path / "mlx" / "config.json").read_text())["quantization"]
+    assert block["bits"] == 4 and block["group_size"] == 64
+    assert block["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 4}  # Q4_0: kept, lossless
+    for path in ("model.embed_tokens", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"):
+        assert path not in block  # Q8_0, Q8_0, Q5_0: requantized to 4-bit group 64
+    summary = [line for line in result.stderr.splitlines() if line.startswith("requantized")]
+    # 6 layers: k, v, o and gate stored F32, up Q8_0 (and the embedding), down Q5_0, q Q4_0 (QUANTIZED)
+    assert summary == ["requantized 37 tensors (24 F32, 7 Q8_0, 6 Q5_0) to 4-bit, group 64; "
+                       "kept 6 as stored (Q4_0): lossless 4-bit, not above the 4 bits asked"]
+
+
+def test_q_bits_alone_implies_q(gguf_pair, tmp_path):
+    import json
+
+    folder, _ = gguf_pair
+    result = run_cli("mlx_gemma3.convert", "--gguf", str(folder / "text.gguf"), "--mlx-path", str(tmp_path / "mlx"), "--q-bits", "8")
+    assert result.returncode == 0, result.stderr
+    block = json.loads((tmp_path / "mlx" / "config.json").read_text())["quantization"]
+    assert block["bits"] == 8 and block["group_size"] == 64
+    assert block["model.embed_tokens"] == {"group_size": 32, "bits": 8}  # Q8_0: kept, at the 8 bits asked
+    assert block["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 4}  # Q4_0: kept
+    assert "model.layers.0.mlp.down_proj" not in block  # Q5_0: quantized to 8-bit group 64
+    assert "requantized 30 tensors (24 F32, 6 Q5_0) to 8-bit, group 64; kept 7 as stored (Q8_0)" in result.stderr

@@ -141,3 +141,19 @@ def test_mixed_recipe_layers(saved, tmp_path):
     assert "model.layers.0.mlp.down_proj" in eight and "model.layers.0.self_attn.q_proj" not in eight
     assert block["bits"] == 4 and block["group_size"] == 64
     assert "lm_head.weight" not in read_weights(mlx_dir)  # the tied head is the quantized embedding
+
+
+@pytest.mark.parametrize("args,bits,group", [((), None, None), (("--q-bits", "8"), 8, 64), (("--q-group-size", "32"), 4, 32),
+                                             (("--quant-recipe", "mixed"), 4, 64)])
+def test_quantization_options_imply_q(saved, tmp_path, args, bits, group):
+    from conftest import run_cli
+
+    folder, _ = saved
+    result = run_cli("mlx_gemma3.convert", "--hf-path", str(folder / "text"), "--mlx-path", str(tmp_path / "mlx"), *args)
+    assert result.returncode == 0, result.stderr
+    block = json.loads((tmp_path / "mlx" / "config.json").read_text()).get("quantization")
+    if bits is None:
+        assert block is None and not quantized_paths(tmp_path / "mlx")
+        return
+    assert (block["bits"], block["group_size"]) == (bits, group) and "model.layers.0.self_attn.q_proj" in quantized_paths(tmp_path / "mlx")
+    assert (block.get("model.embed_tokens") == {"group_size": 64, "bits": 8}) == ("mixed" in args)
