@@ -57,6 +57,7 @@ def record_fetches(cache) -> list[tuple[str, int]]:
     return seen
 
 
+@pytest.mark.slow
 def test_long_run_keeps_sliding_caches_bounded(hf_text, tmp_path):
     hf_dir, _ = hf_text
     model, _ = mlx_gemma3.load(convert(hf_dir, tmp_path / "mlx"))
@@ -190,6 +191,7 @@ def mlx_lm_step_logits(folder, ids: list[int], max_kv_size: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("chunk", [1, 7, None])
+@pytest.mark.slow
 def test_max_kv_size_keeps_attention_sinks_like_mlx_lm(hf_text, tmp_path, chunk):
     """Past the bound, full layers see the first 4 tokens and the latest max_kv_size − 4, as mlx-lm's rotating
     cache does (mlx-lm is the reference: transformers has no bounded cache)."""

@@ -86,6 +86,7 @@ def test_chat_cli_missing_model_is_one_line():
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
 
 
+@pytest.mark.slow
 def test_chat_cli_ctrl_c_stops_a_reply_and_keeps_the_chat(tiny_chat_model):
     import os
     import signal

@@ -55,6 +55,7 @@ print("PEAK", before, peak())
 
 
 @pytest.mark.parametrize("extra", [[], ["--dtype", "bfloat16"], ["-q"]], ids=["float32", "bfloat16", "4-bit"])
+@pytest.mark.slow
 def test_peak_memory_stays_near_the_largest_shard(wide_checkpoint, tmp_path, extra):
     folder, largest = wide_checkpoint
     args = ["--hf-path", str(folder), "--mlx-path", str(tmp_path / "out"), *extra]

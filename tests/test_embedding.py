@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import pytest
 import torch
 
 import mlx_gemma3
@@ -111,6 +112,7 @@ class Script:
         return mx.where(mx.arange(logits.shape[-1]) == token, 1e4, logits)
 
 
+@pytest.mark.slow
 def test_run_tools_loop(tiny_chat_model):
     folder, _, _ = tiny_chat_model
     model, processor = mlx_gemma3.load(folder)
@@ -132,6 +134,7 @@ def test_run_tools_loop(tiny_chat_model):
     assert run.exhausted and len(run.rounds) == 2  # the bound holds when the model keeps calling
 
 
+@pytest.mark.slow
 def test_examples_run(tiny_chat_model):
     folder, _, _ = tiny_chat_model
     for example, extra in (("app_worker.py", ["--cancel-after", "0.2"]), ("tool_agent.py", [])):

@@ -33,6 +33,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("chunk", [1, 7, WINDOW - 1, WINDOW, WINDOW + 1, None])
+@pytest.mark.slow
 def test_greedy_tokens_and_logits_match_transformers(tiny, chunk):
     model, processor, prompt, expected_tokens, expected_logits = tiny
     assert len(expected_tokens) == NEW_TOKENS and not {1, 106} & set(expected_tokens)  # the reference ran 100 steps

@@ -20,6 +20,8 @@ import torch
 import mlx_gemma3
 from mlx_gemma3.generation.stream import stream_generate
 
+pytestmark = pytest.mark.slow  # converts and runs the real 270M: minutes on this CPU
+
 DATA = Path(__file__).parent / "data"
 NAME = "gemma-3-270m-q4_k_m.gguf"
 

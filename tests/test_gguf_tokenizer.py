@@ -67,6 +67,7 @@ def _mismatches(texts, ours, ref) -> set[int]:
     return {n for n, text in enumerate(texts) if ours.encode(text) != ref.encode(text)}
 
 
+@pytest.mark.slow
 def test_real_file_stores_space_runs_with_spaces_and_no_chat_template(reader):
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     spaced = [i for i, token in enumerate(tokens) if " " in token]
@@ -75,6 +76,7 @@ def test_real_file_stores_space_runs_with_spaces_and_no_chat_template(reader):
     assert chat_template(reader) is None
 
 
+@pytest.mark.slow
 def test_rebuilt_model_has_gemmas_settings(ours):
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(ours._sp.serialized_model_proto())
@@ -88,6 +90,7 @@ def test_rebuilt_model_has_gemmas_settings(ours):
     assert not normalizer.add_dummy_prefix and not normalizer.remove_extra_whitespaces
 
 
+@pytest.mark.slow
 def test_vocabulary_and_special_ids_match_transformers(ours, ref):
     assert ours.vocab_size == len(ref) == 262144
     for piece, i in SPECIAL.items():

@@ -1,6 +1,7 @@
 """The README runs as written: every fenced block right after a `<!-- readme-test -->` line is run here.
 
-Convention: bash blocks run line by line, Python blocks as one script, in a scratch folder where
+Convention: bash blocks run line by line (an install step before `&&` is dropped: the test environment has it),
+Python blocks as one script, in a scratch folder where
 `gemma-3-1b-it-mlx` is the tiny chat model and the demo's cache folder holds a tiny base model (so no command
 downloads or converts anything). MARKED counts the blocks: dropping or adding a marker fails the test."""
 
@@ -46,8 +47,12 @@ def scratch(tiny_chat_model, tmp_path_factory) -> tuple[Path, dict]:
     return folder, env
 
 
+INSTALL = re.compile(r"^.*pip install [^&]*&& ")  # the environment is installed already: run what follows
+
+
 def commands() -> list[str]:
-    return [line for language, body in marked_blocks() if language == "bash" for line in body.splitlines() if line.strip()]
+    lines = [line for language, body in marked_blocks() if language == "bash" for line in body.splitlines()]
+    return [INSTALL.sub("", line) for line in lines if line.strip()]
 
 
 def scripts() -> list[str]:

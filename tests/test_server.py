@@ -239,6 +239,7 @@ def test_concurrent_clients_each_get_their_own_answer(server):
     assert results == expected
 
 
+@pytest.mark.slow
 def test_disconnect_mid_stream_stops_generation(server):
     port, state, _ = server
     counter = Counter()

@@ -98,6 +98,7 @@ def many_calls(model, processor) -> tuple[int, int]:
     return before, stream_index()
 
 
+@pytest.mark.slow
 def test_generation_reuses_one_stream_per_thread(tiny_chat_model):
     model, processor = mlx_gemma3.load(tiny_chat_model[0])
     before, after = many_calls(model, processor)

@@ -225,6 +225,7 @@ def bad_images(folder):
     return {"empty.png": "empty", "text.png": "not an image", "cut.png": "truncated", "huge.png": "pixels"}
 
 
+@pytest.mark.slow
 def test_generate_cli_bad_images_are_one_line(image_chat_model, tmp_path):
     from conftest import run_cli
 
