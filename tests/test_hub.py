@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from mlx_gemma3.convert.hub import download_error, is_repo_id, resolve_hf_path
+from mlx_gemma3.convert.hub import resolve_hf_path
+from mlx_gemma3.model.sources import download_error, is_repo_id
 from mlx_gemma3.errors import Gemma3Error
 
 
@@ -47,7 +48,7 @@ def test_a_repo_id_without_huggingface_hub_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(Gemma3Error) as error:
         resolve_hf_path("google/gemma-3-1b-it")
-    assert "pip install huggingface_hub" in str(error.value) and "\n" not in str(error.value)
+    assert "pip install 'mlx-gemma3[hub]'" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_an_unknown_repo_offline_is_one_clear_line(tmp_path, monkeypatch):

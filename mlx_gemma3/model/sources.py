@@ -151,6 +151,8 @@ def download_error(repo_id: str, error: Exception) -> str:
         return f"Hub repo {repo_id} is gated: accept its license on huggingface.co, then run `hf auth login`"
     if kind == "RepositoryNotFoundError":
         return f"{repo_id} is neither a local folder nor a Hub repo (if the repo is private, run `hf auth login`)"
+    if kind == "RevisionNotFoundError":
+        return f"Hub repo {repo_id} has no main revision"
     if isinstance(error, FileNotFoundError) or kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
         return (
             f"cannot download {repo_id}: the Hugging Face Hub is unreachable (no network, or HF_HUB_OFFLINE=1) "
