@@ -88,6 +88,25 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def greedy_fixture(folder: Path, seed: int, prompt_length: int, new_tokens: int, prompt_seed: int):
+    """A tiny model converted in `folder`, loaded, and transformers' greedy continuation of a random prompt:
+    (model, processor, prompt ids, generated ids, log-probabilities of each step [new_tokens, V])."""
+    import mlx_gemma3
+
+    torch = reference_torch()
+    reference = tiny_text_model(seed=seed)
+    reference.save_pretrained(folder / "hf")
+    model, processor = mlx_gemma3.load(convert(folder / "hf", folder / "mlx"))
+    prompt = random_ids(prompt_length, seed=prompt_seed)
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor(prompt), max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
+        )
+    tokens = out.sequences[0, prompt.shape[1] :].tolist()
+    return model, processor, prompt[0].tolist(), tokens, log_softmax(torch.stack(out.logits, dim=1)[0].float().numpy())
+
+
 def reference_logits(model, ids: np.ndarray) -> np.ndarray:
     torch = reference_torch()
     with torch.no_grad():

@@ -5,10 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 
 import mlx_gemma3
-from conftest import TINY_TEXT, convert, log_softmax, random_ids, tiny_text_model
+from conftest import TINY_TEXT, greedy_fixture, random_ids
 from mlx_gemma3.generation.stream import generate, stream_generate
 
 WINDOW = TINY_TEXT["sliding_window"]
@@ -17,19 +16,7 @@ NEW_TOKENS = 100
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gen")
-    reference = tiny_text_model(seed=1)
-    reference.save_pretrained(folder / "hf")
-    model, processor = mlx_gemma3.load(convert(folder / "hf", folder / "mlx"))
-    prompt = random_ids(3 * WINDOW, seed=5)
-    with torch.no_grad():
-        out = reference.generate(
-            torch.tensor(prompt), max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-            return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
-        )
-    tokens = out.sequences[0, prompt.shape[1] :].tolist()
-    logits = log_softmax(torch.stack(out.logits, dim=1)[0].float().numpy())
-    return model, processor, prompt[0].tolist(), tokens, logits
+    return greedy_fixture(tmp_path_factory.mktemp("gen"), 1, 3 * WINDOW, NEW_TOKENS, 5)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, WINDOW - 1, WINDOW, WINDOW + 1, None])

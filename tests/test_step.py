@@ -8,10 +8,9 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 
 import mlx_gemma3
-from conftest import TINY_TEXT, convert, log_softmax, random_ids, tiny_text_model
+from conftest import TINY_TEXT, greedy_fixture
 from mlx_gemma3.generation.streams import release_thread_streams
 
 NEW_TOKENS = 40
@@ -19,18 +18,7 @@ NEW_TOKENS = 40
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("step")
-    reference = tiny_text_model(seed=3)
-    reference.save_pretrained(folder / "hf")
-    model, processor = mlx_gemma3.load(convert(folder / "hf", folder / "mlx"))
-    prompt = random_ids(2 * TINY_TEXT["sliding_window"] + 3, seed=8)
-    with torch.no_grad():
-        out = reference.generate(
-            torch.tensor(prompt), max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-            return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
-        )
-    tokens = out.sequences[0, prompt.shape[1] :].tolist()
-    return model, processor, prompt[0].tolist(), tokens, log_softmax(torch.stack(out.logits, dim=1)[0].float().numpy())
+    return greedy_fixture(tmp_path_factory.mktemp("step"), 3, 2 * TINY_TEXT["sliding_window"] + 3, NEW_TOKENS, 8)
 
 
 def test_a_custom_sampler_gets_transformers_greedy_tokens(tiny):
