@@ -236,3 +236,12 @@ def test_prefill_progress_line_ends_once_and_stays_quiet_for_one_chunk(capsys):
         progress(done, 400)
     progress(10, 10)  # a later one-chunk prompt
     assert capsys.readouterr().err == "\rprefill 256/400 prompt tokens (64%)\rprefill 400/400 prompt tokens (100%)\n"
+
+
+@pytest.mark.slow
+def test_max_kv_size_explains_its_bound(chat_folder):
+    help_text = " ".join(generate(chat_folder, "--help").stdout.split())
+    assert "first 4 tokens (attention sinks" in help_text and "latest N-4" in help_text
+    assert "more than 4" in one_error_line(generate(chat_folder, "--prompt", "Hi", "--max-kv-size", "4"))
+    bounded = generate(chat_folder, "--prompt", prompt_of(chat_folder, 60), "--max-kv-size", "24", "--max-tokens", "5")
+    assert bounded.returncode == 0, bounded.stderr
