@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +11,13 @@ from .cli import Parser, exit_with, notice_base_model, run
 from .errors import Gemma3Error
 from .model.load import load
 from .model.sources import model_folder
-from .serve.server import MAX_TOKENS_LIMIT, ServerState, make_server
+from .serve.server import MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
+
+
+def port_number(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"--port must be a number from 0 to 65535, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,19 +26,34 @@ def main(argv: list[str] | None = None) -> int:
         "--model", help="MLX model folder, .gguf file or Hugging Face repo id (default: the demo 270M, a base model)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    parser.add_argument("--port", type=port_number, default=8080, help="port (default 8080; 0: any free port)")
     parser.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT, help="largest max_tokens a request may ask")
+    parser.add_argument("--allowed-image-dir", action="append", default=[], metavar="DIR",
+                        help="a folder whose images requests may name by local path (repeatable; default: none, data URLs only)")
+    parser.add_argument("--cors-origin", help="the one browser origin allowed to call the API (default: no CORS headers)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a Host name to serve besides localhost, 127.0.0.1, [::1] and --host (repeatable)")
+    parser.add_argument("--api-key", default=os.environ.get("MLX_GEMMA3_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $MLX_GEMMA3_API_KEY, else no key)")
+    parser.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                        help=f"requests that may wait while one generates; more get 503 (default {MAX_QUEUE})")
+    parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                        help=f"seconds a client may take to send its request (default {REQUEST_TIMEOUT:g})")
     args = parser.parse_args(argv)
 
     def body() -> int:
         folder = model_folder(args.model)
         model, processor = load(folder)
         notice_base_model(processor, folder)
-        state = ServerState(model, processor, Path(folder).name, args.max_tokens_limit)
+        state = ServerState(
+            model, processor, Path(folder).name, args.max_tokens_limit, image_dirs=tuple(args.allowed_image_dir),
+            api_key=args.api_key, cors_origin=args.cors_origin, allowed_hosts=tuple(args.allowed_host),
+            max_queue=args.max_queue, request_timeout=args.request_timeout,
+        )
         try:
             server = make_server(state, args.host, args.port)
-        except OSError as e:
-            raise Gemma3Error(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+        except (OSError, OverflowError) as e:
+            raise Gemma3Error(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}") from None
         print(f"serving {state.model_id} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         try:
             server.serve_forever()

@@ -176,7 +176,7 @@ def test_image_message_matches_transformers(image_chat_model, tmp_path):
     from mlx_gemma3.processing.prompt import gemma_chat
 
     _, model, processor, hf, hf_processor = image_chat_model
-    httpd = make_server(ServerState(model, processor, "tiny-vlm"), "127.0.0.1", 0)
+    httpd = make_server(ServerState(model, processor, "tiny-vlm", image_dirs=(tmp_path,)), "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         url, picture = png_data_url("orange")
@@ -247,7 +247,7 @@ def test_disconnect_mid_stream_stops_generation(server):
     try:
         body = json.dumps({"messages": HELLO, "max_tokens": 500, "stream": True}).encode()
         client = socket.create_connection(("127.0.0.1", port))
-        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         received = b""
         while received.count(b"data: ") < 4:

@@ -1,39 +1,37 @@
-"""The OpenAI-compatible HTTP server (standard library only): requests, replies, one generation at a time."""
+"""The OpenAI-compatible HTTP server (standard library only): checks, prepares, queues and replies to requests."""
 
 from __future__ import annotations
 
-import base64
-import binascii
+import hmac
 import json
+import select
+import socket
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import chain
 from pathlib import Path
 
-
 from ..errors import Gemma3Error
-from ..generation.stream import stream_generate
-from ..generation.streams import release_thread_streams
-from ..processing.tools import ToolCall, as_tool, parse_tool_calls, tool_results_text, with_tools
+from ..generation.stream import TEXT_ONLY, Options, image_sources
+from ..processing.image import process_images
+from ..processing.prompt import prompt_ids
+from ..processing.tools import parse_tool_calls
+from .requests import Request, RequestError, parse_chat, parse_completion
+from .worker import ClientGone, Job, QueueFull, Worker
 
 MAX_BODY_BYTES = 20 * 2**20
 MAX_TOKENS_LIMIT = 4096
-
-
-class RequestError(Exception):
-    """A client mistake: becomes an OpenAI-style error body with this HTTP status."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
+MAX_QUEUE = 16
+REQUEST_TIMEOUT = 60.0
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 @dataclass
 class ServerState:
-    """The loaded model and the lock that makes generations take turns (caches are never interleaved)."""
+    """The loaded model and the server's policy; `worker` (made by make_server) runs the generations in turn."""
 
     model: object
     processor: object
@@ -41,13 +39,29 @@ class ServerState:
     max_tokens_limit: int = MAX_TOKENS_LIMIT
     max_body_bytes: int = MAX_BODY_BYTES
     extra_options: dict = field(default_factory=dict)  # e.g. logits_processors, for embedding apps and tests
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    image_dirs: tuple[Path, ...] = ()  # folders local image paths may name; none: only data URLs
+    api_key: str | None = None
+    cors_origin: str | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback names and the bound address
+    max_queue: int = MAX_QUEUE
+    request_timeout: float = REQUEST_TIMEOUT
+    worker: Worker | None = None
 
 
-def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
-    handler = type("Handler", (Handler,), {"state": state})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_close(self):
+        super().server_close()
+        self.RequestHandlerClass.state.worker.stop()
+
+
+def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -> Server:
+    state.image_dirs = tuple(Path(d).resolve() for d in state.image_dirs)
+    state.allowed_hosts = (*LOOPBACK_NAMES, *state.allowed_hosts, host.lower(), f"[{host.lower()}]")
+    handler = type("Handler", (Handler,), {"state": state, "timeout": state.request_timeout})
+    server = Server((host, port), handler)
+    state.worker = Worker(state.model, state.processor, state.max_queue)
     return server
 
 
@@ -55,276 +69,325 @@ class Handler(BaseHTTPRequestHandler):
     state: ServerState
     protocol_version = "HTTP/1.1"
 
-    def finish(self):
-        super().finish()
-        release_thread_streams()  # each request runs in its own thread; MLX needs it to drop its streams
+    def setup(self):
+        super().setup()
+        self.status, self.body_read, self.sent_headers, self.job = 0, False, False, None
 
-    def log_message(self, format, *args):  # one quiet line per request on stderr
+    def log_request(self, code="-", size="-"):  # the request's own line (with timings) is written when it ends
+        self.status = code
+
+    def log_message(self, format, *args):
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
-    def do_GET(self):
-        if self.path == "/health":
-            self.send_json(200, {"status": "ok"})
-        elif self.path == "/v1/models":
-            model = {"id": self.state.model_id, "object": "model", "created": 0, "owned_by": "mlx_gemma3"}
-            self.send_json(200, {"object": "list", "data": [model]})
-        else:
-            self.send_error_json(RequestError(f"no route GET {self.path}", 404))
+    def log_timings(self, started: float, usage: dict | None = None) -> None:
+        parts = [f"{self.command} {self.path} {self.status}", f"total {time.perf_counter() - started:.2f}s"]
+        job = self.job
+        if job is not None and job.started_at is not None:
+            parts.append(f"queued {job.started_at - job.queued_at:.2f}s")
+            if job.first_token_at is not None:
+                parts.append(f"first token {job.first_token_at - job.started_at:.2f}s")
+        if usage:
+            parts.append(f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated tokens")
+        self.log_message("%s", ", ".join(parts))
 
-    def do_POST(self):
-        routes = {"/v1/chat/completions": self.chat_completions, "/v1/completions": self.completions}
+    def end_headers(self):
+        if self.state.cors_origin:
+            self.send_header("Access-Control-Allow-Origin", self.state.cors_origin)
+            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.sent_headers = True
+        super().end_headers()
+
+    def do_OPTIONS(self):
+        self.body_read = True
+        if self.state.cors_origin:
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self.send_error_json(RequestError("cross-origin requests are off (start with --cors-origin)", 405))
+
+    def do_GET(self):
+        started, self.body_read = time.perf_counter(), True
         try:
-            if self.path not in routes:
-                raise RequestError(f"no route POST {self.path}", 404)
-            routes[self.path](self.read_json())
+            self.check_access()
+            if self.path == "/health":
+                self.send_json(200, {"status": "ok"})
+            elif self.path == "/v1/models":
+                model = {"id": self.state.model_id, "object": "model", "created": 0, "owned_by": "mlx_gemma3"}
+                self.send_json(200, {"object": "list", "data": [model]})
+            else:
+                raise RequestError(f"no route GET {self.path}", 404)
         except RequestError as e:
             self.send_error_json(e)
+        self.log_timings(started)
+
+    def do_POST(self):
+        started, usage = time.perf_counter(), None
+        try:
+            usage = self.post()
+        except RequestError as e:
+            self.reply_error(e)
         except Gemma3Error as e:
-            self.send_error_json(RequestError(str(e)))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; its generation was closed with the stream
+            self.reply_error(RequestError(str(e)))
+        except (ClientGone, ConnectionError, TimeoutError):
+            self.status = "client gone"
+            self.close_connection = True
+        except Exception as e:  # noqa: BLE001 — one failed request must not leave its client without an answer
+            self.reply_error(RequestError(f"internal error: {type(e).__name__}: {e}", 500))
+        finally:
+            if self.job is not None:
+                self.job.cancelled.set()
+        self.log_timings(started, usage)
+
+    def post(self) -> dict:
+        parse = {"/v1/chat/completions": self.parse_chat, "/v1/completions": self.parse_completion}.get(self.path)
+        self.check_access()
+        if parse is None:
+            raise RequestError(f"no route POST {self.path}", 404)
+        request = parse(self.read_json())
+        self.job = self.prepare(request)
+        try:
+            self.state.worker.submit(self.job)
+        except QueueFull:
+            raise RequestError("the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}) from None
+        steps = self.job.steps(self.client_gone)
+        return self.stream_reply(request, steps) if request.stream else self.whole_reply(request, steps)
+
+    def parse_chat(self, body: dict) -> Request:
+        return parse_chat(body, self.state.max_tokens_limit, self.state.image_dirs)
+
+    def parse_completion(self, body: dict) -> Request:
+        return parse_completion(body, self.state.max_tokens_limit)
+
+    def check_access(self) -> None:
+        if host_name(self.headers.get("Host", "")) not in self.state.allowed_hosts:
+            raise RequestError("this Host is not served (only this machine's names: DNS rebinding guard)", 403)
+        key = self.state.api_key
+        if key and self.path != "/health":
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                raise RequestError("a valid API key is required (Authorization: Bearer KEY)", 401)
 
     def read_json(self) -> dict:
+        if self.headers.get_content_type() != "application/json":
+            raise RequestError("the body must be JSON with Content-Type: application/json", 415)
+        if self.headers.get("Transfer-Encoding"):
+            raise RequestError("chunked request bodies are not supported: send Content-Length", 411)
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise RequestError("a JSON body with Content-Length is required", 411)
         if int(length) > self.state.max_body_bytes:
-            self.close_connection = True
             raise RequestError(f"request body over {self.state.max_body_bytes} bytes", 413)
         try:
-            body = json.loads(self.rfile.read(int(length)))
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            raise RequestError("the request body did not arrive in time", 408) from None
+        if len(raw) < int(length):
+            raise ClientGone()
+        self.body_read = True
+        try:
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"the body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object")
         return body
 
-    def chat_completions(self, body: dict) -> None:
-        tools = [as_tool(t) for t in body.get("tools") or []] if body.get("tool_choice") != "none" else []
-        messages = to_gemma_messages(required(body, "messages", list))
-        if tools:
-            messages = with_tools(messages, tools)
-        self.respond(body, messages, chat=True, tools=bool(tools))
+    def prepare(self, request: Request) -> Job:
+        """Options checked, prompt rendered and tokenized, images loaded: every client mistake is found here."""
+        state = self.state
+        options = Options.of({**request.options, **state.extra_options})
+        sources = image_sources(request.prompt) if request.chat else []
+        pixels, crops, vision = None, None, state.model.config.vision
+        if sources:
+            if vision is None:
+                raise RequestError(TEXT_ONLY)
+            pixels, crops = process_images(sources, vision.image_size, options.pan_and_scan)
+        ids = prompt_ids(state.processor, request.prompt, options.system, options.use_chat_template, crops,
+                         vision.tokens_per_image if sources else None)
+        context = state.model.config.text.max_position_embeddings
+        if len(ids) >= context:
+            raise RequestError(f"the prompt is {len(ids)} tokens; the model's context is {context}: shorten it")
+        return Job(ids, pixels, options, request.top_logprobs if request.logprobs else None)
 
-    def completions(self, body: dict) -> None:
-        prompt = required(body, "prompt", str)
-        self.respond(body, prompt, chat=False, tools=False)
+    def client_gone(self) -> bool:
+        """Whether the client closed its connection (checked between tokens, without consuming anything)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
-    def respond(self, body: dict, prompt, chat: bool, tools: bool) -> None:
-        options = generation_options(body, self.state.max_tokens_limit)
-        if not chat:
-            options["use_chat_template"] = False
-        stops = stop_strings(body)
-        reply_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        with self.state.lock:
-            responses = stream_generate(self.state.model, self.state.processor, prompt, **options, **self.state.extra_options)
-            try:
-                if body.get("stream"):
-                    self.stream_reply(reply_id, responses, stops, chat)
-                else:
-                    text, finish, usage = collect(responses, stops)
-                    self.send_json(200, completion_body(reply_id, self.state.model_id, text, finish, usage, chat, tools))
-            finally:
-                responses.close()
+    def whole_reply(self, request: Request, steps) -> dict:
+        tally = Tally()
+        pieces = list(stream_with_stops(tally.count(steps), request.stops))
+        text, finish = "".join(p[0] for p in pieces), pieces[-1][1] if pieces else "length"
+        logprobs = [entry for p in pieces for entry in p[2]] if request.logprobs else None
+        reply_id = new_id(request.chat)
+        body = (chat_body if request.chat else completion_body)(reply_id, self.state.model_id, text, finish or "length",
+                                                                 tally.usage(), request.tools, logprobs)
+        self.send_json(200, body)
+        return tally.usage()
 
-    def stream_reply(self, reply_id: str, responses, stops: list[str], chat: bool) -> None:
+    def stream_reply(self, request: Request, steps) -> dict:
+        tally, reply_id, model_id = Tally(), new_id(request.chat), self.state.model_id
+        pieces = stream_with_stops(tally.count(steps), request.stops)
+        first = next(pieces, None)  # errors of the generation's start still become a 4xx, not a broken stream
+        self.send_stream_headers()
+        chunk = lambda delta, finish=None, logprobs=None: self.send_event(  # noqa: E731
+            chunk_body(reply_id, model_id, delta, finish, request, logprobs))
+        if request.chat:
+            chunk({"role": "assistant", "content": ""})
+        rest = chain([first] if first else [], pieces)
+        if request.tools:
+            self.send_buffered_tool_reply(list(rest), chunk)
+        else:
+            for text, finish, entries in rest:
+                chunk({"content": text} if request.chat else text, finish, entries if request.logprobs else None)
+        if request.include_usage:
+            self.send_event({"id": reply_id, "object": chunk_kind(request.chat), "created": int(time.time()),
+                             "model": model_id, "choices": [], "usage": tally.usage()})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+        return tally.usage()
+
+    def send_buffered_tool_reply(self, pieces: list, chunk) -> None:
+        """With tools, the reply is buffered: tool_calls deltas when it parses as calls, else its text."""
+        text, finish = "".join(p[0] for p in pieces), (pieces[-1][1] if pieces else None) or "length"
+        calls = parse_tool_calls(text)
+        if calls:
+            deltas = [{"index": i, **call} for i, call in enumerate(tool_calls_json(calls))]
+            chunk({"tool_calls": deltas})
+            chunk({}, "tool_calls")
+        else:
+            chunk({"content": text}, finish)
+
+    def send_stream_headers(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        if chat:
-            self.send_event(chunk_body(reply_id, self.state.model_id, {"role": "assistant", "content": ""}, None, chat))
-        for text, finish in stream_with_stops(responses, stops):
-            delta = {"content": text} if chat else text
-            self.send_event(chunk_body(reply_id, self.state.model_id, delta, finish, chat))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
 
     def send_event(self, payload: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
         self.wfile.flush()
 
-    def send_json(self, status: int, payload: dict) -> None:
+    def send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if not self.body_read:  # the unread body would be taken for the next request
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
+    def reply_error(self, error: RequestError) -> None:
+        if not self.sent_headers:
+            self.send_error_json(error)
+            return
+        try:  # mid-stream (after its first token): the error is the stream's last event
+            self.send_event({"error": error_json(error)})
+        except OSError:
+            pass
+        self.close_connection = True
+
     def send_error_json(self, error: RequestError) -> None:
-        kind = "invalid_request_error" if error.status < 500 else "server_error"
-        self.send_json(error.status, {"error": {"message": str(error), "type": kind, "param": error.param, "code": None}})
+        self.send_json(error.status, {"error": error_json(error)}, error.headers)
 
 
-def required(body: dict, key: str, kind: type):
-    value = body.get(key)
-    if not isinstance(value, kind) or not value:
-        raise RequestError(f"'{key}' must be a non-empty {kind.__name__}", param=key)
-    return value
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: 'localhost:8080' → 'localhost', '[::1]:80' → '[::1]'."""
+    host = host.strip().lower()
+    return host[: host.find("]") + 1] if host.startswith("[") else host.split(":")[0]
 
 
-def number(body: dict, key: str, default, low, high, kind=float):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise RequestError(f"'{key}' must be a number", param=key)
-    if not low <= value <= high:
-        raise RequestError(f"'{key}' must lie in [{low}, {high}], got {value}", param=key)
-    return kind(value)
+def error_json(error: RequestError) -> dict:
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    return {"message": str(error), "type": kind, "param": error.param, "code": None}
 
 
-def generation_options(body: dict, limit: int) -> dict:
-    return {
-        "max_tokens": number(body, "max_tokens", min(512, limit), 1, limit, int),
-        "temp": number(body, "temperature", 0.0, 0.0, 2.0),
-        "top_p": number(body, "top_p", 1.0, 1e-9, 1.0),
-        "seed": number(body, "seed", None, 0, 2**32 - 1, int),
-    }
+class Tally:
+    """Counts the steps of a reply for its usage."""
+
+    def __init__(self):
+        self.completion_tokens, self.prompt_tokens, self.reused_tokens = 0, 0, 0
+
+    def count(self, steps):
+        for step in steps:
+            self.completion_tokens += 1
+            self.prompt_tokens, self.reused_tokens = step.prompt_tokens, step.reused_tokens
+            yield step
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.reused_tokens}}
 
 
-def stop_strings(body: dict) -> list[str]:
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-        raise RequestError("'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
-    return stops
-
-
-def to_gemma_messages(messages: list) -> list[dict]:
-    """OpenAI chat messages → ours: images from data URLs or paths, tool calls and tool results as text turns."""
-    out: list[dict] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise RequestError(f"messages[{i}] must be an object with a 'role'", param="messages")
-        role = message["role"]
-        if role == "tool":
-            text = tool_results_text([_named(message)], [message.get("content")])
-            _append(out, "user", text)
-        elif role == "assistant" and message.get("tool_calls"):
-            _append(out, "assistant", "[" + ", ".join(_call_text(c) for c in message["tool_calls"]) + "]")
-        elif role in ("system", "user", "assistant"):
-            _append(out, role, _content(message.get("content"), i))
-        else:
-            raise RequestError(f"messages[{i}] has role {role!r}: use system, user, assistant or tool", param="messages")
-    return out
-
-
-def _append(out: list[dict], role: str, content) -> None:
-    """Consecutive turns of one role (several tool results, say) merge into one, as Gemma's roles alternate."""
-    if out and out[-1]["role"] == role and role != "system":
-        previous = out[-1]["content"]
-        as_items = lambda c: c if isinstance(c, list) else [{"type": "text", "text": c}]  # noqa: E731
-        out[-1]["content"] = previous + "\n" + content if isinstance(previous, str) and isinstance(content, str) \
-            else [*as_items(previous), *as_items(content)]
-    else:
-        out.append({"role": role, "content": content})
-
-
-def _named(message: dict) -> ToolCall:
-    return ToolCall(str(message.get("name") or message.get("tool_call_id") or "tool"), {})
-
-
-def _call_text(call: dict) -> str:
-    function = call.get("function") or {}
-    try:
-        arguments = json.loads(function.get("arguments") or "{}")
-    except json.JSONDecodeError:
-        raise RequestError("tool_calls arguments must be a JSON object string", param="messages") from None
-    return f"{function.get('name')}(" + ", ".join(f"{k}={v!r}" for k, v in arguments.items()) + ")"
-
-
-def _content(content, i: int):
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise RequestError(f"messages[{i}].content must be a string or a list of parts", param="messages")
-    items = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            items.append({"type": "text", "text": str(part.get("text", ""))})
-        elif kind == "image_url":
-            url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
-            items.append({"type": "image", "image": _image_source(url, i)})
-        else:
-            raise RequestError(f"messages[{i}]: content parts must be 'text' or 'image_url'", param="messages")
-    return items
-
-
-def _image_source(url, i: int):
-    if not isinstance(url, str) or not url:
-        raise RequestError(f"messages[{i}]: image_url needs a url", param="messages")
-    if url.startswith("data:"):
-        try:
-            return base64.b64decode(url.split(",", 1)[1], validate=True)
-        except (IndexError, binascii.Error):
-            raise RequestError(f"messages[{i}]: the image data URL is not valid base64", param="messages") from None
-    if url.startswith(("http://", "https://")):
-        raise RequestError(f"messages[{i}]: remote image URLs are not fetched; send a data URL or a local path")
-    return str(Path(url.removeprefix("file://")))
-
-
-def stream_with_stops(responses, stops: list[str]):
-    """(text, finish reason or None) pieces; a stop string ends the reply unsent, and text that could begin one
-    is held back until it cannot."""
-    held = ""
-    for response in responses:
-        held += response.text
+def stream_with_stops(steps, stops: list[str]):
+    """(text, finish reason or None, logprob entries) pieces; a stop string ends the reply unsent, and text that
+    could begin one is held back until it cannot."""
+    held, entries = "", []
+    for step in steps:
+        held += step.text
+        entries += [step.logprob] if step.logprob else []
         cut = min((held.find(s) for s in stops if s in held), default=-1)
         if cut >= 0:
-            yield held[:cut], "stop"
+            yield held[:cut], "stop", entries
             return
         partial = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
         out, held = held[: len(held) - partial], held[len(held) - partial :]
-        if response.finish_reason:
-            yield out + held, response.finish_reason
+        if step.finish:
+            yield out + held, step.finish, entries
             return
         if out:
-            yield out, None
+            yield out, None, entries
+            entries = []
 
 
-def collect(responses, stops: list[str]) -> tuple[str, str, dict]:
-    text, finish, last = [], "length", None
-    counted = []
-    for piece, reason in stream_with_stops(_counting(responses, counted), stops):
-        text.append(piece)
-        finish = reason or finish
-    last = counted[-1] if counted else None
-    usage = {"prompt_tokens": last.prompt_tokens if last else 0, "completion_tokens": len(counted)}
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return "".join(text), finish, usage
+def new_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-def _counting(responses, seen: list):
-    for response in responses:
-        seen.append(response)
-        yield response
+def tool_calls_json(calls) -> list[dict]:
+    return [{"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]
 
 
-def completion_body(reply_id, model_id, text, finish, usage, chat: bool, tools: bool) -> dict:
-    created = int(time.time())
-    if not chat:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        return {"id": reply_id, "object": "text_completion", "created": created, "model": model_id,
-                "choices": [choice], "usage": usage}
+def chat_body(reply_id, model_id, text, finish, usage, tools: bool, logprobs) -> dict:
     message = {"role": "assistant", "content": text}
     calls = parse_tool_calls(text) if tools else []
     if calls:
-        message = {"role": "assistant", "content": None, "tool_calls": [
-            {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
-             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
-            for c in calls
-        ]}
-        finish = "tool_calls"
-    return {"id": reply_id, "object": "chat.completion", "created": created, "model": model_id,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage}
+        message, finish = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(calls)}, "tool_calls"
+    choice = {"index": 0, "message": message, "finish_reason": finish,
+              "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
+    return {"id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+            "choices": [choice], "usage": usage}
 
 
-def chunk_body(reply_id, model_id, delta, finish, chat: bool) -> dict:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish} if chat else {"index": 0, "text": delta, "finish_reason": finish}
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    return {"id": reply_id, "object": kind, "created": int(time.time()), "model": model_id, "choices": [choice]}
+def completion_body(reply_id, model_id, text, finish, usage, tools: bool, logprobs) -> dict:
+    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    return {"id": reply_id, "object": "text_completion", "created": int(time.time()), "model": model_id,
+            "choices": [choice], "usage": usage}
+
+
+def chunk_kind(chat: bool) -> str:
+    return "chat.completion.chunk" if chat else "text_completion"
+
+
+def chunk_body(reply_id, model_id, delta, finish, request: Request, logprobs=None) -> dict:
+    if request.chat:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                  "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
+    else:
+        choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+    body = {"id": reply_id, "object": chunk_kind(request.chat), "created": int(time.time()), "model": model_id,
+            "choices": [choice]}
+    return {**body, "usage": None} if request.include_usage else body
