@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             server = make_server(state, args.host, args.port)
         except (OSError, OverflowError) as e:
             raise Gemma3Error(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}") from None
-        print(f"serving {state.model_id} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        print(f"serving {state.model_id} on http://{args.host}:{server.server_address[1]}/v1", file=sys.stderr, flush=True)
         try:
             server.serve_forever()
         finally:
