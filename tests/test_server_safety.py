@@ -126,10 +126,12 @@ def test_streamed_text_with_tools_given_but_no_call(server):
     forced(state, "It is sunny")
     try:
         chunks = list(client(port).chat.completions.create(
-            model="tiny", messages=HELLO, tools=[WEATHER], stream=True, max_tokens=30))
+            model="tiny", messages=HELLO, tools=[WEATHER], stream=True, max_tokens=30, logprobs=True))
     finally:
         state.extra_options.clear()
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "It is sunny"
+    tokens = [e.token for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert "".join(tokens) == "It is sunny"
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
@@ -318,3 +320,12 @@ def test_an_invalid_port_is_one_line():
     result = subprocess.run([sys.executable, "-m", "mlx_gemma3.server", "--port", "99999"], capture_output=True,
                             text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--port must be" in result.stderr
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_refuse_what_they_do_not_do(server, stream):
+    port, _ = server
+    with pytest.raises(openai.BadRequestError, match="unsupported field"):
+        client(port).completions.create(model="tiny", prompt="Once upon", max_tokens=3, logprobs=2, stream=stream)
+    reply = client(port).completions.create(model="tiny", prompt="Once upon", max_tokens=3)
+    assert reply.choices[0].text is not None and reply.usage.completion_tokens >= 1

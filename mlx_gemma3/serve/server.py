@@ -241,7 +241,7 @@ class Handler(BaseHTTPRequestHandler):
             chunk({"role": "assistant", "content": ""})
         rest = chain([first] if first else [], pieces)
         if request.tools:
-            self.send_buffered_tool_reply(list(rest), chunk)
+            self.send_buffered_tool_reply(list(rest), chunk, request.logprobs)
         else:
             for text, finish, entries in rest:
                 chunk({"content": text} if request.chat else text, finish, entries if request.logprobs else None)
@@ -252,7 +252,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         return tally.usage()
 
-    def send_buffered_tool_reply(self, pieces: list, chunk) -> None:
+    def send_buffered_tool_reply(self, pieces: list, chunk, logprobs: bool) -> None:
         """With tools, the reply is buffered: tool_calls deltas when it parses as calls, else its text."""
         text, finish = "".join(p[0] for p in pieces), (pieces[-1][1] if pieces else None) or "length"
         calls = parse_tool_calls(text)
@@ -261,7 +261,7 @@ class Handler(BaseHTTPRequestHandler):
             chunk({"tool_calls": deltas})
             chunk({}, "tool_calls")
         else:
-            chunk({"content": text}, finish)
+            chunk({"content": text}, finish, [e for p in pieces for e in p[2]] if logprobs else None)
 
     def send_stream_headers(self) -> None:
         self.send_response(200)
