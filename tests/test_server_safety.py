@@ -94,7 +94,7 @@ def forced(state, text: str):
 
 
 def test_openai_client_chat_streamed_and_not_with_usage(server):
-    port, state = server
+    port, _ = server
     whole = client(port).chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=10)
     chunks = list(client(port).chat.completions.create(
         model="tiny", messages=HELLO, max_tokens=10, stream=True, stream_options={"include_usage": True}))
@@ -136,7 +136,7 @@ def test_streamed_text_with_tools_given_but_no_call(server):
 
 
 def test_logprobs_streamed_and_not(server):
-    port, state = server
+    port, _ = server
     whole = client(port).chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, logprobs=True, top_logprobs=3)
     entries = whole.choices[0].logprobs.content
     assert len(entries) == whole.usage.completion_tokens - (whole.choices[0].finish_reason == "stop")
@@ -215,7 +215,7 @@ def test_host_content_type_chunked_and_timeout_refusals(loaded):
         assert status == 411 and response.getheader("Connection") == "close"
         assert raw(port, body, json_headers)[2].getheader("Access-Control-Allow-Origin") is None
         started = time.perf_counter()
-        status, payload, _ = raw(port, body[:10], {**json_headers})  # promises more than it sends
+        status, _, _ = raw(port, body[:10], {**json_headers})  # promises more than it sends
         assert status == 408 and time.perf_counter() - started < 5
     finally:
         httpd.shutdown()
