@@ -246,3 +246,48 @@ def test_sampling_through_the_generator_runs_and_is_reproducible(small_models):
         return [token for token, _, _ in steps]
 
     assert run(1) == run(1) and len(run(2)) == 30
+
+
+@pytest.mark.slow
+def test_a_multimodal_target_with_a_text_only_draft_gives_its_own_tokens(models, tmp_path):
+    from conftest import TINY_IMAGE_TOKENS, tiny_multimodal_model
+    from test_vision import pixels, prompt_with_images
+
+    hf = tiny_multimodal_model(seed=4, image_tokens=TINY_IMAGE_TOKENS, sliding_window=8)
+    with reference_torch().no_grad():
+        hf.model.language_model.embed_tokens.weight.mul_(0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    target, _ = mlx_gemma3.load(convert(tmp_path / "hf", tmp_path / "mlx"))
+    prompt = prompt_with_images([20, "image", 25], 4)[0].tolist()
+    features = target.encode_images(mx.array(pixels(1)))
+    plain = [t for t, _ in mlx_gemma3.generate_step(target, prompt, target.make_cache(), image_features=features,
+                                                     max_tokens=60)]
+    for draft in (models[3], None):
+        steps = speculative_generate_step(target, draft, prompt, target.make_cache(rewind=4), num_draft_tokens=3,
+                                          image_features=features, max_tokens=60, prefill_step_size=16)
+        got = list(steps)
+        assert [t for t, _, _ in got] == plain
+        assert draft is None or 0 < sum(f for *_, f in got) < 45  # drafts accepted and rejected
+
+
+@pytest.mark.slow
+def test_chat_across_turns_with_a_draft_is_the_chat_without(tiny_chat_model, tmp_path):
+    folder, _, reference = tiny_chat_model
+    model, processor = mlx_gemma3.load(folder)
+    draft, _, _ = converted(tmp_path, 2, noise_from=reference, sliding_window=16, head_dim=16, query_pre_attn_scalar=16)
+
+    def conversation(**options):
+        chat = mlx_gemma3.Chat(model, processor, max_tokens=24, repetition_penalty=1.2, **options)
+        stream = chat.stream("Tell me a long story.")
+        stopped = [next(stream) for _ in range(5)]
+        stream.close()
+        turns = [list(chat.stream(text)) for text in ("Go on.", "And then?")]
+        responses = stopped + [r for turn in turns for r in turn]
+        return [r.token for r in stopped], [[r.token for r in turn] for turn in turns], sum(r.from_draft for r in responses)
+
+    *plain, _ = conversation()
+    assert min(map(len, plain[1])) > 1
+    *drafted, from_draft = conversation(draft_model=draft, num_draft_tokens=3)
+    assert drafted == plain and from_draft > 0
+    *looked_up, _ = conversation(prompt_lookup=4)
+    assert looked_up == plain
