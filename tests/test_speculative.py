@@ -291,3 +291,28 @@ def test_chat_across_turns_with_a_draft_is_the_chat_without(tiny_chat_model, tmp
     assert drafted == plain and from_draft > 0
     *looked_up, _ = conversation(prompt_lookup=4)
     assert looked_up == plain
+
+
+@pytest.mark.slow
+def test_generate_and_chat_command_lines_take_the_speculative_flags(tiny_chat_model, capsys, monkeypatch):
+    import io
+
+    from mlx_gemma3.chat import main as chat_main
+    from mlx_gemma3.generate import main as generate_main
+
+    folder = str(tiny_chat_model[0])
+    common = ["--model", folder, "--prompt", "Tell me a story.", "--max-tokens", "12", "--temp", "0"]
+    outputs, errors = [], []
+    for flags in ([], ["--draft-model", folder, "--num-draft-tokens", "2"], ["--prompt-lookup", "3"]):
+        assert generate_main([*common, *flags]) == 0
+        out, err = capsys.readouterr()
+        outputs.append(out)
+        errors.append(err)
+    assert outputs[1] == outputs[0] == outputs[2]
+    assert "Accepted draft tokens" not in errors[0]
+    assert "Accepted draft tokens: 8 of 12 generated (66.7%)" in errors[1]  # the model as its own draft: rounds of 3
+    assert "Accepted draft tokens: " in errors[2]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert chat_main(["--model", folder, "--max-tokens", "8", "--draft-model", folder, "--num-draft-tokens", "2"]) == 0
+    assert generate_main([*common, "--prompt-lookup", "2", "--draft-model", folder]) == 1
+    assert "pass one of them" in capsys.readouterr().err
