@@ -297,6 +297,7 @@ def test_chat_across_turns_with_a_draft_is_the_chat_without(tiny_chat_model, tmp
 def test_generate_and_chat_command_lines_take_the_speculative_flags(tiny_chat_model, capsys, monkeypatch):
     import io
 
+    monkeypatch.setattr(mlx_gemma3, "generate", mlx_gemma3.generate)  # importing the command shadows the function
     from mlx_gemma3.chat import main as chat_main
     from mlx_gemma3.generate import main as generate_main
 
