@@ -47,7 +47,7 @@ def speculative_generate_step(
     tokens = [*history, *prompt_ids]
     with mx.stream(generation_stream()):
         if draft_model is None:
-            drafter = PromptLookup(model, sampler)
+            drafter = PromptLookup(model)
         else:
             check_vocabularies(model, draft_model)
             if draft_cache is None:
@@ -167,7 +167,7 @@ class DraftModel:
 class PromptLookup:
     """Drafts by copying: what followed the latest earlier occurrence of the last few tokens."""
 
-    def __init__(self, target, sampler: Sampler | None):
+    def __init__(self, target):
         vision = target.config.vision
         self.image_token = vision.image_token_id if vision is not None else None
 
