@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import Parser, add_model_flags, add_sampling_flags, notice_base_model, run, sampling_options
+from .cli import (
+    Parser, add_model_flags, add_sampling_flags, add_speculative_flags, notice_base_model, run, sampling_options,
+    speculative_options,
+)
 from .errors import Gemma3Error
 from .generation.chat import Chat
 from .generation.stream import TEXT_ONLY
@@ -22,6 +25,7 @@ def parse_args(argv: list[str] | None):
     parser = Parser(prog="python -m mlx_gemma3.chat", description="Chat with a Gemma 3 model.")
     add_model_flags(parser)
     add_sampling_flags(parser)
+    add_speculative_flags(parser)
     parser.add_argument("--pan-and-scan", action="store_true", help="add up to 4 crops of wide or tall images")
     return parser.parse_args(argv)
 
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 def chat_options(args, processor) -> dict:
     options = sampling_options(args, processor)
     options.pop("prefill_progress", None)  # a chat turn prefills only the new turn
-    return options
+    return {**options, **speculative_options(args)}
 
 
 def repl(chat: Chat, interactive: bool) -> None:

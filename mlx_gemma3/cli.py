@@ -61,6 +61,32 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_speculative_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--draft-model", metavar="MODEL",
+        help="speculative decoding: a smaller model of the same vocabulary (folder, .gguf or repo id, as --model) "
+        "drafts tokens that the model checks in one step; the output is the model's own",
+    )
+    parser.add_argument(
+        "--num-draft-tokens", type=int, default=3, help="tokens the draft model proposes per step (default 3)"
+    )
+    parser.add_argument(
+        "--prompt-lookup", type=int, default=0, metavar="N",
+        help="speculative decoding without a draft model: draft up to N tokens by copying what followed the last "
+        "few tokens earlier in the prompt and reply (good for edits, summaries, code); 0 is off",
+    )
+
+
+def speculative_options(args: argparse.Namespace) -> dict:
+    """The library options the speculative flags stand for (the draft model loaded)."""
+    from .model.load import load
+
+    options = {"num_draft_tokens": args.num_draft_tokens, "prompt_lookup": args.prompt_lookup}
+    if args.draft_model:
+        options["draft_model"] = load(model_folder(args.draft_model))[0]
+    return options
+
+
 def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
     bits = " or ".join(map(str, KV_BITS))
     parser.add_argument("--kv-bits", type=int, choices=KV_BITS, help=f"quantize the KV cache to {bits} bits")

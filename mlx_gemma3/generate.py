@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from .cli import Parser, add_model_flags, add_sampling_flags, run, sampling_options
+from .cli import (
+    Parser, add_model_flags, add_sampling_flags, add_speculative_flags, run, sampling_options, speculative_options,
+)
 from .generation.stream import GenerationResponse, stream_generate
 from .model.load import load
 from .model.sources import model_folder
@@ -29,6 +31,7 @@ def parse_args(argv: list[str] | None):
     )
     parser.add_argument("--pan-and-scan", action="store_true", help="add up to 4 crops of wide or tall images")
     add_sampling_flags(parser)
+    add_speculative_flags(parser)
     parser.add_argument(
         "--no-chat-template", "--ignore-chat-template", dest="no_chat_template", action="store_true",
         help="complete the prompt as plain text",
@@ -56,15 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load(model_folder(args.model))
         options = dict(sampling_options(args, processor), system=args.system, use_chat_template=not args.no_chat_template)
         options.update(pan_and_scan=args.pan_and_scan, images=args.image or None, prompt_cache_file=args.prompt_cache_file)
-        last = None
+        options.update(speculative_options(args))
+        last, from_draft = None, 0
         for last in stream_generate(model, processor, image_prompt(prompt, args.image), **options):
             print(last.text, end="", flush=True)
+            from_draft += last.from_draft
         print(flush=True)
         if args.prompt_cache_file:
             print(f"prompt cache: reused {last.reused_tokens} of {last.reused_tokens + last.prompt_tokens} prompt "
                   f"tokens from {args.prompt_cache_file}", file=sys.stderr)
         if args.verbose:
-            print_stats(last, sys.stderr)
+            print_stats(last, sys.stderr, from_draft if args.draft_model or args.prompt_lookup else None)
         return 0
 
     return run(body)
@@ -77,10 +82,14 @@ def image_prompt(prompt: str, images: list[str]) -> str:
     return " ".join([IMAGE_MARK] * len(images)) + " " + prompt
 
 
-def print_stats(last: GenerationResponse, out) -> None:
+def print_stats(last: GenerationResponse, out, from_draft: int | None = None) -> None:
+    """`from_draft`: with speculative decoding, how many generated tokens the draft proposed and the model kept."""
     print("=" * 10, file=out)
     print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec", file=out)
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec", file=out)
+    if from_draft is not None:
+        share = 100 * from_draft / max(last.generation_tokens, 1)
+        print(f"Accepted draft tokens: {from_draft} of {last.generation_tokens} generated ({share:.1f}%)", file=out)
     print(f"Peak memory: {last.peak_memory:.3f} GB", file=out)
 
 

@@ -32,8 +32,14 @@ class Chat:
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         self.messages = []
-        self.cache = self.model.make_cache(**{k: self.options[k] for k in CACHE_OPTIONS if k in self.options})
+        self.cache = Options.of(self.options).make_cache(self.model)
         self.cached_ids: list[int] = []
+        self.reset_draft_cache()
+
+    def reset_draft_cache(self) -> None:
+        """The draft model's cache (speculative decoding), a prefix of `cached_ids`; it catches up when behind."""
+        opts = Options.of(self.options)
+        self.draft_cache = None if opts.draft_model is None else opts.make_cache(opts.draft_model)
 
     def set_system(self, system: str | None) -> None:
         """A new system prompt starts a new conversation."""
@@ -59,8 +65,11 @@ class Chat:
         if features is not None:
             features = features[sum(first < reused for first, _ in self._runs(ids)) :]
         reply, tokens = [], []
+        draft_cache = self.draft_cache if opts.draft_model is self.options.get("draft_model") else None
         try:
-            for response in generate_ids(self.model, self.processor, ids[reused:], self.cache, opts, features, ids[:reused]):
+            for response in generate_ids(
+                self.model, self.processor, ids[reused:], self.cache, opts, features, ids[:reused], draft_cache
+            ):
                 reply.append(response.text)
                 tokens.append(response.token)
                 yield response
@@ -94,7 +103,19 @@ class Chat:
         for layer in self.cache:
             layer.trim(surplus)
         self.cached_ids = self.cached_ids[:common]
+        self._trim_draft(common)
         return common
+
+    def _trim_draft(self, length: int) -> None:
+        """The draft cache holds at most the first `length` tokens (or starts over when it cannot rewind)."""
+        if self.draft_cache is None:
+            return
+        surplus = self.draft_cache[0].offset - length
+        if surplus > 0 and not all(layer.is_trimmable(surplus) for layer in self.draft_cache):
+            self.reset_draft_cache()
+        elif surplus > 0:
+            for layer in self.draft_cache:
+                layer.trim(surplus)
 
     def _settle(self, ids: list[int], tokens: list[int]) -> None:
         """Record which tokens the cache now holds; an interrupted step leaves layers out of step → start over."""
@@ -127,4 +148,5 @@ class Chat:
             raise Gemma3Error(f"{path} was saved from a different model or is not a chat: it does not fit this model")
         self.cache, self.cached_ids = cache, ids
         self.messages, self.system = extra["messages"], extra.get("system")
+        self.reset_draft_cache()
 

@@ -15,12 +15,14 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import Gemma3Error
+from ..model.cache import REWIND
 from ..model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
 from ..processing.tokenizer import EOS_IDS
 from .prompt_file import reusable_cache, saving_when_prefilled
 from .sample import Sampler, logit_bias, repetition_penalty, sampling_problem
+from .speculative import speculative_generate_step
 from .step import PREFILL_STEP_SIZE, LogitsProcessor, Progress, generate_step
 from .streams import generation_stream
 
@@ -39,6 +41,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     logprobs: mx.array | None = field(default=None, repr=False)  # log-softmax of this step's processed logits [V]
     reused_tokens: int = 0  # prompt tokens that were already in the cache (a chat's earlier turns, a prompt cache file)
+    from_draft: bool = False  # speculative decoding: the draft (model or prompt lookup) proposed this token
 
 
 @dataclass
@@ -64,6 +67,9 @@ class Options:
     stop_ids: tuple[int, ...] = ()
     pan_and_scan: bool = False
     prompt_cache_file: str | os.PathLike | None = None
+    draft_model: object = None  # a loaded model of the same vocabulary (mlx_gemma3.load): speculative decoding
+    num_draft_tokens: int = 3
+    prompt_lookup: int = 0  # draft up to this many tokens by copying from the prompt and history (0: off)
 
     @classmethod
     def of(cls, options: dict) -> "Options":
@@ -86,6 +92,19 @@ class Options:
         problem = sampling_problem(self.temp, self.top_k, self.top_p, self.min_p)
         if problem:
             raise Gemma3Error(problem)
+        if self.draft_model is not None and self.prompt_lookup:
+            raise Gemma3Error("draft_model and prompt_lookup are two ways to draft: pass one of them")
+
+    @property
+    def draft_tokens(self) -> int:
+        """Tokens drafted per round: 0 without speculative decoding."""
+        if self.prompt_lookup:
+            return self.prompt_lookup
+        return self.num_draft_tokens if self.draft_model is not None else 0
+
+    def make_cache(self, model) -> list:
+        """An empty cache for `model` that can rewind a round's rejected drafts."""
+        return model.make_cache(self.kv_bits, self.kv_group_size, self.max_kv_size, max(REWIND, self.draft_tokens + 1))
 
     @property
     def unlimited(self) -> bool:
@@ -140,6 +159,10 @@ OPTION_RULES = {
     "stop_ids": (lambda v: isinstance(v, (list, tuple, set)) and all(map(_integer, v)), "a list of token ids"),
     "pan_and_scan": (lambda v: isinstance(v, bool), "True or False"),
     "prompt_cache_file": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a file path or None"),
+    "draft_model": (lambda v: v is None or hasattr(v, "make_cache") and hasattr(v, "config"),
+                    "a model from mlx_gemma3.load() or None"),
+    "num_draft_tokens": (lambda v: _integer(v) and v >= 1, "a positive integer"),
+    "prompt_lookup": (lambda v: _integer(v) and v >= 0, "a number of tokens to draft (0 is off)"),
 }
 
 
@@ -181,7 +204,7 @@ def stream_generate(
     if cache is not None or features is not None:
         raise Gemma3Error("prompt_cache_file takes a text prompt and makes its own cache: pass no cache or images")
     path = Path(opts.prompt_cache_file)
-    new_cache = lambda: model.make_cache(opts.kv_bits, opts.kv_group_size, opts.max_kv_size)  # noqa: E731
+    new_cache = lambda: opts.make_cache(model)  # noqa: E731
     cache, held = reusable_cache(path, ids, new_cache)
     opts.prefill_progress = saving_when_prefilled(path, cache, ids, opts.prefill_progress)
     yield from generate_ids(model, processor, ids[len(held) :], cache, opts, None, held)
@@ -222,10 +245,11 @@ def encode_images(model, pixels: np.ndarray, encoded: dict) -> mx.array:
 
 
 def generate_ids(
-    model, processor, ids: list[int], cache, opts: Options, features=None, history: list[int] = ()
+    model, processor, ids: list[int], cache, opts: Options, features=None, history: list[int] = (), draft_cache=None
 ) -> Iterator[GenerationResponse]:
-    """Generation from token ids (and the features of their images); `history`: the tokens `cache` already holds."""
-    cache = cache if cache is not None else model.make_cache(opts.kv_bits, opts.kv_group_size, opts.max_kv_size)
+    """Generation from token ids (and the features of their images); `history`: the tokens `cache` already holds;
+    `draft_cache`: the draft model's cache (a prefix of `history`, or None for a new one)."""
+    cache = cache if cache is not None else opts.make_cache(model)
     context = model.config.text.max_position_embeddings
     start = cache[0].offset
     if opts.max_kv_size is None and start + len(ids) >= context:
@@ -233,14 +257,31 @@ def generate_ids(
             f"the prompt is {start + len(ids)} tokens; the model's context is {context}: shorten the prompt"
         )
     max_tokens = token_budget(opts, context - start - len(ids))
-    steps = generate_step(
-        model, ids, cache, sampler=opts.sampler(), logits_processors=opts.processors(),
-        prefill_step_size=opts.prefill_step_size, image_features=features, history=history, max_tokens=max_tokens,
-        progress=opts.prefill_progress,
+    step_options = dict(
+        sampler=opts.sampler(), logits_processors=opts.processors(), prefill_step_size=opts.prefill_step_size,
+        image_features=features, history=history, max_tokens=max_tokens, progress=opts.prefill_progress,
     )
+    if opts.draft_tokens:
+        steps = speculative_steps(model, ids, cache, opts, draft_cache, step_options)
+    else:
+        steps = generate_step(model, ids, cache, **step_options)
     detokenizer = processor.tokenizer.detokenizer() if processor.tokenizer else None
     with closing(steps):  # close it here, in this thread, not whenever it is garbage collected
         yield from _responses(steps, ids, detokenizer, eos_ids(processor, opts.stop_ids), max_tokens, len(history))
+
+
+def speculative_steps(model, ids: list[int], cache, opts: Options, draft_cache, step_options: dict):
+    """speculative_generate_step for these options (a draft model's cache is made here when none is given)."""
+    if cache[0].offset != len(step_options["history"]):
+        raise Gemma3Error(
+            "speculative decoding needs every token the cache holds: pass no cache, or use Chat across turns"
+        )
+    draft = opts.draft_model
+    if draft is not None and draft_cache is None:
+        draft_cache = opts.make_cache(draft)
+    return speculative_generate_step(
+        model, draft, ids, cache, draft_cache, num_draft_tokens=opts.draft_tokens, **step_options
+    )
 
 
 def token_budget(opts: Options, room: int) -> int | None:
@@ -253,7 +294,7 @@ def token_budget(opts: Options, room: int) -> int | None:
 
 def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: int | None, reused: int):
     tic, prompt_tps = time.perf_counter(), 0.0
-    for n, (token, logprobs) in enumerate(steps, start=1):
+    for n, (token, logprobs, *from_draft) in enumerate(steps, start=1):
         if n == 1:
             prompt_tps = len(ids) / (time.perf_counter() - tic)
             tic = time.perf_counter()
@@ -263,7 +304,8 @@ def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: i
             text += detokenizer.finish()
         rate = (n - 1) / max(time.perf_counter() - tic, 1e-9) if n > 1 else 0.0
         yield GenerationResponse(
-            text, token, finish, len(ids), prompt_tps, n, rate, mx.get_peak_memory() / 1e9, logprobs, reused
+            text, token, finish, len(ids), prompt_tps, n, rate, mx.get_peak_memory() / 1e9, logprobs, reused,
+            bool(from_draft and from_draft[0]),
         )
         if finish:
             return

@@ -356,14 +356,14 @@ class BoundedKVCache(Cache):
     degenerates into repetition; mlx-lm's rotating cache keeps 4 for the same reason."""
 
     def __init__(self, max_size: int, keep: int = SINK_TOKENS, bits: int | None = None,
-                 group_size: int = DEFAULT_GROUP_SIZE):
+                 group_size: int = DEFAULT_GROUP_SIZE, rewind: int = REWIND):
         if max_size <= keep:
             raise Gemma3Error(
                 f"max_kv_size must be more than {keep} (the first {keep} tokens are always kept), got {max_size}"
             )
         self.max_size, self.keep = max_size, keep
         self.sinks = KVCache(bits, group_size)
-        self.recent = SlidingKVCache(max_size - keep, bits=bits, group_size=group_size)  # counts from the sinks' end
+        self.recent = SlidingKVCache(max_size - keep, rewind, bits, group_size)  # counts from the sinks' end
 
     @property
     def offset(self) -> int:
@@ -577,18 +577,22 @@ def cache_class(name: str) -> type[Cache]:
 
 
 def make_cache(
-    layers, window: int, kv_bits: int | None = None, kv_group_size: int = DEFAULT_GROUP_SIZE, max_kv_size: int | None = None
+    layers, window: int, kv_bits: int | None = None, kv_group_size: int = DEFAULT_GROUP_SIZE,
+    max_kv_size: int | None = None, rewind: int = REWIND,
 ) -> list[KVCache]:
-    """One cache per decoder layer: sliding layers get the rotating cache, full layers a growing one."""
+    """One cache per decoder layer: sliding layers get the rotating cache, full layers a growing one. Rotating
+    caches can trim up to `rewind` tokens after their ring wrapped (speculative decoding needs its draft length + 1)."""
     if max_kv_size is not None and max_kv_size < 1:
         raise Gemma3Error(f"max_kv_size must be a positive number of tokens, got {max_kv_size}")
+    if rewind < 1:
+        raise Gemma3Error(f"rewind must be at least 1 token, got {rewind}")
 
     def cache_for(layer) -> KVCache:
         bounded = max_kv_size is not None and (not layer.is_sliding or max_kv_size < window)
         if bounded:
-            return BoundedKVCache(max_kv_size, bits=kv_bits, group_size=kv_group_size)
+            return BoundedKVCache(max_kv_size, bits=kv_bits, group_size=kv_group_size, rewind=rewind)
         if layer.is_sliding:
-            return SlidingKVCache(window, bits=kv_bits, group_size=kv_group_size)
+            return SlidingKVCache(window, rewind, kv_bits, kv_group_size)
         return KVCache(bits=kv_bits, group_size=kv_group_size)
 
     return [cache_for(layer) for layer in layers]

@@ -10,6 +10,7 @@ import numpy as np
 
 from .config import ModelConfig
 from ..errors import Gemma3Error
+from .cache import REWIND
 from .quantize import DEFAULT_GROUP_SIZE
 from .text import Gemma3TextLM
 from .vision import Projector, VisionTower
@@ -83,8 +84,11 @@ class Gemma3(nn.Module):
         flat[mx.array(positions)] = features.astype(h.dtype)
         return flat.reshape(h.shape)
 
-    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = DEFAULT_GROUP_SIZE, max_kv_size: int | None = None) -> list:
-        return self.language_model.make_cache(kv_bits, kv_group_size, max_kv_size)
+    def make_cache(
+        self, kv_bits: int | None = None, kv_group_size: int = DEFAULT_GROUP_SIZE, max_kv_size: int | None = None,
+        rewind: int = REWIND,
+    ) -> list:
+        return self.language_model.make_cache(kv_bits, kv_group_size, max_kv_size, rewind)
 
     @property
     def layers(self):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import attention_mask, make_cache
+from .cache import REWIND, attention_mask, make_cache
 from .config import ModelConfig, TextConfig
 from .attention import attention
 from .quantize import DEFAULT_GROUP_SIZE
@@ -146,14 +146,17 @@ class Gemma3TextLM(nn.Module):
         cap = self.config.text.final_logit_softcapping
         return out if cap is None else mx.tanh(out / cap) * cap
 
-    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = DEFAULT_GROUP_SIZE, max_kv_size: int | None = None) -> list:
+    def make_cache(
+        self, kv_bits: int | None = None, kv_group_size: int = DEFAULT_GROUP_SIZE, max_kv_size: int | None = None,
+        rewind: int = REWIND,
+    ) -> list:
         """One cache per layer: a rotating cache of the sliding window for sliding layers, a growing one for full
         layers. `max_kv_size` turns every layer's cache into a rotating one of at most that many tokens (sliding
         layers: the smaller of it and the window), so attention sees only the latest max_kv_size tokens. That is
         our choice, not mlx-lm's: for Gemma 3, mlx-lm 0.32.2's make_prompt_cache ignores max_kv_size (it defers
         to the model's make_cache, whose full layers always grow), and for models without a make_cache it keeps
         the first 4 tokens besides the latest ones (RotatingKVCache keep=4)."""
-        return make_cache(self.model.layers, self.config.text.sliding_window, kv_bits, kv_group_size, max_kv_size)
+        return make_cache(self.model.layers, self.config.text.sliding_window, kv_bits, kv_group_size, max_kv_size, rewind)
 
     @property
     def layers(self):
