@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import Parser, exit_with, notice_base_model, run
+from .cli import Parser, add_speculative_flags, exit_with, notice_base_model, run, speculative_options
 from .errors import Gemma3Error
 from .model.load import load
 from .model.sources import model_folder
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"requests that may wait while one generates; more get 503 (default {MAX_QUEUE})")
     parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
                         help=f"seconds a client may take to send its request (default {REQUEST_TIMEOUT:g})")
+    add_speculative_flags(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         state = ServerState(
             model, processor, Path(folder).name, args.max_tokens_limit, image_dirs=tuple(args.allowed_image_dir),
             api_key=args.api_key, cors_origin=args.cors_origin, allowed_hosts=tuple(args.allowed_host),
-            max_queue=args.max_queue, request_timeout=args.request_timeout,
+            max_queue=args.max_queue, request_timeout=args.request_timeout, extra_options=speculative_options(args),
         )
         try:
             server = make_server(state, args.host, args.port)

@@ -175,6 +175,18 @@ def test_greedy_continuation_matches_where_the_reference_is_sure(lossless, refer
         assert len(ours) == len(expected)
 
 
+def test_prompt_lookup_keeps_the_greedy_reply_on_a_copy_task(lossless):
+    """Speculative decoding by prompt lookup on the real 270M: the reply is the plain greedy one (which the test
+    above checks against transformers), and copying from the prompt makes drafts get accepted."""
+    model, processor = lossless
+    paragraph = "The quick brown fox jumps over the lazy dog near the quiet river bank every single morning."
+    prompt = f"Text: {paragraph}\nThe same text, repeated exactly: {paragraph}\nOnce more: "
+    plain = list(stream_generate(model, processor, prompt, max_tokens=24, use_chat_template=False))
+    looked_up = list(stream_generate(model, processor, prompt, max_tokens=24, use_chat_template=False, prompt_lookup=4))
+    assert [r.token for r in looked_up] == [r.token for r in plain]
+    assert sum(r.from_draft for r in looked_up) >= 8
+
+
 def torch_model_from(folder: Path):
     """transformers' Gemma3ForCausalLM holding the weights of one of our folders, dequantized to float32.
 

@@ -329,3 +329,37 @@ def test_completions_refuse_what_they_do_not_do(server, stream):
         client(port).completions.create(model="tiny", prompt="Once upon", max_tokens=3, logprobs=2, stream=stream)
     reply = client(port).completions.create(model="tiny", prompt="Once upon", max_tokens=3)
     assert reply.choices[0].text is not None and reply.usage.completion_tokens >= 1
+
+
+class CountingDraft:
+    """The target as its own draft, counting its forwards (so the test sees the server really drafted)."""
+
+    def __init__(self, model):
+        self.model, self.config, self.calls = model, model.config, 0
+
+    def make_cache(self, *args, **kwargs):
+        return self.model.make_cache(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("speculative", ["prompt_lookup", "draft_model"])
+def test_speculative_decoding_serves_the_same_replies(loaded, speculative):
+    """--prompt-lookup / --draft-model on the server: greedy replies identical to the plain server's."""
+    draft = CountingDraft(loaded[0])
+    extra = {"prompt_lookup": 3} if speculative == "prompt_lookup" else {"draft_model": draft, "num_draft_tokens": 2}
+    messages = [{"role": "user", "content": "Say hello and then say hello again, hello hello."}]
+    replies = []
+    for options in ({}, extra):
+        httpd, _ = serving(loaded, extra_options=dict(options))
+        try:
+            reply = client(httpd.server_address[1]).chat.completions.create(model="tiny", messages=messages, max_tokens=40)
+            replies.append(reply.choices[0].message.content)
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+    assert replies[0] == replies[1] and replies[0]
+    assert (draft.calls > 0) == (speculative == "draft_model")
