@@ -11,6 +11,7 @@ from .cli import Parser, add_speculative_flags, exit_with, notice_base_model, ru
 from .errors import Gemma3Error
 from .model.load import load
 from .model.sources import model_folder
+from .serve.prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES
 from .serve.server import MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
 
 
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"requests that may wait while one generates; more get 503 (default {MAX_QUEUE})")
     parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
                         help=f"seconds a client may take to send its request (default {REQUEST_TIMEOUT:g})")
+    parser.add_argument("--prompt-cache-size", type=int, default=DEFAULT_ENTRIES, metavar="N",
+                        help=f"KV caches kept across requests, reused by the longest common prefix (default {DEFAULT_ENTRIES}; 0: off)")
+    parser.add_argument("--prompt-cache-bytes", type=int, default=DEFAULT_BYTES, metavar="B",
+                        help=f"most bytes those caches may hold together (default {DEFAULT_BYTES}; 0: off)")
     add_speculative_flags(parser)
     args = parser.parse_args(argv)
 
@@ -50,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             model, processor, Path(folder).name, args.max_tokens_limit, image_dirs=tuple(args.allowed_image_dir),
             api_key=args.api_key, cors_origin=args.cors_origin, allowed_hosts=tuple(args.allowed_host),
             max_queue=args.max_queue, request_timeout=args.request_timeout, extra_options=speculative_options(args),
+            prompt_cache_size=args.prompt_cache_size, prompt_cache_bytes=args.prompt_cache_bytes,
         )
         try:
             server = make_server(state, args.host, args.port)

@@ -19,6 +19,7 @@ from ..generation.stream import TEXT_ONLY, Options, image_sources
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
 from ..processing.tools import parse_tool_calls
+from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .requests import Request, RequestError, parse_chat, parse_completion
 from .worker import ClientGone, Job, QueueFull, Worker
 
@@ -45,6 +46,8 @@ class ServerState:
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback names and the bound address
     max_queue: int = MAX_QUEUE
     request_timeout: float = REQUEST_TIMEOUT
+    prompt_cache_size: int = DEFAULT_ENTRIES  # KV caches kept across requests (0: no prompt cache)
+    prompt_cache_bytes: int = DEFAULT_BYTES  # their bytes together (0: no prompt cache)
     worker: Worker | None = None
 
 
@@ -61,7 +64,8 @@ def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -
     state.allowed_hosts = (*LOOPBACK_NAMES, *state.allowed_hosts, host.lower(), f"[{host.lower()}]")
     handler = type("Handler", (Handler,), {"state": state, "timeout": state.request_timeout})
     server = Server((host, port), handler)
-    state.worker = Worker(state.model, state.processor, state.max_queue)
+    store = PromptCacheStore(state.prompt_cache_size, state.prompt_cache_bytes)
+    state.worker = Worker(state.model, state.processor, state.max_queue, store)
     return server
 
 

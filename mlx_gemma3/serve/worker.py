@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -14,6 +14,7 @@ import numpy as np
 
 from ..generation.stream import Options, encode_images, generate_ids
 from ..generation.streams import generation_stream, release_thread_streams
+from .prompt_cache import Entry, PromptCacheStore
 
 DONE, STOP = object(), object()
 POLL_SECONDS = 0.05
@@ -73,8 +74,9 @@ class Job:
 class Worker:
     """The thread that owns the model; `max_queue` jobs may wait while one runs (0: no bound)."""
 
-    def __init__(self, model, processor, max_queue: int = 0):
+    def __init__(self, model, processor, max_queue: int = 0, store: PromptCacheStore | None = None):
         self.model, self.processor = model, processor
+        self.store = store if store is not None else PromptCacheStore(0, 0)
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.thread = threading.Thread(target=self.run, name="generation", daemon=True)
         self.thread.start()
@@ -109,18 +111,36 @@ class Worker:
         if job.pixels is not None:
             with mx.stream(generation_stream()):
                 features = encode_images(self.model, job.pixels, {})
-        with closing(generate_ids(self.model, self.processor, job.ids, None, job.options, features)) as responses:
-            for response in responses:
-                if job.cancelled.is_set():
-                    return
-                job.first_token_at = job.first_token_at or time.perf_counter()
-                job.events.put(self.step(response, job.top_logprobs))
+        layout = cache_layout(job.options) if features is None else None
+        if layout is None or not self.store.enabled:
+            self.run_job(job, features, None, [])
+            return
+        cache, held = self.store.take(layout, job.ids)
+        cache = cache if cache is not None else job.options.make_cache(self.model)
+        entry = Entry(layout, [], cache)
+        options = replace(job.options, prefill_progress=checkpointing(entry, cache, job.ids, job.options.prefill_progress))
+        tokens = self.run_job(job, None, cache, held, options)
+        entry.ids = held_ids(cache, [*job.ids, *tokens])
+        self.store.put(entry)
 
-    def step(self, response, top: int | None) -> Step:
+    def run_job(self, job: Job, features, cache, held: list[int], options: Options | None = None) -> list[int]:
+        """Generate the job's reply from `cache` holding `held` (a prefix of its ids); returns the tokens made."""
+        fed, tokens = job.ids[len(held):], []
+        with closing(generate_ids(self.model, self.processor, fed, cache, options or job.options, features,
+                                  held)) as responses:
+            for response in responses:
+                tokens.append(response.token)
+                if job.cancelled.is_set():
+                    break
+                job.first_token_at = job.first_token_at or time.perf_counter()
+                job.events.put(self.step(response, job.top_logprobs, len(job.ids)))
+        return tokens
+
+    def step(self, response, top: int | None, prompt_tokens: int) -> Step:
         entry = None
         if top is not None and response.logprobs is not None and response.finish_reason != "stop":
             entry = self.logprob_entry(response.token, np.array(response.logprobs.astype(mx.float32)), top)
-        return Step(response.text, response.token, response.finish_reason, response.prompt_tokens,
+        return Step(response.text, response.token, response.finish_reason, prompt_tokens,
                     response.reused_tokens, entry)
 
     def logprob_entry(self, token: int, logprobs: np.ndarray, top: int) -> dict:
@@ -130,3 +150,34 @@ class Worker:
     def token_logprob(self, token: int, logprobs: np.ndarray) -> dict:
         piece = self.processor.tokenizer.decode([token])
         return {"token": piece, "logprob": float(logprobs[token]), "bytes": list(piece.encode())}
+
+
+def cache_layout(options: Options) -> tuple | None:
+    """What makes two requests' caches interchangeable; None: this request bypasses the prompt cache (a draft
+    model keeps a cache of its own; a bounded max_kv_size cache is not exact under a different chunking)."""
+    if options.draft_model is not None or options.max_kv_size is not None:
+        return None
+    return (options.kv_bits, options.kv_group_size, options.draft_tokens)
+
+
+def checkpointing(entry: Entry, cache: list, ids: list[int], progress):
+    """A prefill progress callback that also keeps a copy of the cache in `entry` once the prompt (all but its
+    last token, which generation feeds) is in it."""
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        if done == total:
+            entry.checkpoint = [layer.copy() for layer in cache]
+            entry.checkpoint_ids = ids[: cache[0].offset]
+
+    return report
+
+
+def held_ids(cache: list, tokens: list[int]) -> list[int]:
+    """The ids the cache holds (generation leaves the last token or two unfed): the first `offset` of `tokens`;
+    [] when the cache does not add up (nothing is kept then)."""
+    offsets = {layer.offset for layer in cache}
+    if len(offsets) != 1 or not isinstance(offset := offsets.pop(), int) or offset > len(tokens):
+        return []
+    return tokens[:offset]
