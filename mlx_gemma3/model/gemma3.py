@@ -8,9 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import ModelConfig
 from ..errors import Gemma3Error
 from .cache import REWIND
+from .config import ModelConfig
 from .quantize import DEFAULT_GROUP_SIZE
 from .text import Gemma3TextLM
 from .vision import Projector, VisionTower

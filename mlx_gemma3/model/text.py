@@ -151,11 +151,10 @@ class Gemma3TextLM(nn.Module):
         rewind: int = REWIND,
     ) -> list:
         """One cache per layer: a rotating cache of the sliding window for sliding layers, a growing one for full
-        layers. `max_kv_size` turns every layer's cache into a rotating one of at most that many tokens (sliding
-        layers: the smaller of it and the window), so attention sees only the latest max_kv_size tokens. That is
-        our choice, not mlx-lm's: for Gemma 3, mlx-lm 0.32.2's make_prompt_cache ignores max_kv_size (it defers
-        to the model's make_cache, whose full layers always grow), and for models without a make_cache it keeps
-        the first 4 tokens besides the latest ones (RotatingKVCache keep=4)."""
+        layers. `max_kv_size` bounds every layer whose window is larger to that many tokens: the first 4 (attention
+        sinks) and the latest max_kv_size − 4, as mlx-lm's RotatingKVCache(max_kv_size, keep=4) holds them (mlx-lm
+        0.32.2 itself ignores max_kv_size for Gemma 3: its make_cache keeps full layers growing). `rewind`: tokens
+        a wrapped sliding cache can still trim (speculative decoding needs num_draft_tokens + 1)."""
         return make_cache(self.model.layers, self.config.text.sliding_window, kv_bits, kv_group_size, max_kv_size, rewind)
 
     @property
