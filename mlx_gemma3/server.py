@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"KV caches kept across requests, reused by the longest common prefix (default {DEFAULT_ENTRIES}; 0: off)")
     parser.add_argument("--prompt-cache-bytes", type=int, default=DEFAULT_BYTES, metavar="B",
                         help=f"most bytes those caches may hold together (default {DEFAULT_BYTES}; 0: off)")
+    parser.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API only)")
     add_speculative_flags(parser)
     args = parser.parse_args(argv)
 
@@ -55,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
             model, processor, Path(folder).name, args.max_tokens_limit, image_dirs=tuple(args.allowed_image_dir),
             api_key=args.api_key, cors_origin=args.cors_origin, allowed_hosts=tuple(args.allowed_host),
             max_queue=args.max_queue, request_timeout=args.request_timeout, extra_options=speculative_options(args),
-            prompt_cache_size=args.prompt_cache_size, prompt_cache_bytes=args.prompt_cache_bytes,
+            prompt_cache_size=args.prompt_cache_size, prompt_cache_bytes=args.prompt_cache_bytes, web=not args.no_web,
         )
         try:
             server = make_server(state, args.host, args.port)
         except (OSError, OverflowError) as e:
             raise Gemma3Error(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}") from None
-        print(f"serving {state.model_id} on http://{args.host}:{server.server_address[1]}/v1", file=sys.stderr, flush=True)
+        address = f"http://{args.host}:{server.server_address[1]}"
+        page = "" if args.no_web else f" (chat page: {address}/)"
+        print(f"serving {state.model_id} on {address}/v1{page}", file=sys.stderr, flush=True)
         try:
             server.serve_forever()
         finally:

@@ -21,6 +21,7 @@ from ..processing.prompt import prompt_ids
 from ..processing.tools import parse_tool_calls
 from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .requests import Request, RequestError, parse_chat, parse_completion
+from .page import page_file
 from .worker import ClientGone, Job, QueueFull, Worker
 
 MAX_BODY_BYTES = 20 * 2**20
@@ -28,6 +29,13 @@ MAX_TOKENS_LIMIT = 4096
 MAX_QUEUE = 16
 REQUEST_TIMEOUT = 60.0
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+# The page runs only its own files, talks only to this server, and shows images only from data:/blob: URLs.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 @dataclass
@@ -48,6 +56,7 @@ class ServerState:
     request_timeout: float = REQUEST_TIMEOUT
     prompt_cache_size: int = DEFAULT_ENTRIES  # KV caches kept across requests (0: no prompt cache)
     prompt_cache_bytes: int = DEFAULT_BYTES  # their bytes together (0: no prompt cache)
+    web: bool = True  # serve the chat page at GET /
     worker: Worker | None = None
 
 
@@ -114,14 +123,19 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         started, self.body_read = time.perf_counter(), True
         try:
-            self.check_access()
-            if self.path == "/health":
+            page = page_file(self.path) if self.state.web else None
+            self.check_access(key_needed=page is None)
+            if page is not None:
+                self.send_page_file(*page)
+            elif self.path == "/health":
                 self.send_json(200, {"status": "ok"})
             elif self.path == "/v1/models":
-                model = {"id": self.state.model_id, "object": "model", "created": 0, "owned_by": "mlx_gemma3"}
+                model = {"id": self.state.model_id, "object": "model", "created": 0, "owned_by": "mlx_gemma3",
+                         "vision": self.state.model.config.vision is not None}
                 self.send_json(200, {"object": "list", "data": [model]})
             else:
-                raise RequestError(f"no route GET {self.path}", 404)
+                off = "" if self.state.web else " (the chat page is off: --no-web)"
+                raise RequestError(f"no route GET {self.path}{off}", 404)
         except RequestError as e:
             self.send_error_json(e)
         self.log_timings(started)
@@ -164,11 +178,12 @@ class Handler(BaseHTTPRequestHandler):
     def parse_completion(self, body: dict) -> Request:
         return parse_completion(body, self.state.max_tokens_limit)
 
-    def check_access(self) -> None:
+    def check_access(self, key_needed: bool = True) -> None:
+        """The Host guard for every request; the API key for all but /health and the page's own files."""
         if host_name(self.headers.get("Host", "")) not in self.state.allowed_hosts:
             raise RequestError("this Host is not served (only this machine's names: DNS rebinding guard)", 403)
         key = self.state.api_key
-        if key and self.path != "/health":
+        if key and key_needed and self.path != "/health":
             given = self.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 raise RequestError("a valid API key is required (Authorization: Bearer KEY)", 401)
@@ -278,6 +293,15 @@ class Handler(BaseHTTPRequestHandler):
     def send_event(self, payload: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
         self.wfile.flush()
+
+    def send_page_file(self, data: bytes, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in PAGE_HEADERS.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
 
     def send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode()
