@@ -136,6 +136,7 @@ def message_texts(page) -> list[str]:
     return page.locator(".message .body").all_text_contents()
 
 
+@pytest.mark.slow
 def test_a_reply_streams_in_steps_with_its_statistics_and_the_next_turn_is_cached(text_server, page):
     url, state = text_server
     page.goto(url)
@@ -163,6 +164,7 @@ def test_a_reply_streams_in_steps_with_its_statistics_and_the_next_turn_is_cache
     assert turn1["prompt"] <= turn2["cached"] < turn2["prompt"]  # the prompt cache served all of turn 1
 
 
+@pytest.mark.slow
 def test_stop_aborts_the_request_and_the_server_stops_generating(text_server, page):
     url, state = text_server
     page.goto(url)
@@ -194,6 +196,7 @@ MARKUP = ('Try <script>window.injected = 1</script><img src=x onerror="window.in
           "```html\n<p class=\"x\">  kept   verbatim</p>\n```\nDone.")
 
 
+@pytest.mark.slow
 def test_model_markup_is_shown_as_text_and_code_blocks_verbatim(text_server, page):
     url, state = text_server
     page.goto(url)
@@ -212,38 +215,44 @@ def test_model_markup_is_shown_as_text_and_code_blocks_verbatim(text_server, pag
     assert page.evaluate("window.injected") is None
 
 
+CODE_REPLY = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nIt returns the sum of a and b."
+
+
+@pytest.mark.slow
 def test_the_conversation_survives_a_reload_and_can_be_edited(text_server, page):
     url, state = text_server
     page.goto(url)
     set_settings(page, system="Answer in one line.")
     try:
-        say(state, "A first answer.")
-        ask(page, "First question?")
+        say(state, "A library.")
+        ask(page, "What is MLX?")
         wait_for_reply(page, 2)
-        say(state, "A second answer with ```\ncode\n```")
-        ask(page, "Second question?")
+        say(state, "Water.")
+        ask(page, "And what is H2O?")
         wait_for_reply(page, 4)
         shown = message_texts(page)
         page.reload()
         page.wait_for_selector(".message")
         assert message_texts(page) == shown and page.input_value("#system") == "Answer in one line."
         page.locator(".message.user .edit").first.click()
-        page.fill(".message textarea", "A better first question?")
-        say(state, "A better answer.")
+        page.fill(".message textarea", "What is MLX, in one line?")
+        say(state, "An array framework for machine learning on Apple silicon.")
         page.click(".message .save")
         wait_for_reply(page, 2)
     finally:
         state.extra_options.clear()
-    assert message_texts(page) == ["A better first question?", "A better answer."]
+    expected = ["What is MLX, in one line?", "An array framework for machine learning on Apple silicon."]
+    assert message_texts(page) == expected
     page.reload()
     page.wait_for_selector(".message")
-    assert message_texts(page) == ["A better first question?", "A better answer."]
-    say(state, "One more.")
+    assert message_texts(page) == expected
+    say(state, CODE_REPLY)
     try:
-        ask(page, "Show us a code block.")
+        ask(page, "Write a Python function that adds two numbers.")
         wait_for_reply(page, 4)
     finally:
         state.extra_options.clear()
+    assert page.locator(".message pre code").text_content() == "def add(a, b):\n    return a + b"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "chat-page.png"))
 
@@ -266,6 +275,7 @@ def drop_or_paste(page, kind: str, data: bytes) -> None:
     }""", [kind, base64.b64encode(data).decode()])
 
 
+@pytest.mark.slow
 def test_images_attached_by_picker_drop_and_paste_reach_the_model(image_chat_model, page, tmp_path):
     _, model, processor, _, _ = image_chat_model
     httpd, _ = serve(model, processor, "tiny-vlm")
