@@ -215,6 +215,26 @@ def test_model_markup_is_shown_as_text_and_code_blocks_verbatim(text_server, pag
     assert page.evaluate("window.injected") is None
 
 
+@pytest.mark.slow
+def test_a_refused_request_shows_the_servers_error_and_the_conversation_goes_on(text_server, page):
+    url, state = text_server
+    page.goto(url)
+    set_settings(page, max_tokens="100000")
+    ask(page, "First try.")
+    page.wait_for_selector(".message.assistant .error")
+    assert "'max_tokens' must lie in" in page.text_content(".message.assistant .error")
+    set_settings(page, max_tokens="20")
+    say(state, "Now it works.")
+    try:
+        ask(page, "Second try.")
+        wait_for_reply(page, 4)
+    finally:
+        state.extra_options.clear()
+    joined = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0).chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "First try.\n\nSecond try."}], max_tokens=1)
+    assert message_texts(page)[3] == "Now it works." and stats(page, 3)["prompt"] == joined.usage.prompt_tokens
+
+
 CODE_REPLY = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nIt returns the sum of a and b."
 
 

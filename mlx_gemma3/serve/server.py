@@ -82,9 +82,10 @@ class Handler(BaseHTTPRequestHandler):
     state: ServerState
     protocol_version = "HTTP/1.1"
 
-    def setup(self):
-        super().setup()
+    def handle_one_request(self):
+        # A kept-alive connection carries several requests, each with its own state (setup() runs once per connection).
         self.status, self.body_read, self.sent_headers, self.job = 0, False, False, None
+        super().handle_one_request()
 
     def log_request(self, code="-", size="-"):  # the request's own line (with timings) is written when it ends
         self.status = code

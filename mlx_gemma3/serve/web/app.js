@@ -291,15 +291,26 @@ class ChatPage {
     this.reply();
   }
 
+  // The conversation as the API takes it: replies that failed before any text are left out, and the turns that
+  // then follow each other with the same role are joined (the chat template wants user and model to alternate).
   requestMessages() {
-    const turns = this.messages.filter((m) => m.role === "user" || m.content !== "").map((m) => ({
-      role: m.role,
-      content: m.images?.length
-        ? [...m.images.map((url) => ({ type: "image_url", image_url: { url } })), { type: "text", text: m.content }]
-        : m.content,
-    }));
+    const turns = [];
+    for (const message of this.messages) {
+      if (message.role === "assistant" && message.content === "") continue;
+      const previous = turns.at(-1);
+      if (previous?.role === message.role) {
+        previous.text = [previous.text, message.content].filter(Boolean).join("\n\n");
+        previous.images.push(...(message.images ?? []));
+      } else {
+        turns.push({ role: message.role, text: message.content, images: [...(message.images ?? [])] });
+      }
+    }
+    const content = (turn) => turn.images.length
+      ? [...turn.images.map((url) => ({ type: "image_url", image_url: { url } })), { type: "text", text: turn.text }]
+      : turn.text;
     const system = this.settings.system.trim();
-    return system ? [{ role: "system", content: system }, ...turns] : turns;
+    return [...(system ? [{ role: "system", content: system }] : []),
+      ...turns.map((turn) => ({ role: turn.role, content: content(turn) }))];
   }
 
   requestBody() {
