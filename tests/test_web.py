@@ -139,6 +139,8 @@ def message_texts(page) -> list[str]:
 @pytest.mark.slow
 def test_a_reply_streams_in_steps_with_its_statistics_and_the_next_turn_is_cached(text_server, page):
     url, state = text_server
+    fetched = []
+    page.on("request", lambda request: fetched.append(request.url))
     page.goto(url)
     page.wait_for_function("() => document.getElementById('model-name').textContent === 'tiny-chat'")
     assert page.is_disabled("#attach")  # a text-only model takes no images
@@ -162,6 +164,7 @@ def test_a_reply_streams_in_steps_with_its_statistics_and_the_next_turn_is_cache
     assert turn1["completion"] == len(state.processor.tokenizer.encode(first, add_bos=False)) + 1  # + end of turn
     assert turn1["cached"] == 0 and turn1["tok/s"]
     assert turn1["prompt"] <= turn2["cached"] < turn2["prompt"]  # the prompt cache served all of turn 1
+    assert all(address.startswith(f"{url}/") for address in fetched)  # nothing from elsewhere: it works offline
 
 
 @pytest.mark.slow

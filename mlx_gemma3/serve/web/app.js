@@ -441,6 +441,10 @@ class ChatPage {
     const body = element("div", "body");
     body.append(renderText(message.content));
     node.append(body);
+    const finished = !(busy && last) && !message.error && !message.stopped;
+    if (finished && message.role === "assistant" && message.content.trim() === "") {
+      node.append(element("div", "empty", "(the reply has no visible text)"));
+    }
     if (message.error) node.append(element("div", "error", `Error: ${message.error}`));
     const footer = element("footer");
     const stats = message.stopped ? "stopped" : message.stats ? statsText(message.stats) : "";
