@@ -12,12 +12,18 @@ from .errors import Gemma3Error
 from .model.load import load
 from .model.sources import model_folder
 from .serve.prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES
-from .serve.server import MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
+from .serve.server import MAX_BATCH, MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
 
 
 def port_number(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"--port must be a number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
     return int(text)
 
 
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"KV caches kept across requests, reused by the longest common prefix (default {DEFAULT_ENTRIES}; 0: off)")
     parser.add_argument("--prompt-cache-bytes", type=int, default=DEFAULT_BYTES, metavar="B",
                         help=f"most bytes those caches may hold together (default {DEFAULT_BYTES}; 0: off)")
+    parser.add_argument("--max-batch", type=positive, default=MAX_BATCH, metavar="N",
+                        help=f"requests decoded together, each joining after its prefill (default {MAX_BATCH}; 1: one at a time)")
     parser.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API only)")
     add_speculative_flags(parser)
     args = parser.parse_args(argv)
@@ -56,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             model, processor, Path(folder).name, args.max_tokens_limit, image_dirs=tuple(args.allowed_image_dir),
             api_key=args.api_key, cors_origin=args.cors_origin, allowed_hosts=tuple(args.allowed_host),
             max_queue=args.max_queue, request_timeout=args.request_timeout, extra_options=speculative_options(args),
-            prompt_cache_size=args.prompt_cache_size, prompt_cache_bytes=args.prompt_cache_bytes, web=not args.no_web,
+            prompt_cache_size=args.prompt_cache_size, prompt_cache_bytes=args.prompt_cache_bytes,
+            max_batch=args.max_batch, web=not args.no_web,
         )
         try:
             server = make_server(state, args.host, args.port)

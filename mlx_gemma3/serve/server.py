@@ -19,10 +19,10 @@ from ..generation.stream import TEXT_ONLY, Options, image_sources
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
 from ..processing.tools import parse_tool_calls
+from .page import page_file
 from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .requests import Request, RequestError, parse_chat, parse_completion
-from .page import page_file
-from .worker import ClientGone, Job, QueueFull, Worker
+from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker
 
 MAX_BODY_BYTES = 20 * 2**20
 MAX_TOKENS_LIMIT = 4096
@@ -56,6 +56,7 @@ class ServerState:
     request_timeout: float = REQUEST_TIMEOUT
     prompt_cache_size: int = DEFAULT_ENTRIES  # KV caches kept across requests (0: no prompt cache)
     prompt_cache_bytes: int = DEFAULT_BYTES  # their bytes together (0: no prompt cache)
+    max_batch: int = MAX_BATCH  # requests decoded together
     web: bool = True  # serve the chat page at GET /
     worker: Worker | None = None
 
@@ -74,7 +75,7 @@ def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -
     handler = type("Handler", (Handler,), {"state": state, "timeout": state.request_timeout})
     server = Server((host, port), handler)
     store = PromptCacheStore(state.prompt_cache_size, state.prompt_cache_bytes)
-    state.worker = Worker(state.model, state.processor, state.max_queue, store)
+    state.worker = Worker(state.model, state.processor, state.max_queue, store, state.max_batch)
     return server
 
 
@@ -102,6 +103,10 @@ class Handler(BaseHTTPRequestHandler):
                 parts.append(f"first token {job.first_token_at - job.started_at:.2f}s")
         if usage:
             parts.append(f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated tokens")
+        elif job is not None and job.started_at is not None:
+            parts.append(f"stopped after {job.generated} generated tokens")
+        if job is not None and job.batch_peak:
+            parts.append(f"batch of up to {job.batch_peak}")
         self.log_message("%s", ", ".join(parts))
 
     def end_headers(self):
@@ -157,6 +162,8 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             if self.job is not None:
                 self.job.cancelled.set()
+                if self.job.started_at is not None:  # a cancelled job leaves at the worker's next step
+                    self.job.ended.wait(timeout=5)
         self.log_timings(started, usage)
 
     def post(self) -> dict:
