@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -313,6 +314,13 @@ def test_images_attached_by_picker_drop_and_paste_reach_the_model(image_chat_mod
         drop_or_paste(page, "paste", png_bytes("blue"))
         page.wait_for_function("() => document.querySelectorAll('#attachments img').length === 3")
         page.locator("#attachments button").nth(1).click()  # the dropped green one is taken off again
+        noise = np.random.RandomState(0).randint(0, 256, (700, 2000, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / "large.png", compress_level=0)  # over 3 MB: scaled down before it is sent
+        page.set_input_files("#file-input", str(tmp_path / "large.png"))
+        page.wait_for_function("() => document.querySelectorAll('#attachments img').length === 3")
+        large = page.locator("#attachments img").nth(2)
+        large_src, large_width = large.get_attribute("src"), large.evaluate("image => image.naturalWidth")
+        page.locator("#attachments button").nth(2).click()
         ask(page, "What colours?")
         wait_for_reply(page, 2)
         shown = stats(page, 1)
@@ -325,10 +333,34 @@ def test_images_attached_by_picker_drop_and_paste_reach_the_model(image_chat_mod
     finally:
         httpd.shutdown()
         httpd.server_close()
+    assert large_src.startswith("data:image/jpeg;base64,") and large_width == 1792
     assert page.locator(".message.user .images img").count() == 2
     kept = page.evaluate("JSON.parse(localStorage.getItem('mlx_gemma3.conversation'))")
     assert kept[1]["content"] == direct.choices[0].message.content and len(kept[0]["images"]) == 2
     assert shown["prompt"] == direct.usage.prompt_tokens > text_only.usage.prompt_tokens
+
+
+@pytest.mark.slow
+def test_a_server_with_an_api_key_asks_for_it_in_the_page(tiny_chat_model, page):
+    model, processor = mlx_gemma3.load(tiny_chat_model[0])
+    httpd, state = serve(model, processor, "tiny-keyed", api_key="sesame")
+    try:
+        page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/")
+        page.wait_for_selector("#notice:not([hidden])")
+        assert "API key is required" in page.text_content("#notice")
+        page.click("#toggle-settings")
+        page.fill("#max-tokens", "20")
+        page.fill("#api-key", "sesame")
+        page.press("#api-key", "Enter")
+        page.wait_for_function("() => document.getElementById('model-name').textContent === 'tiny-keyed'")
+        page.click("#toggle-settings")
+        say(state, "Welcome in.")
+        ask(page, "Knock knock.")
+        wait_for_reply(page, 2)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert message_texts(page) == ["Knock knock.", "Welcome in."] and page.is_hidden("#notice")
 
 
 def get(port: int, path: str, headers: dict | None = None):
