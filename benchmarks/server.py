@@ -73,8 +73,9 @@ class Served:
             try:
                 self.client.models.list()
                 return
-            except openai.APIConnectionError:
+            except (openai.APIError, ValueError):  # not listening yet, or answering before it is ready
                 if self.process.poll() is not None or time.time() > deadline:
+                    self.close()
                     raise SystemExit(f"the server did not start: {' '.join(command)}") from None
                 time.sleep(0.5)
 
@@ -150,37 +151,38 @@ def concurrent(served: Served, clients: int, per_client: int, max_tokens: int) -
             "ttft_p50": statistics.median(ttfts), "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
 
 
+def replayed(served: Served, turns: int | None, args) -> list[dict]:
+    try:
+        return replay(served, turns, args.history, args.max_tokens)
+    finally:
+        served.close()
+
+
 def run_replays(folder: str, args) -> dict:
-    results = {}
     print("replay with the prompt cache", flush=True)
-    served = ours(folder)
-    results["cache"] = replay(served, None, args.history, args.max_tokens)
-    served.close()
+    results = {"cache": replayed(ours(folder), None, args)}
     turns = len(results["cache"])
     print("replay without the prompt cache", flush=True)
-    served = ours(folder, "--prompt-cache-size", "0")
-    results["no_cache"] = replay(served, turns, args.history, args.max_tokens)
-    served.close()
+    results["no_cache"] = replayed(ours(folder, "--prompt-cache-size", "0"), turns, args)
     if args.mlx_lm:
         print("replay against mlx-lm's server", flush=True)
-        served = mlx_lm(folder)
-        results["mlx_lm"] = replay(served, turns, args.history, args.max_tokens)
-        served.close()
+        results["mlx_lm"] = replayed(mlx_lm(folder), turns, args)
     return results
 
 
 def run_concurrency(folder: str, args) -> dict:
     results = {}
     for label, batch in (("batched", "8"), ("one_at_a_time", "1")):
-        served = ours(folder, "--max-batch", batch)
-        ask(served.client, [{"role": "user", "content": "warm up"}], 4)
-        results[label] = []
-        for clients in [int(c) for c in args.clients.split(",")]:
-            row = concurrent(served, clients, args.requests_per_client, args.max_tokens)
-            print(f"  {label}, {clients} clients: {row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.3f}s "
-                  f"p95 {row['ttft_p95']:.3f}s", flush=True)
-            results[label].append(row)
-        served.close()
+        served, results[label] = ours(folder, "--max-batch", batch), []
+        try:
+            ask(served.client, [{"role": "user", "content": "warm up"}], 4)
+            for clients in [int(c) for c in args.clients.split(",")]:
+                row = concurrent(served, clients, args.requests_per_client, args.max_tokens)
+                print(f"  {label}, {clients} clients: {row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.3f}s "
+                      f"p95 {row['ttft_p95']:.3f}s", flush=True)
+                results[label].append(row)
+        finally:
+            served.close()
     return results
 
 

@@ -157,17 +157,16 @@ class Worker:
         layout = cache_layout(opts) if features is None and self.store.enabled else None
         cache, held = self.store.take(layout, job.ids) if layout is not None else (None, [])
         cache = cache if cache is not None else opts.make_cache(self.model)
-        entry, progress = None, opts.prefill_progress
-        if layout is not None:
-            entry = Entry(layout, [], [])
-            progress = checkpointing(entry, cache, job.ids, progress)
         context = self.model.config.text.max_position_embeddings
+        budget, stop = token_budget(opts, context - len(job.ids)), eos_ids(self.processor, opts.stop_ids)
+        detokenizer = self.processor.tokenizer.detokenizer()
         row = self.batch.add(job.ids[len(held):], cache, sampler=opts.sampler(), processors=opts.processors(),
                              history=held, image_features=features, prefill_step_size=opts.prefill_step_size,
-                             progress=progress)
-        detokenizer = self.processor.tokenizer.detokenizer()
-        self.active[id(row)] = Active(job, row, detokenizer, eos_ids(self.processor, opts.stop_ids),
-                                      token_budget(opts, context - len(job.ids)), entry, len(held))
+                             progress=opts.prefill_progress)
+        entry = None
+        if layout is not None:  # the batch took a copy: `cache` itself, holding the whole prompt, is the checkpoint
+            entry = Entry(layout, [], [], cache, held_ids(cache, job.ids))
+        self.active[id(row)] = Active(job, row, detokenizer, stop, budget, entry, len(held))
 
     def features(self, job: Job):
         if job.pixels is None:
