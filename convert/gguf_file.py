@@ -136,7 +136,7 @@ def _metadata(cursor: _Cursor, count: int) -> dict[str, Any]:
     for i in range(count):
         key = cursor.string(f"metadata key {i}")
         if key in metadata:
-            raise cursor.fail(f"metadata key {key} appears twice")
+            raise cursor.fail(f"metadata key {key!r} appears twice")
         metadata[key] = cursor.value(cursor.uint(4, f"{key}'s type"), key)
     return metadata
 
@@ -162,7 +162,7 @@ def _tensor_entries(cursor: _Cursor, count: int) -> list[_Entry]:
     for i in range(count):
         name = cursor.string(f"tensor {i}'s name")
         if name in names:
-            raise cursor.fail(f"tensor {name} appears twice in the tensor table")
+            raise cursor.fail(f"tensor {name!r} appears twice in the tensor table")
         names.add(name)
         dims = cursor.uint(4, f"tensor {name}'s dimension count")
         if not 1 <= dims <= MAX_DIMS:

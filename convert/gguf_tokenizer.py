@@ -27,7 +27,18 @@ def sentencepiece_model(reader: GGUFFile, where: str) -> bytes:
     proto = sentencepiece_model_pb2.ModelProto()
     _add_pieces(proto, [_respell(t) for t in tokens], scores, types, where)
     _set_specs(proto, _special_ids(reader, types, where))
-    return proto.SerializeToString()
+    return _loadable(proto.SerializeToString(), where)
+
+
+def _loadable(model: bytes, where: str) -> bytes:
+    """The serialized model, once SentencePiece has accepted it (it checks what the metadata cannot say)."""
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor().LoadFromSerializedProto(model)
+    except (RuntimeError, OSError) as e:
+        raise Gemma3Error(f"{where}: SentencePiece refuses the tokenizer in its metadata ({e}) — the file is damaged") from None
+    return model
 
 
 def chat_template(reader: GGUFFile) -> str | None:

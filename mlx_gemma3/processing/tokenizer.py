@@ -27,6 +27,7 @@ class Tokenizer:
         """`flagged_special`: pieces a tokenizer_config.json marks special; decode(skip_special=True) drops
         them with the control pieces (whitespace runs and other user-defined pieces stay)."""
         self._sp = _processor(lambda sp: sp.Load(str(model_file)), model_file)
+        _check_pieces(self._sp, model_file)
         self._size = size = self._sp.GetPieceSize()
         types = _piece_types(self._sp.serialized_model_proto())
         special = (i for i, kind in enumerate(types) if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED))
@@ -177,7 +178,18 @@ def _processor(load, where) -> spm.SentencePieceProcessor:
         load(sp)
     except (OSError, RuntimeError) as e:
         raise Gemma3Error(f"cannot read tokenizer {where}: {e}") from None
+    except UnicodeDecodeError:  # SentencePiece's own error message quotes the damaged bytes
+        raise Gemma3Error(f"cannot read tokenizer {where}: it is damaged (SentencePiece's error is not UTF-8)") from None
     return sp
+
+
+def _check_pieces(sp: spm.SentencePieceProcessor, where) -> None:
+    """SentencePiece loads pieces that are not UTF-8 and fails only when one is read: refuse them up front."""
+    for i in range(sp.GetPieceSize()):
+        try:
+            sp.IdToPiece(i)
+        except UnicodeDecodeError:
+            raise Gemma3Error(f"cannot read tokenizer {where}: piece {i} is not UTF-8 — the file is damaged") from None
 
 
 # tokenizer.model is a protobuf ModelProto; reading its wire format directly spares a protobuf dependency.
