@@ -68,6 +68,7 @@ SHIFTED_NORMS = ("norm.weight", "mm_soft_emb_norm.weight")
 SLIDING_ROPE_BASE = 10_000.0  # not stored in GGUF files
 LOSSLESS = {"Q4_0": 4, "Q8_0": 8, "Q4_K": 4}  # GGML type → MLX bits, in groups of GGML_GROUP_SIZE
 GGML_GROUP_SIZE = 32  # values per scale in Q4_0, Q8_0 and Q4_K's sub-blocks
+FLOAT_KINDS = ("F32", "F16", "BF16")  # GGML types without blocks
 # Values converted at once: bounds the working memory per block of rows (about 10 bytes a value at most).
 BLOCK_VALUES = 1 << 20
 # The dtype requantized layers are quantized in when --dtype is not given, so their scales and biases take 16
@@ -226,6 +227,11 @@ def dequantized(raw: np.ndarray, kind) -> np.ndarray:
 def check_types(tensors: dict[str, Source]) -> None:
     """One clear error, before anything is written, for a tensor stored in a GGML type we cannot read."""
     for source in tensors.values():
+        if len(source.shape) < 2 and source.kind.name not in FLOAT_KINDS:
+            raise Gemma3Error(
+                f"{source.path}: tensor {source.tensor.name} is a vector stored as {source.kind.name}; "
+                "the converter reads only matrices quantized (GGUF files keep vectors in float)"
+            )
         if not dequantizable(source.kind):
             raise Gemma3Error(
                 f"{source.path}: tensor {source.tensor.name} is stored as {source.kind.name}, which the gguf package "

@@ -3,8 +3,10 @@ against the file before it is used, so a damaged file ends in one clear error (d
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -195,3 +197,22 @@ def _check_no_overlap(cursor: _Cursor, tensors: list[GGUFTensor]) -> None:
     for before, after in zip(ordered, ordered[1:]):
         if before.data_offset + before.n_bytes > after.data_offset:
             raise cursor.fail(f"tensors {before.name} and {after.name} overlap in the file")
+
+
+def check_sha256(path: Path, expected: str) -> None:
+    """One clear error unless the file's SHA-256 is `expected` (64 hex digits): GGUF carries no checksum of its
+    own, so a changed byte inside a vocabulary string or a weight is otherwise accepted."""
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", expected):
+        raise Gemma3Error(f"--verify takes a SHA-256 as 64 hexadecimal digits, got {expected!r}")
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    except OSError as e:
+        raise Gemma3Error(f"cannot read {path} to verify it: {e.strerror or e}") from None
+    if digest.hexdigest() != expected.lower():
+        raise Gemma3Error(
+            f"{path} has SHA-256 {digest.hexdigest()}, not the {expected.lower()} given to --verify: "
+            "the file is damaged or a different one — download it again"
+        )

