@@ -14,15 +14,17 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from mlx_gemma3.model.config import DEFAULT_SLIDING_PATTERN, FULL, SLIDING, layer_types_for_pattern, parse_config
+from mlx_gemma3.model.config import (
+    DEFAULT_SLIDING_PATTERN, FULL, SLIDING, layer_types_for_pattern, parse_config, short_repr,
+)
 from mlx_gemma3.errors import Gemma3Error
 from mlx_gemma3.model.load import build_model, check_shapes
 from mlx_gemma3.model.quantize import DEFAULT_BITS, NEVER_QUANTIZED, QuantSpec, quantization_json
 from mlx_gemma3.processing.tokenizer import EOS_IDS
 
+from .gguf_file import GGUFFile, GGUFTensor, read_gguf
 from .hf import DTYPES, Quantization, converted, converted_shape, report_size, text_config_json
 from .output import ShardWriter, output_folder
-from .gguf_file import GGUFFile, GGUFTensor, read_gguf
 from .progress import Progress
 
 # GGUF tensor name (after `blk.N.`) → checkpoint key (after `model.layers.N.`), docs/formats.md §4.
@@ -88,7 +90,7 @@ def field(reader: GGUFFile, key: str, where: str, default=None, kind: type | Non
         raise Gemma3Error(f"{where}: GGUF metadata key {key} is missing")
     if kind is not None and not _is_kind(value, kind):
         wanted = {int: "a positive integer", float: "a number", str: "a string", list: "an array"}[kind]
-        raise Gemma3Error(f"{where}: GGUF metadata {key} is {_shown(value)}, not {wanted} — the file is damaged")
+        raise Gemma3Error(f"{where}: GGUF metadata {key} is {short_repr(value)}, not {wanted} — the file is damaged")
     return value
 
 
@@ -102,16 +104,10 @@ def _is_kind(value, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def _shown(value) -> str:
-    """A value for an error line: short, whatever it holds."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def check_architecture(reader, where: str) -> None:
-    arch = field(reader, "general.architecture", where)
+    arch = field(reader, "general.architecture", where, kind=str)
     if arch != "gemma3":
-        raise Gemma3Error(f"{where}: architecture {arch!r} is not Gemma 3 (general.architecture must be 'gemma3')")
+        raise Gemma3Error(f"{where}: architecture {short_repr(arch)} is not Gemma 3 (general.architecture must be 'gemma3')")
 
 
 def config_from_metadata(reader, where: str, dtype: str) -> dict:

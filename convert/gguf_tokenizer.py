@@ -5,6 +5,7 @@ from __future__ import annotations
 from sentencepiece import sentencepiece_model_pb2
 
 from mlx_gemma3.errors import Gemma3Error
+from mlx_gemma3.model.config import short_repr
 
 from .gguf_file import GGUFFile
 
@@ -20,7 +21,7 @@ def sentencepiece_model(reader: GGUFFile, where: str) -> bytes:
     """A serialized SentencePiece ModelProto equal to the tokenizer.model the GGUF was made from."""
     kind = _value(reader, "tokenizer.ggml.model", where, str)
     if kind != "llama":
-        raise Gemma3Error(f"{where}: tokenizer.ggml.model is {kind!r}; Gemma 3 needs 'llama' (SentencePiece)")
+        raise Gemma3Error(f"{where}: tokenizer.ggml.model is {short_repr(kind)}; Gemma 3 needs 'llama' (SentencePiece)")
     tokens, scores, types = (_array(reader, f"tokenizer.ggml.{key}", where, kind) for key, kind in _ARRAYS)
     if not len(tokens) == len(scores) == len(types):
         raise Gemma3Error(f"{where}: tokenizer.ggml.tokens, .scores and .token_type differ in length")
@@ -64,7 +65,7 @@ def _array(reader: GGUFFile, key: str, where: str, kind: type) -> list:
     accepted = (int, float) if kind is float else kind
     wrong = next((i for i, item in enumerate(items) if not isinstance(item, accepted) or isinstance(item, bool)), None)
     if wrong is not None:
-        raise Gemma3Error(f"{where}: {key}[{wrong}] is {items[wrong]!r:.40}, not a {kind.__name__} — the file is damaged")
+        raise Gemma3Error(f"{where}: {key}[{wrong}] is {short_repr(items[wrong])}, not a {kind.__name__} — the file is damaged")
     return items
 
 
@@ -90,7 +91,7 @@ def _special_ids(reader: GGUFFile, types: list[int], where: str) -> dict[str, in
     for stem, key in _SPECIAL:
         value = reader.metadata.get(f"tokenizer.ggml.{key}_token_id", -1)
         if not isinstance(value, int) or isinstance(value, bool) or value < -1:
-            raise Gemma3Error(f"{where}: tokenizer.ggml.{key}_token_id is {value!r:.40}, not a token id — the file is damaged")
+            raise Gemma3Error(f"{where}: tokenizer.ggml.{key}_token_id is {short_repr(value)}, not a token id — the file is damaged")
         ids[stem] = value
     if ids["unk"] < 0:
         ids["unk"] = next((i for i, kind in enumerate(types) if kind == _PIECE.UNKNOWN), -1)

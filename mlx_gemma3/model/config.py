@@ -185,24 +185,26 @@ def _section(raw: dict, key: str, where: str) -> dict:
     """A nested object of the config (absent or null: empty)."""
     section = raw.get(key) or {}
     if not isinstance(section, dict):
-        raise Gemma3Error(f"{where}: {key} must be a JSON object, got {_shown(section)}")
+        raise Gemma3Error(f"{where}: {key} must be a JSON object, got {short_repr(section)}")
     return section
 
 
-def _shown(value) -> str:
+def short_repr(value) -> str:
+    """A value for an error line: at most 60 characters, whatever it holds."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _size(value, key: str, where: str, limit: int = MAX_SIZE) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
-        raise Gemma3Error(f"{where}: {key} must be a positive integer up to {limit}, got {_shown(value)}")
+        raise Gemma3Error(f"{where}: {key} must be a positive integer up to {limit}, got {short_repr(value)}")
     return value
 
 
 def _number(value, key: str, where: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise Gemma3Error(f"{where}: {key} must be a finite number, got {_shown(value)}")
+    """A positive finite number (every float of a Gemma 3 config is one: norm eps, scalar, RoPE base and factor)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        raise Gemma3Error(f"{where}: {key} must be a positive number, got {short_repr(value)}")
     return float(value)
 
 
@@ -273,7 +275,7 @@ def parse_text_config(raw: dict, where: str, fill_defaults: bool, top: dict) -> 
 
 def _getter(raw: dict, where: str):
     def get(key, kind=None, optional=False):
-        """raw[key] or its default; kind int: a size, float: a finite number (or null where optional)."""
+        """raw[key] or its default; kind int: a size, float: a positive number (or null where optional)."""
         value = raw.get(key, TEXT_DEFAULTS.get(key))
         if kind is int:
             return _size(value, key, where)
@@ -336,7 +338,7 @@ def _rope_config(params: dict, where: str) -> RopeConfig:
         return RopeConfig(theta=theta)
     if kind == "linear":
         return RopeConfig(theta=theta, factor=_number(params.get("factor"), "factor", where))
-    raise Gemma3Error(f"{where}: rope_type {_shown(kind)} is not supported (Gemma 3 uses 'default' and 'linear')")
+    raise Gemma3Error(f"{where}: rope_type {short_repr(kind)} is not supported (Gemma 3 uses 'default' and 'linear')")
 
 
 def _weight_dtype(raw: dict, top: dict) -> str:
