@@ -62,6 +62,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True, parse_special: bool = True) -> list[int]:
         """parse_special: special tokens written in text become their ids (as in transformers); else plain text."""
+        _check_text(text)
         ids = self._encode_parsed(text) if parse_special else self._plain.EncodeAsIds(text)
         return [BOS_ID, *ids] if add_bos else ids
 
@@ -181,6 +182,16 @@ def _processor(load, where) -> spm.SentencePieceProcessor:
     except UnicodeDecodeError:  # SentencePiece's own error message quotes the damaged bytes
         raise Gemma3Error(f"cannot read tokenizer {where}: it is damaged (SentencePiece's error is not UTF-8)") from None
     return sp
+
+
+def _check_text(text: str) -> None:
+    """SentencePiece takes UTF-8 only: a lone UTF-16 surrogate (JSON's "\\ud800") cannot be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Gemma3Error(f"the text holds {e.object[e.start:e.end]!r} at {e.start}, a lone UTF-16 surrogate, which is not text") from None
+    except AttributeError:
+        raise Gemma3Error(f"the tokenizer encodes text (str), got {type(text).__name__}") from None
 
 
 def _check_pieces(sp: spm.SentencePieceProcessor, where) -> None:

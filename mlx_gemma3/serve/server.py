@@ -199,10 +199,6 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError("the body's JSON nests too deeply") from None
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object")
-        try:
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RequestError(f"the body holds {e.object[e.start:e.end]!r}, a lone UTF-16 surrogate, which is not text") from None
         return body
 
     def prepare(self, request: Request) -> Job:
