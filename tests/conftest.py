@@ -174,6 +174,22 @@ class StepCounter:
         return logits
 
 
+# Each fuzzed reader's counts (tests/test_fuzz.py), printed by pytest_terminal_summary.
+FUZZ_TALLIES = pytest.StashKey[list]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    tallies = config.stash.get(FUZZ_TALLIES, [])
+    if not tallies:
+        return
+    terminalreporter.section("fuzzing: cases per reader")
+    terminalreporter.write_line(f"{'reader':<12} {'cases':>6} {'clean errors':>13} {'accepted':>9} {'failures':>9} {'seconds':>8}")
+    for t in sorted(tallies, key=lambda t: t["reader"]):
+        terminalreporter.write_line(
+            f"{t['reader']:<12} {t['cases']:>6} {t['clean_errors']:>13} {t['accepted']:>9} {len(t['failures']):>9} {t['seconds']:>8}"
+        )
+
+
 def pytest_unconfigure(config):
     """After the last test: MLX's own exit-time cleanup runs too late, so drop this thread's streams now."""
     from mlx_gemma3.generation.streams import release_thread_streams

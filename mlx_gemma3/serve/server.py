@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from pathlib import Path
@@ -217,6 +218,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError("the body's JSON nests too deeply") from None
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object")
         return body
@@ -310,6 +313,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a garbled request line, headers too long...) as OpenAI-style JSON too."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # what http.server assumes of a request line it cannot read
+            self.request_version = "HTTP/1.0"  # so the reply has a status line and headers
+        self.send_error_json(RequestError(message or HTTPStatus(code).phrase, code))
 
     def send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode()
