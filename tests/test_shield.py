@@ -13,6 +13,7 @@ import mlx_gemma3
 from conftest import FIXTURES, SPM_IMAGE_TOKENS, TINY_TEXT, TINY_VISION, convert, gemma3_processor, randomize, reference_torch
 from mlx_gemma3 import shield
 
+pytestmark = pytest.mark.slow  # each test needs the converted tiny classifier (about 10 s to build once)
 TOKENS_PER_IMAGE = 4
 TEMPLATE = (FIXTURES / "shieldgemma2_chat_template.jinja").read_text()
 CUSTOM = {"cats": "No Cats: The image shall not contain a cat.", "dangerous": "No Knives: The image shall not show a knife."}
@@ -85,3 +86,79 @@ def test_scores_match_transformers(built, policies, custom):
     got_probabilities, got_logits = ours(scores)
     assert np.abs(got_probabilities - probabilities).max() <= 1e-4
     assert np.abs(got_logits - logits).max() <= 1e-4
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_prompt_ids_equal_the_processors(built, template):
+    """Every built-in policy and a custom one: the folder's chat template, and our text of it when a folder has none."""
+    from dataclasses import replace
+
+    from mlx_gemma3.processing.shield import shield_prompt_ids
+
+    folder, _, hf_processor, paths = built
+    processor = mlx_gemma3.load(folder / "mlx")[1]
+    processor = processor if template else replace(processor, chat_template=None)
+    image = Image.open(paths[0]).convert("RGB")
+    for name, text in {**shield.DEFAULT_POLICIES, "cats": CUSTOM["cats"]}.items():
+        inputs = hf_processor(images=[image], policies=[name], custom_policies=CUSTOM if name == "cats" else {})
+        expected = [int(i) for i, keep in zip(inputs["input_ids"][0], inputs["attention_mask"][0]) if keep]
+        assert shield_prompt_ids(processor, text) == expected, name
+
+
+def test_hub_and_wrapped_mlx_layouts_load_the_same(built, tmp_path):
+    """The Hub's keys (`model.language_model.model.…`, `model.vision_tower.vision_model.…`, a stored head) convert
+    to the same folder; an MLX folder that kept the wrapper's `model.` prefix loads the same weights."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    folder = built[0]
+    tensors = mx.load(str(folder / "hf" / "model.safetensors"))
+    hub = {}
+    for key, value in tensors.items():
+        key = key.replace("model.model.language_model.", "model.language_model.")
+        key = key.replace("model.model.vision_tower.", "model.vision_tower.vision_model.")
+        hub[key.replace("model.model.multi_modal_projector.", "model.multi_modal_projector.")] = value
+    hub["model.language_model.lm_head.weight"] = hub["model.language_model.model.embed_tokens.weight"]
+    shutil.copytree(folder / "hf", tmp_path / "hub")
+    mx.save_safetensors(str(tmp_path / "hub" / "model.safetensors"), hub)
+    convert(tmp_path / "hub", tmp_path / "hub-mlx")
+    expected = mx.load(str(folder / "mlx" / "model.safetensors"))
+    assert mx.load(str(tmp_path / "hub-mlx" / "model.safetensors")).keys() == expected.keys()
+
+    shutil.copytree(folder / "mlx", tmp_path / "wrapped")
+    mx.save_safetensors(str(tmp_path / "wrapped" / "model.safetensors"), {f"model.{k}": v for k, v in expected.items()})
+    loaded = [dict(tree_flatten(mlx_gemma3.load(path, lazy_vision=False)[0].parameters()))
+              for path in (folder / "mlx", tmp_path / "wrapped", tmp_path / "hub-mlx")]
+    for other in loaded[1:]:
+        assert other.keys() == loaded[0].keys()
+        assert all(mx.array_equal(other[key], loaded[0][key]) for key in loaded[0])
+
+
+def test_4bit_matches_transformers_on_the_dequantized_weights(built):
+    from test_quantize import dequantized_reference
+
+    folder, hf_model, _, paths = built
+    q4 = convert(folder / "hf", folder / "q4", "-q")
+    config = json.loads((q4 / "config.json").read_text())
+    assert config["model_type"] == "shieldgemma2" and config["quantization"]["bits"] == 4
+    model, processor = mlx_gemma3.load(q4)
+    assert model.language_model.model.layers[0].mlp.up_proj.bits == 4
+    probabilities, logits = reference(built, model=dequantized_reference(hf_model, q4))
+    got_probabilities, got_logits = ours(shield.classify(model, processor, paths))
+    assert np.abs(got_probabilities - probabilities).max() <= 1e-4
+    assert np.abs(got_logits - logits).max() <= 1e-4
+
+
+def test_classify_refuses_what_it_cannot_score(built, hf_text, tmp_path):
+    folder, _, _, paths = built
+    model, processor = mlx_gemma3.load(folder / "mlx")
+    with pytest.raises(mlx_gemma3.Gemma3Error, match="unknown policy 'nudity'.*dangerous, sexual, violence"):
+        shield.classify(model, processor, paths, ["nudity"])
+    with pytest.raises(mlx_gemma3.Gemma3Error, match="no image to classify"):
+        shield.classify(model, processor, [])
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(mlx_gemma3.Gemma3Error, match="notes.txt is not an image"):
+        shield.classify(model, processor, [paths[0], tmp_path / "notes.txt"])
+    text_model, text_processor = mlx_gemma3.load(convert(hf_text[0], tmp_path / "text"))
+    with pytest.raises(mlx_gemma3.Gemma3Error, match="not a ShieldGemma 2 .*'gemma3_text'"):
+        shield.classify(text_model, text_processor, paths)
