@@ -162,3 +162,61 @@ def test_classify_refuses_what_it_cannot_score(built, hf_text, tmp_path):
     text_model, text_processor = mlx_gemma3.load(convert(hf_text[0], tmp_path / "text"))
     with pytest.raises(mlx_gemma3.Gemma3Error, match="not a ShieldGemma 2 .*'gemma3_text'"):
         shield.classify(text_model, text_processor, paths)
+
+
+def test_cli_table_and_threshold_exit_codes(built, capsys):
+    """A table and exit 0 below the threshold; JSON (transformers' numbers) and exit 1, from a real process, once one
+    probability reaches it."""
+    from conftest import run_cli
+    from mlx_gemma3.shield import main
+
+    folder, _, _, paths = built
+    highest = reference(built)[0][:, 0].max()
+    args = ["--model", str(folder / "mlx"), "--image", str(paths[0]), "--image", str(paths[1])]
+    assert main([*args, "--threshold", f"{highest + 2e-4:.6f}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["image", "policy", "P(violates)", "verdict"] and len(lines) == 7
+    assert lines[1].split()[:2] == [str(paths[0]), "dangerous"] and lines[6].split()[:2] == [str(paths[1]), "violence"]
+    assert all(line.endswith("ok") for line in lines[1:])
+
+    result = run_cli("mlx_gemma3.shield", *args, "--json", "--threshold", f"{highest - 2e-4:.6f}")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    probabilities = [[r["yes_probability"], r["no_probability"]] for r in report["results"]]
+    assert np.abs(np.array(probabilities) - reference(built)[0]).max() <= 1e-4
+    assert report["flagged"] and sum(r["violates"] for r in report["results"]) == 1
+
+
+def test_cli_bad_image_and_unknown_policy_are_one_line(built, tmp_path, capsys):
+    from mlx_gemma3.shield import main
+
+    folder, _, _, paths = built
+    (tmp_path / "notes.txt").write_text("not an image")
+    model = ["--model", str(folder / "mlx")]
+    cases = [
+        (["--image", str(paths[0]), "--image", str(tmp_path / "notes.txt")], 1, "notes.txt is not an image"),
+        (["--image", str(paths[0]), "--policy", "nudity"], 1, "unknown policy 'nudity'"),
+        (["--image", str(paths[0]), "--custom-policy", "cats"], 2, "--custom-policy must be NAME=DESCRIPTION"),
+        (["--image", str(paths[0]), "--threshold", "1.5"], 2, "--threshold must be a probability from 0 to 1"),
+    ]
+    for args, code, message in cases:
+        try:
+            returned = main(model + args)
+        except SystemExit as e:  # argparse's own exit
+            returned = e.code
+        err = capsys.readouterr().err
+        assert returned == code and err.count("\n") == 1 and message in err, (args, err)
+
+
+def test_cli_custom_policy_scores_match_transformers(built, capsys):
+    from mlx_gemma3.shield import main
+
+    folder, _, _, paths = built
+    args = ["--model", str(folder / "mlx"), "--image", str(paths[1]), "--policy", "cats", "--policy", "dangerous",
+            "--custom-policy", f"cats={CUSTOM['cats']}", "--json", "--threshold", "1"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = reference(built, ["cats", "dangerous"], {"cats": CUSTOM["cats"]})[1][2:]  # the second image's rows
+    logits = [[r["yes_logit"], r["no_logit"]] for r in report["results"]]
+    assert [r["policy"] for r in report["results"]] == ["cats", "dangerous"]
+    assert np.abs(np.array(logits) - expected).max() <= 1e-4
