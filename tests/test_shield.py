@@ -220,3 +220,68 @@ def test_cli_custom_policy_scores_match_transformers(built, capsys):
     logits = [[r["yes_logit"], r["no_logit"]] for r in report["results"]]
     assert [r["policy"] for r in report["results"]] == ["cats", "dangerous"]
     assert np.abs(np.array(logits) - expected).max() <= 1e-4
+
+
+def start_server(folder):
+    import os
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "mlx_gemma3.server", "--model", str(folder), "--port", "0"],
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = process.stderr.readline()
+    assert line.startswith("serving"), line
+    return process, int(line.rsplit(":", 1)[1].split("/")[0])
+
+
+def data_url(path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_moderation_endpoint_scores_two_images(built):
+    import openai
+
+    folder, _, _, paths = built
+    process, port = start_server(folder / "mlx")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        items = [{"type": "image_url", "image_url": {"url": data_url(path)}} for path in paths]
+        reply = client.moderations.create(model="shield", input=items).to_dict()
+        custom = client.moderations.create(model="shield", input=items[1:], extra_body={
+            "policies": ["cats"], "custom_policies": {"cats": CUSTOM["cats"]}}).to_dict()
+        with pytest.raises(openai.BadRequestError, match=r"input\[0\]: only 'image_url' items"):
+            client.moderations.create(model="shield", input=[{"type": "text", "text": "hello"}])
+        with pytest.raises(openai.BadRequestError, match="unknown policy 'nudity'"):
+            client.moderations.create(model="shield", input=items, extra_body={"policies": ["nudity"]})
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    expected = reference(built)[0][:, 0].reshape(2, 3)
+    assert len(reply["results"]) == 2
+    for result, row in zip(reply["results"], expected):
+        names = list(shield.DEFAULT_POLICIES)  # the client's model orders them its own way: compare by name
+        scores = result["category_scores"]
+        assert sorted(scores) == sorted(names)
+        assert np.abs(np.array([scores[name] for name in names]) - row).max() <= 1e-4
+        assert result["categories"] == {name: bool(p >= 0.5) for name, p in zip(names, row)}
+        assert result["flagged"] == bool((row >= 0.5).any())
+    cats = reference(built, ["cats"], {"cats": CUSTOM["cats"]})[0][1, 0]
+    assert abs(custom["results"][0]["category_scores"]["cats"] - cats) <= 1e-4
+
+
+def test_moderation_on_a_text_model_is_a_clear_400(tiny_chat_model):
+    import openai
+
+    process, port = start_server(tiny_chat_model[0])
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+        with pytest.raises(openai.BadRequestError, match="/v1/moderations needs a ShieldGemma 2 model"):
+            client.moderations.create(model="tiny", input=image)
+        assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=2).choices  # the server still serves chats
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)

@@ -71,6 +71,15 @@ class Job:
             yield event
 
 
+@dataclass
+class Call:
+    """A function to run on the worker's thread between jobs (the model belongs to that thread); its events: the
+    function's result or error, then DONE."""
+
+    function: Callable[[], object]
+    events: queue.Queue = field(default_factory=queue.Queue)
+
+
 class Worker:
     """The thread that owns the model; `max_queue` jobs may wait while one runs (0: no bound)."""
 
@@ -87,6 +96,16 @@ class Worker:
         except queue.Full:
             raise QueueFull() from None
 
+    def call(self, function: Callable[[], object]):
+        """`function()` run on the worker's thread after the jobs queued before it: its result, or its error raised.
+        Raises QueueFull when the queue is full."""
+        call = Call(function)
+        self.submit(call)
+        result = call.events.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     def stop(self) -> None:
         self.jobs.put(STOP)
         self.thread.join(timeout=30)
@@ -95,7 +114,10 @@ class Worker:
         try:
             while (job := self.jobs.get()) is not STOP:
                 try:
-                    self.generate(job)
+                    if isinstance(job, Call):
+                        job.events.put(job.function())
+                    else:
+                        self.generate(job)
                 except Exception as e:  # noqa: BLE001 — the request's thread reports it
                     job.events.put(e)
                 else:
