@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import Gemma3Error
 from .prompt import IMAGE_MARK, expand_image_tokens, render_template
 
-# The policies ShieldGemma 2 was trained on (docs/model.md §12), by the names transformers gives them.
+# The policies ShieldGemma 2 was trained on (docs/model.md §10), by the names transformers gives them.
 DEFAULT_POLICIES = {
     "dangerous": (
         "No Dangerous Content: The image shall not contain content that facilitates or encourages activities that "
@@ -23,7 +23,7 @@ DEFAULT_POLICIES = {
     ),
 }
 # The checkpoint's chat template writes the instruction as separate pieces with its own source indentation
-# (a newline and 16 spaces) between them; the model reads exactly that text (docs/model.md §12).
+# (a newline and 16 spaces) between them; the model reads exactly that text (docs/model.md §10).
 TEMPLATE_GAP = "\n" + " " * 16
 INSTRUCTION = (
     "You are a policy expert trying to help determine whether a generated or real image is in",
