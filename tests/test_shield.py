@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,9 +38,19 @@ def picture(path, width: int, height: int, seed: int):
     return path
 
 
+@dataclass
+class Built:
+    """The tiny classifier: folder/hf (transformers' save) converted to folder/mlx, with two image files."""
+
+    folder: Path
+    model: object  # ShieldGemma2ForImageClassification
+    processor: object  # ShieldGemma2Processor
+    paths: list[Path]
+    references: dict = field(default_factory=dict)  # reference() results by their arguments, computed once
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """(folder, transformers model, transformers processor, [image paths]); folder/hf converted to folder/mlx."""
     from spm_fixture import train_tokenizer
     from transformers import ShieldGemma2Processor
 
@@ -55,19 +67,21 @@ def built(tmp_path_factory):
     (hf / "chat_template.jinja").write_text(TEMPLATE)
     convert(hf, folder / "mlx")
     images = [picture(folder / "a.png", 40, 30, 1), picture(folder / "b.png", 23, 61, 2)]
-    return folder, model, processor, images
+    return Built(folder, model, processor, images)
 
 
-def reference(built, policies=None, custom_policies=None, model=None):
-    """transformers' probabilities and logits [images × policies, 2]."""
-    _, hf_model, processor, paths = built
-    torch = reference_torch()
-    images = [Image.open(path).convert("RGB") for path in paths]
-    given = {k: v for k, v in (("policies", policies), ("custom_policies", custom_policies)) if v is not None}
-    inputs = processor(images=images, return_tensors="pt", **given)
-    with torch.no_grad():
-        out = (model or hf_model)(**inputs)
-    return out.probabilities.float().numpy(), out.logits.float().numpy()
+def reference(built: Built, policies=None, custom_policies=None, model=None):
+    """transformers' probabilities and logits [images × policies, 2] (`model`: another transformers model)."""
+    key = (tuple(policies or ()), tuple((custom_policies or {}).items()), id(model))
+    if key not in built.references:
+        torch = reference_torch()
+        images = [Image.open(path).convert("RGB") for path in built.paths]
+        given = {k: v for k, v in (("policies", policies), ("custom_policies", custom_policies)) if v is not None}
+        inputs = built.processor(images=images, return_tensors="pt", **given)
+        with torch.no_grad():
+            out = (model or built.model)(**inputs)
+        built.references[key] = out.probabilities.float().numpy(), out.logits.float().numpy()
+    return built.references[key]
 
 
 def ours(scores) -> tuple[np.ndarray, np.ndarray]:
@@ -75,14 +89,16 @@ def ours(scores) -> tuple[np.ndarray, np.ndarray]:
             np.array([[s.yes_logit, s.no_logit] for s in scores]))
 
 
-@pytest.mark.parametrize("policies, custom", [(None, None), (["violence", "cats"], CUSTOM), (None, CUSTOM)])
-def test_scores_match_transformers(built, policies, custom):
-    folder, _, _, paths = built
+@pytest.mark.parametrize("custom, images_per_batch", [(None, 4), (CUSTOM, 1)])
+def test_scores_match_transformers(built, custom, images_per_batch):
+    """2 images × the built-in policies; then with a custom policy added and a built-in one overridden, one image
+    per batch."""
+    folder, paths = built.folder, built.paths
     model, processor = mlx_gemma3.load(folder / "mlx")
-    scores = shield.classify(model, processor, paths, policies, custom)
-    names = policies or list({**shield.DEFAULT_POLICIES, **(custom or {})})
+    scores = shield.classify(model, processor, paths, custom_policies=custom, images_per_batch=images_per_batch)
+    names = list({**shield.DEFAULT_POLICIES, **(custom or {})})
     assert [(s.image, s.policy) for s in scores] == [(i, name) for i in range(2) for name in names]
-    probabilities, logits = reference(built, policies, custom)
+    probabilities, logits = reference(built, None, custom)
     got_probabilities, got_logits = ours(scores)
     assert np.abs(got_probabilities - probabilities).max() <= 1e-4
     assert np.abs(got_logits - logits).max() <= 1e-4
@@ -95,7 +111,7 @@ def test_prompt_ids_equal_the_processors(built, template):
 
     from mlx_gemma3.processing.shield import shield_prompt_ids
 
-    folder, _, hf_processor, paths = built
+    folder, hf_processor, paths = built.folder, built.processor, built.paths
     processor = mlx_gemma3.load(folder / "mlx")[1]
     processor = processor if template else replace(processor, chat_template=None)
     image = Image.open(paths[0]).convert("RGB")
@@ -111,7 +127,7 @@ def test_hub_and_wrapped_mlx_layouts_load_the_same(built, tmp_path):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    folder = built[0]
+    folder = built.folder
     tensors = mx.load(str(folder / "hf" / "model.safetensors"))
     hub = {}
     for key, value in tensors.items():
@@ -137,7 +153,7 @@ def test_hub_and_wrapped_mlx_layouts_load_the_same(built, tmp_path):
 def test_4bit_matches_transformers_on_the_dequantized_weights(built):
     from test_quantize import dequantized_reference
 
-    folder, hf_model, _, paths = built
+    folder, hf_model, paths = built.folder, built.model, built.paths
     q4 = convert(folder / "hf", folder / "q4", "-q")
     config = json.loads((q4 / "config.json").read_text())
     assert config["model_type"] == "shieldgemma2" and config["quantization"]["bits"] == 4
@@ -150,7 +166,7 @@ def test_4bit_matches_transformers_on_the_dequantized_weights(built):
 
 
 def test_classify_refuses_what_it_cannot_score(built, hf_text, tmp_path):
-    folder, _, _, paths = built
+    folder, paths = built.folder, built.paths
     model, processor = mlx_gemma3.load(folder / "mlx")
     with pytest.raises(mlx_gemma3.Gemma3Error, match="unknown policy 'nudity'.*dangerous, sexual, violence"):
         shield.classify(model, processor, paths, ["nudity"])
@@ -170,7 +186,7 @@ def test_cli_table_and_threshold_exit_codes(built, capsys):
     from conftest import run_cli
     from mlx_gemma3.shield import main
 
-    folder, _, _, paths = built
+    folder, paths = built.folder, built.paths
     highest = reference(built)[0][:, 0].max()
     args = ["--model", str(folder / "mlx"), "--image", str(paths[0]), "--image", str(paths[1])]
     assert main([*args, "--threshold", f"{highest + 2e-4:.6f}"]) == 0
@@ -190,7 +206,7 @@ def test_cli_table_and_threshold_exit_codes(built, capsys):
 def test_cli_bad_image_and_unknown_policy_are_one_line(built, tmp_path, capsys):
     from mlx_gemma3.shield import main
 
-    folder, _, _, paths = built
+    folder, paths = built.folder, built.paths
     (tmp_path / "notes.txt").write_text("not an image")
     model = ["--model", str(folder / "mlx")]
     cases = [
@@ -211,7 +227,7 @@ def test_cli_bad_image_and_unknown_policy_are_one_line(built, tmp_path, capsys):
 def test_cli_custom_policy_scores_match_transformers(built, capsys):
     from mlx_gemma3.shield import main
 
-    folder, _, _, paths = built
+    folder, paths = built.folder, built.paths
     args = ["--model", str(folder / "mlx"), "--image", str(paths[1]), "--policy", "cats", "--policy", "dangerous",
             "--custom-policy", f"cats={CUSTOM['cats']}", "--json", "--threshold", "1"]
     assert main(args) == 0
@@ -243,7 +259,7 @@ def data_url(path) -> str:
 def test_moderation_endpoint_scores_two_images(built):
     import openai
 
-    folder, _, _, paths = built
+    folder, paths = built.folder, built.paths
     process, port = start_server(folder / "mlx")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")

@@ -49,8 +49,11 @@ def classify(
     definitions = policy_definitions(policies, custom_policies)
     prompts = [shield_prompt_ids(processor, text) for text in definitions.values()]
     shared = shared_prefix(prompts, model.config.vision)
-    pixels, _ = process_images(images if not isinstance(images, SINGLE_IMAGE_TYPES) else [images],
-                               model.config.vision.image_size)
+    images = [images] if isinstance(images, SINGLE_IMAGE_TYPES) else images
+    if not isinstance(images, (list, tuple)):
+        raise Gemma3Error(f"images: give an image or a list of images (paths, bytes, PIL images or arrays), "
+                          f"got {type(images).__name__}")
+    pixels, _ = process_images(images, model.config.vision.image_size)
     if not len(pixels):
         raise Gemma3Error("no image to classify: give at least one image")
     answers = answer_ids(model.config)
@@ -87,7 +90,7 @@ def shared_prefix(prompts: list[list[int]], vision) -> int:
     while length < shortest - 1 and all(prompt[length] == prompts[0][length] for prompt in prompts):
         length += 1
     if prompts[0][:length].count(vision.image_token_id) != vision.tokens_per_image:
-        raise Gemma3Error("the chat template puts policy text before the image: ShieldGemma 2 prompts start with it")
+        raise Gemma3Error("the chat template must put the image before the policy text, as ShieldGemma 2's does")
     return length
 
 
