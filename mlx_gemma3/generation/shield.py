@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image
 
 from ..errors import Gemma3Error
 from ..model.cache import batch_cache, filter_cache
-from ..processing.image import process_images
+from ..processing.image import ONE_IMAGE_TYPES, process_images
 from ..processing.shield import policy_definitions, shield_prompt_ids
 from .streams import generation_stream
 
 # Gemma 3's "Yes" and "No" tokens, for a config.json that names none (yes_token_index / no_token_index).
 YES_TOKEN_ID, NO_TOKEN_ID = 10_784, 3771
 IMAGES_PER_BATCH = 4  # images classified together: each brings one batch row per policy
-SINGLE_IMAGE_TYPES = (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,7 @@ def classify(
     definitions = policy_definitions(policies, custom_policies)
     prompts = [shield_prompt_ids(processor, text) for text in definitions.values()]
     shared = shared_prefix(prompts, model.config.vision)
-    images = [images] if isinstance(images, SINGLE_IMAGE_TYPES) else images
+    images = [images] if isinstance(images, ONE_IMAGE_TYPES) else images
     if not isinstance(images, (list, tuple)):
         raise Gemma3Error(f"images: give an image or a list of images (paths, bytes, PIL images or arrays), "
                           f"got {type(images).__name__}")
