@@ -10,7 +10,8 @@ from pathlib import Path
 from ..errors import Gemma3Error
 
 TEXT_MODEL_TYPES = ("gemma3_text",)
-MULTIMODAL_MODEL_TYPES = ("gemma3",)
+SHIELD_MODEL_TYPE = "shieldgemma2"  # ShieldGemma 2: a Gemma 3 4B image-text model read as a Yes/No classifier
+MULTIMODAL_MODEL_TYPES = ("gemma3", SHIELD_MODEL_TYPE)
 FULL, SLIDING = "full_attention", "sliding_attention"
 DEFAULT_SLIDING_PATTERN = 6  # five sliding layers, then one full layer
 
@@ -134,6 +135,10 @@ class ModelConfig:
     @property
     def is_multimodal(self) -> bool:
         return self.model_type in MULTIMODAL_MODEL_TYPES
+
+    @property
+    def is_shield(self) -> bool:
+        return self.model_type == SHIELD_MODEL_TYPE
 
 
 def round_to_dtype(value: float, dtype: str) -> float:

@@ -22,6 +22,7 @@ from .text import Gemma3TextLM
 from ..processing.tokenizer import Tokenizer
 
 TIED_HEAD_KEYS = ("lm_head.", "language_model.lm_head.")
+SHIELD_WRAPPER = "model."  # ShieldGemma2ForImageClassification holds its Gemma 3 as `model`
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 
 
@@ -75,10 +76,18 @@ def model_path(path) -> Path:
 def model_weights(folder: Path, config: ModelConfig, dtype: mx.Dtype, column_major: set[str] = frozenset()) -> dict[str, mx.array]:
     """The folder's tensors (not yet read: MLX loads lazily), floats in the compute dtype; the float matrices
     named in `column_major` keep their shape and values but are laid out column-major."""
-    weights = read_weights(folder)
+    weights = {unwrapped_key(k, config): v for k, v in read_weights(folder).items()}
     if config.text.tie_word_embeddings:  # mlx-vlm stores a copy of the tied head: the embedding is the head
         weights = {k: v for k, v in weights.items() if not k.startswith(TIED_HEAD_KEYS)}
     return {k: in_compute_dtype(v, dtype, k in column_major) for k, v in weights.items()}
+
+
+def unwrapped_key(key: str, config: ModelConfig) -> str:
+    """A ShieldGemma 2 key without the wrapper's `model.` prefixes: the Hub nests Gemma 3 once
+    (`model.language_model.model.…`), transformers 5 twice (`model.model.language_model.model.…`)."""
+    while config.is_shield and key.startswith(SHIELD_WRAPPER):
+        key = key[len(SHIELD_WRAPPER):]
+    return key
 
 
 def in_compute_dtype(w: mx.array, dtype: mx.Dtype, column_major: bool) -> mx.array:

@@ -21,6 +21,7 @@ from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
 from ..processing.tools import parse_tool_calls
 from .page import page_file
+from .moderation import MODERATIONS_PATH, check_moderator, moderate, parse_moderation
 from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .requests import Request, RequestError, parse_chat, parse_completion
 from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker
@@ -167,7 +168,9 @@ class Handler(BaseHTTPRequestHandler):
                     self.job.ended.wait(timeout=5)
         self.log_timings(started, usage)
 
-    def post(self) -> dict:
+    def post(self) -> dict | None:
+        if self.path == MODERATIONS_PATH:
+            return self.moderate()
         parse = {"/v1/chat/completions": self.parse_chat, "/v1/completions": self.parse_completion}.get(self.path)
         self.check_access()
         if parse is None:
@@ -180,6 +183,18 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError("the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}) from None
         steps = self.job.steps(self.client_gone)
         return self.stream_reply(request, steps) if request.stream else self.whole_reply(request, steps)
+
+    def moderate(self) -> None:
+        """ShieldGemma 2 scores for the request's images, computed on the worker's thread (one call)."""
+        self.check_access()
+        state = self.state
+        check_moderator(state.model)
+        request = parse_moderation(self.read_json(), state.image_dirs)
+        try:
+            body = state.worker.call(lambda: moderate(state.model, state.processor, request, state.model_id))
+        except QueueFull:
+            raise RequestError("the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}) from None
+        self.send_json(200, body)
 
     def parse_chat(self, body: dict) -> Request:
         return parse_chat(body, self.state.max_tokens_limit, self.state.image_dirs)

@@ -82,6 +82,21 @@ class Job:
 
 
 @dataclass
+class Call:
+    """A function to run on the worker's thread between batch steps (the model belongs to that thread); its one
+    event: the function's result or its error."""
+
+    function: Callable[[], object]
+    events: queue.Queue = field(default_factory=queue.Queue)
+
+    def run(self) -> None:
+        try:
+            self.events.put(self.function())
+        except Exception as e:  # noqa: BLE001 — the caller's thread raises it
+            self.events.put(e)
+
+
+@dataclass
 class Active:
     """A job decoding in the batch: its row and what turns the row's tokens into its reply."""
 
@@ -114,6 +129,16 @@ class Worker:
         except queue.Full:
             raise QueueFull() from None
 
+    def call(self, function: Callable[[], object]):
+        """`function()` run on the worker's thread after the jobs queued before it: its result, or its error raised.
+        Raises QueueFull when the queue is full."""
+        call = Call(function)
+        self.submit(call)
+        result = call.events.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     def stop(self) -> None:
         self.jobs.put(STOP)
         self.thread.join(timeout=30)
@@ -134,7 +159,9 @@ class Worker:
                 return True
             if job is STOP:
                 return False
-            if job.cancelled.is_set():
+            if isinstance(job, Call):
+                job.run()
+            elif job.cancelled.is_set():
                 job.end()
             else:
                 self.start(job)
