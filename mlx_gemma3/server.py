@@ -7,7 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import Parser, add_speculative_flags, exit_with, notice_base_model, run, speculative_options
+from .cli import (
+    Parser, add_distributed_flag, add_speculative_flags, exit_with, notice_base_model, refuse_distributed, run,
+    speculative_options,
+)
 from .errors import Gemma3Error
 from .model.load import load
 from .model.sources import model_folder
@@ -45,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-cache-bytes", type=int, default=DEFAULT_BYTES, metavar="B",
                         help=f"most bytes those caches may hold together (default {DEFAULT_BYTES}; 0: off)")
     add_speculative_flags(parser)
+    add_distributed_flag(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
+        refuse_distributed(args, "server")
         folder = model_folder(args.model)
         model, processor = load(folder)
         notice_base_model(processor, folder)

@@ -12,13 +12,23 @@ from ..errors import Gemma3Error
 
 MODES = ("pipeline", "tensor")
 CONNECT_TIMEOUT_S = 30.0  # the peers' processes start and reach each other within this
+LOAD_TIMEOUT_S = 600.0  # every rank has read its share of the weights within this
+STALL_TIMEOUT_S = 20.0  # a prefill chunk or a token takes less than this on every rank
 # What MLX's backends say when a peer goes away (the ring backend: "[ring] connection to a peer was lost").
 PEER_FAILURES = ("connection to a peer", "closed by the peer", "[ring]", "[mpi]", "[jaccl]")
+# The watchdog process: ends its parent with a message unless a byte arrives on its stdin every TIMEOUT seconds;
+# stops when the parent closes the pipe (or dies). A process, because MLX's waits hold the parent's GIL.
 WATCHDOG = """
-import os, signal, sys, time
-time.sleep(float(sys.argv[2]))
-print(sys.argv[3], file=sys.stderr, flush=True)
-os.kill(int(sys.argv[1]), signal.SIGKILL)
+import os, select, signal, sys
+parent, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+while True:
+    ready, _, _ = select.select([0], [], [], timeout)
+    if not ready:
+        print(message, file=sys.stderr, flush=True)
+        os.kill(parent, signal.SIGKILL)
+        break
+    if not os.read(0, 4096):
+        break
 """
 
 
@@ -36,14 +46,49 @@ def connect(timeout_s: float = CONNECT_TIMEOUT_S) -> mx.distributed.Group:
         f"error: the other ranks did not answer within {timeout_s:.0f} s: start every rank (mlx.launch --hosts ... or "
         "--hostfile ...) and check that the hosts reach each other on the hostfile's addresses and ports"
     )
-    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(timeout_s), message])
-    try:
+    with Watchdog(timeout_s, message):
         group = mx.distributed.init(strict=True)
         share_seed(group)
-    finally:
-        watchdog.kill()
-        watchdog.wait()
     return group
+
+
+def barrier(group: mx.distributed.Group, timeout_s: float, what: str) -> None:
+    """Wait until every rank gets here; a rank that never does ends this one with an error naming `what`."""
+    message = f"error: rank {group.rank()}: the other ranks did not finish {what} within {timeout_s:.0f} s"
+    with Watchdog(timeout_s, message):
+        mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))
+
+
+class Watchdog:
+    """A child process that kills this one, after printing `message`, unless `pet()` comes every `timeout_s`:
+    a peer that dies can leave MLX waiting forever (e.g. the ring backend's recv), with Python's threads blocked."""
+
+    def __init__(self, timeout_s: float, message: str):
+        self.timeout_s, self.message = timeout_s, message
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Watchdog":
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(self.timeout_s), self.message], stdin=subprocess.PIPE
+        )
+        return self
+
+    def pet(self, *_) -> None:
+        self.process.stdin.write(b".")
+        self.process.stdin.flush()
+
+    def __exit__(self, *_) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def stall_guard(mode: str | None):
+    """For a command line's generation: a Watchdog that each token and prefill chunk pets (None when not
+    distributed)."""
+    if not mode:
+        return None
+    return Watchdog(STALL_TIMEOUT_S, f"error: rank {rank(mode)}: no progress for {STALL_TIMEOUT_S:.0f} s: another "
+                                     "rank stopped or the link between them is down; ending this rank")
 
 
 def share_seed(group: mx.distributed.Group) -> None:
@@ -60,3 +105,17 @@ def is_peer_failure(error: BaseException) -> bool:
 
 def peer_failure_message(error: BaseException) -> str:
     return f"another rank stopped or became unreachable ({error}): every rank ends; see the other ranks' errors"
+
+
+def rank(mode: str | None) -> int:
+    """This process's rank (0 when not distributed): only rank 0 prints."""
+    return mx.distributed.init().rank() if mode else 0
+
+
+def weights_per_rank(model) -> list[int]:
+    """Bytes of text-tower weights each rank holds (a collective: every rank calls it)."""
+    from mlx.utils import tree_flatten
+
+    text = model.language_model if hasattr(model, "language_model") else model
+    held = mx.array([sum(v.nbytes for _, v in tree_flatten(text.parameters()))], mx.int64)
+    return mx.distributed.all_gather(held).tolist()

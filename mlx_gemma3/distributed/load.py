@@ -13,7 +13,7 @@ from ..model.device import on_cpu
 from ..model.load import VISION_PREFIXES, build_model, check_weights, in_column_major, model_weights, vision_weights
 from ..model.quantize import apply_quantization
 from ..errors import Gemma3Error
-from .group import check_mode, connect
+from .group import LOAD_TIMEOUT_S, barrier, check_mode, connect
 from .pipeline import TIED_HEAD_ONLY, join_pipeline, keep_stage_layers, module_bytes, stage_bounds, stage_keys
 from .tensor import ShardedEmbedding, check_divisible, shard_layers
 
@@ -37,6 +37,7 @@ def load_sharded(folder: Path, config: ModelConfig, dtype: mx.Dtype, mode: str) 
     del weights
     for arrays in held:
         mx.eval(arrays)
+    barrier(group, LOAD_TIMEOUT_S, "loading their share of the weights")
     if config.is_multimodal and (mode == "tensor" or group.rank() == 0):
         model.defer_vision(lambda: vision_weights(model, folder, config, dtype))
     return model
