@@ -13,7 +13,7 @@ from ..model.device import on_cpu
 from ..model.load import VISION_PREFIXES, build_model, check_weights, in_column_major, model_weights, vision_weights
 from ..model.quantize import apply_quantization
 from ..errors import Gemma3Error
-from .group import LOAD_TIMEOUT_S, barrier, check_mode, connect
+from .group import LOAD_TIMEOUT_S, barrier, connect
 from .pipeline import TIED_HEAD_ONLY, join_pipeline, keep_stage_layers, module_bytes, stage_bounds, stage_keys
 from .tensor import ShardedEmbedding, check_divisible, shard_layers
 
@@ -21,7 +21,6 @@ from .tensor import ShardedEmbedding, check_divisible, shard_layers
 def load_sharded(folder: Path, config: ModelConfig, dtype: mx.Dtype, mode: str) -> nn.Module:
     """This rank's share of the model, evaluated (the vision tower when the first image comes); the group is
     joined first (a missing peer is an error)."""
-    check_mode(mode)
     if not config.text.tie_word_embeddings:
         raise Gemma3Error(TIED_HEAD_ONLY)
     group = connect()

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..distributed.group import check_mode
 from .config import ModelConfig, load_config
 from .device import FLOAT_TYPES, default_compute_dtype, on_cpu
 from ..errors import Gemma3Error
@@ -48,6 +49,8 @@ def load(
 
     `distributed`: "pipeline" or "tensor" in a process started by mlx.launch; every rank calls load and the same
     generation calls, and each holds and reads only its share of the weights (see docs/distributed.md)."""
+    if distributed is not None:
+        check_mode(distributed)
     folder = model_path(path)
     config = load_config(folder)
     if distributed is not None:
