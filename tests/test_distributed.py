@@ -131,6 +131,23 @@ def test_two_ranks_match_one_process(tmp_path, text_models, mode, weights):
 
 
 @pytest.mark.slow
+def test_tensor_with_one_kv_head(tmp_path):
+    """Fewer KV heads than ranks (Gemma 3 270M and 1B have one): each rank keeps the KV head its query heads read."""
+    torch = reference_torch()
+    reference = tiny_text_model(seed=9, num_key_value_heads=1)
+    reference.save_pretrained(tmp_path / "hf")
+    folder = convert(tmp_path / "hf", tmp_path / "mlx")
+    prompt = random_ids(PROMPT_LENGTH, seed=4)
+    with torch.no_grad():
+        out = reference.generate(torch.tensor(prompt), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+    expected = log_softmax(reference_logits(reference, prompt)[0])
+    for rank, result in enumerate(run_worker(tmp_path, folder, "tensor", prompt[0].tolist())):
+        np.testing.assert_allclose(log_softmax(result["logits"][0]), expected, atol=1e-4, err_msg=f"rank {rank}")
+        assert result["tokens"].tolist() == out[0, PROMPT_LENGTH:].tolist(), f"rank {rank}"
+
+
+@pytest.mark.slow
 def test_pipeline_with_an_image(tmp_path):
     """The vision tower runs on stage 0; later stages get the image's hidden states through the pipeline."""
     hf = tiny_multimodal_model(seed=8, image_tokens=TINY_IMAGE_TOKENS)
@@ -221,8 +238,10 @@ def test_bad_distributed_requests_are_one_clear_error(tmp_path):
     with pytest.raises(Gemma3Error, match="splits 2 decoder layers across 3 ranks"):
         stage_bounds([1, 1], 1, 3)
     tiny = SimpleNamespace(**TINY_TEXT)
-    with pytest.raises(Gemma3Error, match="1 key/value heads across 2 ranks"):
-        check_divisible(SimpleNamespace(**{**TINY_TEXT, "num_key_value_heads": 1}), 2, None)
+    with pytest.raises(Gemma3Error, match="the 2 key/value heads to split across 3 ranks"):
+        check_divisible(SimpleNamespace(**{**TINY_TEXT, "num_attention_heads": 6, "intermediate_size": 126, "vocab_size": 513}), 3, None)
+    with pytest.raises(Gemma3Error, match="the 4 attention heads across 3 ranks"):
+        check_divisible(tiny, 3, None)
     with pytest.raises(Gemma3Error, match="not a multiple of the quantization group 64"):
         check_divisible(tiny, 2, {"group_size": 64, "bits": 4})
     check_divisible(tiny, 2, {"group_size": 32, "bits": 4})  # the tiny model's 4-bit test conversion

@@ -7,23 +7,27 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
+from mlx.utils import tree_map
 
 from ..errors import Gemma3Error
 
-TO_SHARDED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+TO_SHARDED = ("self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj")
+KV = ("self_attn.k_proj", "self_attn.v_proj")
 TO_ALL = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def check_divisible(cfg, ranks: int, quantization: dict | None) -> None:
     """One clear error when the heads, KV heads or MLP columns do not split evenly across the ranks."""
-    counts = {
-        "attention heads": cfg.num_attention_heads, "key/value heads": cfg.num_key_value_heads,
-        "MLP columns": cfg.intermediate_size, "vocabulary rows": cfg.vocab_size,
-    }
+    counts = {"attention heads": cfg.num_attention_heads, "MLP columns": cfg.intermediate_size,
+              "vocabulary rows": cfg.vocab_size}
     for what, count in counts.items():
         if count % ranks:
             raise Gemma3Error(f"tensor mode splits the {count} {what} across {ranks} ranks, which does not divide "
                               f"evenly: use a number of ranks that divides {count}, or --distributed pipeline")
+    kv = cfg.num_key_value_heads
+    if kv % ranks and ranks % kv:
+        raise Gemma3Error(f"tensor mode needs the {kv} key/value heads to split across {ranks} ranks, or {ranks} ranks "
+                          f"to share them evenly: use a number of ranks that divides or is a multiple of {kv}")
     group_size = (quantization or {}).get("group_size")
     if group_size:
         for what, width in (("attention output", cfg.num_attention_heads * cfg.head_dim),
@@ -37,12 +41,26 @@ def shard_layers(layers: list[nn.Module], group: mx.distributed.Group) -> None:
     """Swap each layer's projections for sharded ones (the weights sliced lazily: evaluate them layer by layer)."""
     ranks = group.size()
     for layer in layers:
+        attention = layer.self_attn
         for path in TO_SHARDED:
             swap(layer, path, "all-to-sharded", group)
         for path in TO_ALL:
             swap(layer, path, "sharded-to-all", group)
-        layer.self_attn.n_heads //= ranks
-        layer.self_attn.n_kv_heads //= ranks
+        if attention.n_kv_heads % ranks == 0:
+            for path in KV:
+                swap(layer, path, "all-to-sharded", group)
+            attention.n_kv_heads //= ranks
+        else:  # fewer KV heads than ranks: each rank keeps the one its query heads read
+            head = group.rank() * attention.n_kv_heads // ranks
+            for projection in (attention.k_proj, attention.v_proj):
+                keep_rows(projection, head, attention.n_kv_heads)
+            attention.n_kv_heads = 1
+        attention.n_heads //= ranks
+
+
+def keep_rows(linear: nn.Module, part: int, parts: int) -> None:
+    """Keep one of `parts` equal runs of a linear layer's output rows (float or quantized: every array by rows)."""
+    linear.update(tree_map(lambda w: mx.contiguous(mx.split(w, parts, axis=0)[part]), linear.parameters()))
 
 
 def swap(layer: nn.Module, path: str, sharding: str, group) -> None:
