@@ -40,8 +40,6 @@ def check_mode(mode: str) -> None:
 def connect(timeout_s: float = CONNECT_TIMEOUT_S) -> mx.distributed.Group:
     """The group this process belongs to (started by mlx.launch, or with MLX_HOSTFILE and MLX_RANK set). A peer
     that does not answer within `timeout_s` ends this process with one error line: MLX's own wait has no end."""
-    if not os.environ.get("MLX_HOSTFILE") and not os.environ.get("OMPI_COMM_WORLD_SIZE"):
-        return mx.distributed.init()  # one process: a group of one
     message = (
         f"error: the other ranks did not answer within {timeout_s:.0f} s: start every rank (mlx.launch --hosts ... or "
         "--hostfile ...) and check that the hosts reach each other on the hostfile's addresses and ports"
@@ -91,6 +89,13 @@ def stall_guard(mode: str | None):
                                      "rank stopped or the link between them is down; ending this rank")
 
 
+def launched_with_peers() -> bool:
+    """Whether mlx.launch (ring: a non-empty hostfile; JACCL: its coordinator) or mpirun started several ranks."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    has_ring = bool(hostfile) and os.path.isfile(hostfile) and os.path.getsize(hostfile) > 1
+    return has_ring or bool(os.environ.get("MLX_JACCL_COORDINATOR")) or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1
+
+
 def share_seed(group: mx.distributed.Group) -> None:
     """Seed every rank's generator with rank 0's draw, so that sampling draws the same token on every rank."""
     draw = mx.random.randint(0, 2**31 - 1, (1,))
@@ -109,7 +114,7 @@ def peer_failure_message(error: BaseException) -> str:
 
 def rank(mode: str | None) -> int:
     """This process's rank (0 when not distributed): only rank 0 prints."""
-    return mx.distributed.init().rank() if mode else 0
+    return mx.distributed.init().rank() if mode and launched_with_peers() else 0
 
 
 def weights_per_rank(model) -> list[int]:
@@ -117,5 +122,7 @@ def weights_per_rank(model) -> list[int]:
     from mlx.utils import tree_flatten
 
     text = model.language_model if hasattr(model, "language_model") else model
-    held = mx.array([sum(v.nbytes for _, v in tree_flatten(text.parameters()))], mx.int64)
-    return mx.distributed.all_gather(held).tolist()
+    held = sum(v.nbytes for _, v in tree_flatten(text.parameters()))
+    if not launched_with_peers():
+        return [held]
+    return mx.distributed.all_gather(mx.array([held], mx.int64)).tolist()

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..distributed.group import check_mode
+from ..distributed.group import check_mode, launched_with_peers
 from .config import ModelConfig, load_config
 from .device import FLOAT_TYPES, default_compute_dtype, on_cpu
 from ..errors import Gemma3Error
@@ -53,7 +53,7 @@ def load(
         check_mode(distributed)
     folder = model_path(path)
     config = load_config(folder)
-    if distributed is not None:
+    if distributed is not None and launched_with_peers():  # else one process holds it all, as without
         return load_distributed(folder, config, compute_dtype or default_compute_dtype(), distributed, for_training)
     model = build_model(config)
     dtype = compute_dtype or default_compute_dtype()
