@@ -56,11 +56,18 @@ def shard_layers(layers: list[nn.Module], group: mx.distributed.Group) -> None:
                 keep_rows(projection, head, attention.n_kv_heads)
             attention.n_kv_heads = 1
         attention.n_heads //= ranks
+        layer.update(tree_map(own_buffer, layer.parameters()))
 
 
 def keep_rows(linear: nn.Module, part: int, parts: int) -> None:
     """Keep one of `parts` equal runs of a linear layer's output rows (float or quantized: every array by rows)."""
-    linear.update(tree_map(lambda w: mx.contiguous(mx.split(w, parts, axis=0)[part]), linear.parameters()))
+    linear.update(tree_map(lambda w: mx.split(w, parts, axis=0)[part], linear.parameters()))
+
+
+def own_buffer(w: mx.array) -> mx.array:
+    """`w` copied into a buffer of its own: a run of rows is a view that would keep the whole source tensor
+    resident (mx.contiguous leaves such a view as it is)."""
+    return mx.take(w, mx.arange(w.shape[0]), axis=0) if w.ndim else w
 
 
 def swap(layer: nn.Module, path: str, sharding: str, group) -> None:
@@ -76,6 +83,7 @@ class ShardedEmbedding(nn.Module):
     def __init__(self, embedding: nn.Module, vocab_size: int, group: mx.distributed.Group):
         super().__init__()
         shard_inplace(embedding, lambda path, weight: 0, group=group)  # weight, scales and biases by rows
+        embedding.update(tree_map(own_buffer, embedding.parameters()))
         self.embedding, self.group = embedding, group
         self.rows = vocab_size // group.size()
         self.first = self.rows * group.rank()
