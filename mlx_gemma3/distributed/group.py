@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from ..errors import Gemma3Error
 
@@ -15,7 +16,7 @@ CONNECT_TIMEOUT_S = 30.0  # the peers' processes start and reach each other with
 LOAD_TIMEOUT_S = 600.0  # every rank has read its share of the weights within this
 STALL_TIMEOUT_S = 20.0  # a prefill chunk or a token takes less than this on every rank
 # What MLX's backends say when a peer goes away (the ring backend: "[ring] connection to a peer was lost").
-PEER_FAILURES = ("connection to a peer", "closed by the peer", "[ring]", "[mpi]", "[jaccl]")
+PEER_FAILURES = ("connection to a peer", "closed by the peer", "send/recv errors")
 # The watchdog process: ends its parent with a message unless a byte arrives on its stdin every TIMEOUT seconds;
 # stops when the parent closes the pipe (or dies). A process, because MLX's waits hold the parent's GIL.
 WATCHDOG = """
@@ -119,8 +120,6 @@ def rank(mode: str | None) -> int:
 
 def weights_per_rank(model) -> list[int]:
     """Bytes of text-tower weights each rank holds (a collective: every rank calls it)."""
-    from mlx.utils import tree_flatten
-
     text = model.language_model if hasattr(model, "language_model") else model
     held = sum(v.nbytes for _, v in tree_flatten(text.parameters()))
     if not launched_with_peers():
