@@ -7,7 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import Parser, add_speculative_flags, exit_with, notice_base_model, run, speculative_options
+from .cli import (
+    Parser, add_distributed_flag, add_speculative_flags, exit_with, notice_base_model, refuse_distributed, run,
+    speculative_options,
+)
 from .errors import Gemma3Error
 from .model.load import load
 from .model.sources import model_folder
@@ -54,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"requests decoded together, each joining after its prefill (default {MAX_BATCH}; 1: one at a time)")
     parser.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API only)")
     add_speculative_flags(parser)
+    add_distributed_flag(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
+        refuse_distributed(args, "server")
         folder = model_folder(args.model)
         model, processor = load(folder)
         notice_base_model(processor, folder)

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..distributed.group import check_mode, launched_with_peers
 from .config import ModelConfig, load_config
 from .device import FLOAT_TYPES, default_compute_dtype, on_cpu
 from ..errors import Gemma3Error
@@ -36,7 +37,8 @@ class Processor:
 
 
 def load(
-    path: str | Path, compute_dtype: mx.Dtype | None = None, lazy_vision: bool = True, for_training: bool = False
+    path: str | Path, compute_dtype: mx.Dtype | None = None, lazy_vision: bool = True, for_training: bool = False,
+    distributed: str | None = None,
 ):
     """Load a Gemma 3 model; returns (model, processor). `path`: an MLX folder, a .gguf file (converted once
     into the cache), or a Hugging Face repo id such as "mlx-community/gemma-3-1b-it-4bit" (downloaded once);
@@ -44,9 +46,16 @@ def load(
 
     `lazy_vision`: a multimodal model reads its vision tower when the first image comes; until then its
     parameters are placeholders. `for_training`: plain parameters to train or `save_weights`: both towers
-    read now and every array row-major (no CPU column-major layout); floats still in `compute_dtype`."""
+    read now and every array row-major (no CPU column-major layout); floats still in `compute_dtype`.
+
+    `distributed`: "pipeline" or "tensor" in a process started by mlx.launch; every rank calls load and the same
+    generation calls, and each holds and reads only its share of the weights (see docs/distributed.md)."""
+    if distributed is not None:
+        check_mode(distributed)
     folder = model_path(path)
     config = load_config(folder)
+    if distributed is not None and launched_with_peers():  # else one process holds it all, as without
+        return load_distributed(folder, config, compute_dtype or default_compute_dtype(), distributed, for_training)
     model = build_model(config)
     dtype = compute_dtype or default_compute_dtype()
     column_major = set() if for_training else column_major_keys(model, dtype)
@@ -60,6 +69,15 @@ def load(
         model.defer_vision(lambda: vision_weights(model, folder, config, dtype))
     model.load_weights(list(weights.items()), strict=not defer)
     mx.eval(model.language_model.parameters() if defer else model.parameters())
+    return model, Processor(Tokenizer.from_folder(folder), config, find_chat_template(folder))
+
+
+def load_distributed(folder: Path, config: ModelConfig, dtype: mx.Dtype, mode: str, for_training: bool):
+    from ..distributed.load import load_sharded  # the distributed package builds on this module
+
+    if for_training:
+        raise Gemma3Error("for_training loads the whole model in one process: pass distributed=None")
+    model = load_sharded(folder, config, dtype, mode)
     return model, Processor(Tokenizer.from_folder(folder), config, find_chat_template(folder))
 
 
