@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from .cli import (
-    Parser, add_model_flags, add_sampling_flags, add_speculative_flags, run, sampling_options, speculative_options,
+    Parser, add_constraint_flags, add_model_flags, add_sampling_flags, add_speculative_flags, constraint_options, run,
+    sampling_options, speculative_options,
 )
 from .generation.stream import GenerationResponse, stream_generate
 from .model.load import load
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--pan-and-scan", action="store_true", help="add up to 4 crops of wide or tall images")
     add_sampling_flags(parser)
     add_speculative_flags(parser)
+    add_constraint_flags(parser)
     parser.add_argument(
         "--no-chat-template", "--ignore-chat-template", dest="no_chat_template", action="store_true",
         help="complete the prompt as plain text",
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(sampling_options(args, processor), system=args.system, use_chat_template=not args.no_chat_template)
         options.update(pan_and_scan=args.pan_and_scan, images=args.image or None, prompt_cache_file=args.prompt_cache_file)
         options.update(speculative_options(args))
+        options.update(constraint_options(args))
         last, from_draft = None, 0
         for last in stream_generate(model, processor, image_prompt(prompt, args.image), **options):
             print(last.text, end="", flush=True)

@@ -30,17 +30,18 @@ class Constraint:
         self.vocab_size = tokenizer.vocab_size
         self.start: int | None = None
         self.followed: list[int] = []  # the reply's tokens the matcher has consumed
-        self.dead_end: str | None = None
+        self.refused: int | None = None  # the first token after `followed` that the grammar refused
+        self.dead_end: str | None = None  # why nothing but an end token is allowed, when that is so
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         mx.async_eval(logits)  # start the forward; the mask is computed while it runs
-        if not self.follow(tokens):
-            return logits  # a draft the grammar refuses came before: verification rejects it, this row goes unused
+        self.follow(tokens)
         allowed = self.allowed(logits.shape[-1])
         return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
 
-    def follow(self, tokens: mx.array) -> bool:
-        """Bring the matcher to the reply in `tokens`; False when it holds a token the grammar refuses."""
+    def follow(self, tokens: mx.array) -> None:
+        """Bring the matcher to the reply in `tokens`. A token the grammar refuses (a draft that verification will
+        reject, since this mask gives it no probability) leaves the matcher before it and makes a dead end."""
         if self.start is None:
             self.start = tokens.shape[0]
         reply = tokens[self.start :].tolist() if tokens.shape[0] > self.start else []
@@ -51,25 +52,27 @@ class Constraint:
         new = reply[kept:]
         valid = self.matcher.validate_tokens(new) if new else 0
         if valid and not self.matcher.consume_tokens(new[:valid]):
-            self.dead_end = self.matcher.get_error()
+            valid = 0
         self.followed += new[:valid]
-        return valid == len(new)
+        self.refused = new[valid] if valid < len(new) else None
 
     def allowed(self, width: int) -> np.ndarray:
         """A boolean mask [width] of the tokens allowed next (only the end tokens once finished or stuck)."""
         allowed = np.zeros(width, dtype=bool)
-        if self.dead_end is None and not self.matcher.is_error():
+        if self.refused is None and not self.matcher.is_error():
             bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
             mask = np.unpackbits(bits, bitorder="little")[: min(self.vocab_size, width)]
             allowed[: mask.shape[0]] = mask
             if allowed[self.stop_ids].any():
                 allowed[self.stop_ids] = True  # either end token ends the reply (<eos> or <end_of_turn>)
-            if allowed.any():
-                return allowed
-            self.dead_end = self.matcher.get_error() or f"no token can continue the grammar ({self.matcher.stop_reason()})"
-        self.dead_end = self.dead_end or self.matcher.get_error()
-        allowed[self.stop_ids] = True
+        self.dead_end = None if allowed.any() else self.dead_end_reason()
+        allowed[self.stop_ids] |= self.dead_end is not None
         return allowed
+
+    def dead_end_reason(self) -> str:
+        if self.refused is not None:
+            return f"token {self.refused} does not continue the grammar"
+        return self.matcher.get_error() or f"no token can continue the grammar ({self.matcher.stop_reason()})"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
