@@ -23,7 +23,7 @@ class Constraint:
     them too and sets `dead_end` to the reason. Make one per reply: it is the reply's state."""
 
     def __init__(self, tokenizer: Tokenizer, grammar: str):
-        self.stop_ids = np.array(tokenizer.grammar_tokenizer.eos_tokens)
+        self.stop_ids = tokenizer.grammar_tokenizer.eos_tokens
         self.matcher = llguidance.LLMatcher(tokenizer.grammar_tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
             raise Gemma3Error(f"the grammar cannot be used for constrained decoding: {self.matcher.get_error()}")
@@ -35,6 +35,8 @@ class Constraint:
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         mx.async_eval(logits)  # start the forward; the mask is computed while it runs
+        if tokens.shape[0] > (self.start or 0) and tokens[-1].item() in self.stop_ids:
+            return logits  # the reply has ended: this step is never handed out, and the state stays as it ended
         self.follow(tokens)
         allowed = self.allowed(logits.shape[-1])
         return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
