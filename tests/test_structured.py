@@ -7,6 +7,7 @@ import json
 import re
 import threading
 import typing
+from pathlib import Path
 
 import jsonschema
 import mlx.core as mx
@@ -252,3 +253,43 @@ def test_server_streams_forced_tool_calls(server, choice):
     for call in calls:
         jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+REAL_CASES = json.loads((Path(__file__).parent / "data" / "structured_270m.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def gemma_270m():
+    """The real 270M base model (the demo model, converted once into the user's cache)."""
+    return mlx_gemma3.load(mlx_gemma3.demo_model())
+
+
+@pytest.mark.slow
+def test_real_270m_replies_parse_and_validate_on_20_schemas(gemma_270m):
+    """Nested objects, bounded arrays, enums, ranges, optional fields, patterns, anyOf: every reply valid."""
+    model, processor = gemma_270m
+    for case in REAL_CASES:
+        text = generate(model, processor, case["prompt"], json_schema=case["schema"], max_tokens=48)
+        jsonschema.validate(json.loads(text), case["schema"])
+
+
+@pytest.mark.slow
+def test_real_270m_tool_calls_through_the_server_are_valid(gemma_270m):
+    """tool_choice "required" on a base model: the call parses and its arguments validate."""
+    model, processor = gemma_270m
+    httpd = make_server(ServerState(model, processor, "g270", max_tokens_limit=600, max_body_bytes=100_000),
+                        "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="x", max_retries=0,
+                               timeout=300)
+        for city in ("Oslo", "Lima"):
+            reply = client.chat.completions.create(
+                model="g270", messages=[{"role": "user", "content": f"What is the weather in {city}?"}], tools=[WEATHER],
+                tool_choice="required", max_tokens=40)
+            (call,) = reply.choices[0].message.tool_calls
+            jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+            assert reply.choices[0].finish_reason == "tool_calls"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
