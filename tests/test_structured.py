@@ -17,6 +17,7 @@ import pytest
 import mlx_gemma3
 from mlx_gemma3 import Chat, Gemma3Error, generate, stream_generate
 from mlx_gemma3.generation.constrain import DEAD_END, Constraint
+from mlx_gemma3.generation.speculative import admissible_drafts
 from mlx_gemma3.generation.step import generate_step
 from mlx_gemma3.processing.grammar import grammar_text
 from mlx_gemma3.processing.tools import parse_tool_calls, run_tools, tool_call_grammar
@@ -127,6 +128,21 @@ def test_speculative_decoding_keeps_the_constraint_and_the_text(tiny, tiny_chat_
     drafted = generate(model, processor, "Give me JSON.", json_schema=PERSON, max_tokens=60, draft_model=model)
     assert plain == lookup == drafted
     jsonschema.validate(json.loads(plain), PERSON)
+    sampled = generate(model, processor, "Give me JSON.", json_schema=PERSON, max_tokens=60, draft_model=model,
+                       temp=1.0, seed=3)
+    jsonschema.validate(json.loads(sampled), PERSON)
+
+
+def test_drafts_are_cut_at_the_first_token_the_grammar_refuses(tiny):
+    _, processor = tiny
+    encode = lambda text: processor.tokenizer.encode(text, add_bos=False)  # noqa: E731
+    constraint = Constraint(processor.tokenizer, grammar_text(regex="a+b+"))
+    prompt = processor.tokenizer.encode("x")
+    a, b, z = encode("a")[0], encode("b")[0], encode("z")[0]
+    drafts, probs = admissible_drafts((constraint,), prompt, [a, a, b, z, b], mx.ones((5, 4)))
+    assert drafts == [a, a, b] and probs.shape == (3, 4)
+    assert admissible_drafts((constraint,), [*prompt, a], [z, a], None) == ([], None)
+    assert admissible_drafts((), prompt, [z], None) == ([z], None)
 
 
 def test_bad_constraints_are_clear_errors(tiny):

@@ -41,6 +41,11 @@ class Constraint:
         allowed = self.allowed(logits.shape[-1])
         return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
 
+    def admissible(self, tokens: list[int], drafts: list[int]) -> int:
+        """How many of `drafts`, after `tokens`, the grammar accepts: speculative decoding verifies only those."""
+        self.follow(mx.array(tokens))
+        return self.matcher.validate_tokens(drafts) if self.refused is None and drafts else 0
+
     def follow(self, tokens: mx.array) -> None:
         """Bring the matcher to the reply in `tokens`. A token the grammar refuses (a draft that verification will
         reject, since this mask gives it no probability) leaves the matcher before it and makes a dead end."""
