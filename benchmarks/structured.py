@@ -2,7 +2,8 @@
 
     python benchmarks/structured.py [--model MODEL] [--samples 20] [--max-tokens 48] [--json results/structured.json]
 
-For each schema of tests/data/structured_270m.json, --samples replies (sampled at temperature 0.8, seeds 0…N-1)
+Tool calls: 20 questions, greedy, with tool_choice "required"'s grammar and without. For each schema of
+tests/data/structured_270m.json, --samples replies (sampled at temperature 0.8, seeds 0…N-1)
 with the constraint and as many without: a reply counts when it parses as JSON and validates with jsonschema.
 The mask's cost is the CPU time of each step's constraint work (bringing the matcher to the new token, computing
 and unpacking the mask), timed inside one constrained run, against the mean decode step of an unconstrained run
@@ -24,8 +25,15 @@ import mlx_gemma3
 from mlx_gemma3.generation.constrain import Constraint
 from mlx_gemma3.model.sources import model_folder
 from mlx_gemma3.processing.grammar import grammar_text
+from mlx_gemma3.processing.tools import parse_tool_calls, tool_call_grammar, tools_prompt
 
 CASES = Path(__file__).parent.parent / "tests" / "data" / "structured_270m.json"
+WEATHER = {"name": "get_weather", "description": "Weather for a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                     "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}
+CITIES = ["Oslo", "Lima", "Paris", "Tokyo", "Cairo", "Seoul", "Quito", "Rome", "Delhi", "Accra",
+          "Hanoi", "Bern", "Dakar", "Doha", "Kyiv", "Riga", "Sofia", "Oslo", "Perth", "Austin"]
 
 
 class TimedConstraint(Constraint):
@@ -64,6 +72,28 @@ def rates(model, processor, cases: list[dict], samples: int, max_tokens: int) ->
     return {name: {"valid": count, "of": total, "rate": count / total} for name, count in counts.items()}
 
 
+def tool_call_rates(model, processor, max_tokens: int) -> dict:
+    """Replies to "What is the weather in CITY?" (greedy) that are calls whose arguments validate, with
+    tool_choice "required"'s grammar and without it."""
+    grammar = tool_call_grammar([WEATHER], "python", "required")
+    counts = {"constrained": 0, "unconstrained": 0}
+    for city in CITIES:
+        prompt = tools_prompt([WEATHER]) + f"\nWhat is the weather in {city}?\n"
+        for name, extra in (("constrained", {"grammar": grammar}), ("unconstrained", {})):
+            calls = parse_tool_calls(mlx_gemma3.generate(model, processor, prompt, max_tokens=max_tokens, **extra))
+            counts[name] += bool(calls) and all(call.name == WEATHER["name"] and valid_arguments(call.arguments)
+                                                for call in calls)
+    return {name: {"valid": count, "of": len(CITIES)} for name, count in counts.items()}
+
+
+def valid_arguments(arguments: dict) -> bool:
+    try:
+        jsonschema.validate(arguments, WEATHER["parameters"])
+    except jsonschema.ValidationError:
+        return False
+    return True
+
+
 def mask_cost(model, processor, case: dict, tokens: int) -> dict:
     """Mean constraint CPU time per step against the mean unconstrained decode step (same prompt, same length)."""
     constraint = TimedConstraint(processor.tokenizer, grammar_text(json_schema=case["schema"]))
@@ -92,6 +122,7 @@ def main():
     cost = {name: mask_cost(model, processor, case, args.cost_tokens)
             for name, case in (("nested object (order)", cases[-1]), ("free string", unbounded))}
     results = {"tokenizer_build_s": build, "mask_cost": cost,
+               "tool_calls": tool_call_rates(model, processor, args.max_tokens),
                "rates": rates(model, processor, cases, args.samples, args.max_tokens), "samples": args.samples}
     print(json.dumps(results, indent=2))
     if args.json:

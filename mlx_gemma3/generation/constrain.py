@@ -35,7 +35,7 @@ class Constraint:
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         mx.async_eval(logits)  # start the forward; the mask is computed while it runs
-        if tokens.shape[0] > (self.start or 0) and tokens[-1].item() in self.stop_ids:
+        if self.start is not None and tokens.shape[0] > self.start and tokens[-1].item() in self.stop_ids:
             return logits  # the reply has ended: this step is never handed out, and the state stays as it ended
         self.follow(tokens)
         allowed = self.allowed(logits.shape[-1])
