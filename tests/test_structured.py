@@ -82,6 +82,7 @@ def test_vocabulary_view_spells_what_transformers_decodes(tiny, tiny_chat_model)
     assert ll.is_special_token(106) and ll.is_special_token(1) and sorted(ll.eos_tokens) == [1, 106]
 
 
+@pytest.mark.slow
 def test_random_model_replies_valid_json_greedy_and_sampled(tiny):
     """A random tiny model cannot write JSON by chance: with the schema it always does."""
     model, processor = tiny
@@ -120,6 +121,7 @@ def test_pydantic_model_and_chat_turns(tiny):
         Point.model_validate_json(chat.send(turn, max_tokens=40))
 
 
+@pytest.mark.slow
 def test_speculative_decoding_keeps_the_constraint_and_the_text(tiny, tiny_chat_model):
     """Drafts the grammar refuses are rejected; the constrained reply is the same as without speculation."""
     model, processor = tiny
@@ -175,6 +177,7 @@ def test_dead_end_allows_only_the_end_and_names_the_token(tiny):
     assert constraint.dead_end == f"token {z} does not continue the grammar" and DEAD_END == "dead_end"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style", ["python", "json"])
 def test_required_tool_calls_parse_and_validate(tiny, style):
     model, processor = tiny
@@ -218,6 +221,7 @@ def test_run_tools_constrained_calls_with_valid_arguments(tiny):
     assert run.rounds and seen and all(c in ("Oslo", "Paris") and d in (1, 2, 3) for c, d in seen)
 
 
+@pytest.mark.slow
 def test_generate_cli_flags(tiny_chat_model, tmp_path):
     folder = str(tiny_chat_model[0])
     schema = tmp_path / "schema.json"
