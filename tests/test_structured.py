@@ -201,6 +201,7 @@ def test_auto_tool_choice_lets_prose_through_and_holds_a_call(tiny):
     jsonschema.validate(parsed.arguments, WEATHER["function"]["parameters"])
 
 
+@pytest.mark.slow
 def test_run_tools_constrained_calls_with_valid_arguments(tiny):
     model, processor = tiny
     seen = []
