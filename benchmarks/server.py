@@ -42,6 +42,7 @@ def parse_args():
     parser.add_argument("--model", help="model folder, .gguf or repo id (default: the demo 270M GGUF)")
     parser.add_argument("--history", type=int, default=2000, help="replay until the prompt has this many tokens")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per reply")
+    parser.add_argument("--sentences", type=int, default=8, help="sentences per user message (about 16 tokens each)")
     parser.add_argument("--clients", default="1,4,8", help="concurrent clients to measure, comma-separated")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--mlx-lm", action="store_true", help="also replay against mlx-lm's server (its prompt cache)")
@@ -49,9 +50,9 @@ def parse_args():
     return parser.parse_args()
 
 
-def user_message(turn: int) -> str:
+def user_message(turn: int, count: int = 8) -> str:
     rng = random.Random(turn)
-    sentences = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "." for _ in range(8)]
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "." for _ in range(count)]
     return f"Note {turn}: " + " ".join(sentences) + " Summarise the note in one line."
 
 
@@ -109,11 +110,11 @@ def ask(client, messages: list[dict], max_tokens: int) -> dict:
             "seconds": time.perf_counter() - tic}
 
 
-def replay(served: Served, turns: int | None, history: int, max_tokens: int) -> list[dict]:
+def replay(served: Served, turns: int | None, history: int, max_tokens: int, sentences: int) -> list[dict]:
     """The chat, turn by turn (until `turns` turns, or until the prompt reaches `history` tokens)."""
     messages, results = [], []
     for turn in range(turns or 1000):
-        messages.append({"role": "user", "content": user_message(turn)})
+        messages.append({"role": "user", "content": user_message(turn, sentences)})
         result = ask(served.client, messages, max_tokens)
         messages.append({"role": "assistant", "content": result["text"]})
         usage = result["usage"] or {}
@@ -153,7 +154,7 @@ def concurrent(served: Served, clients: int, per_client: int, max_tokens: int) -
 
 def replayed(served: Served, turns: int | None, args) -> list[dict]:
     try:
-        return replay(served, turns, args.history, args.max_tokens)
+        return replay(served, turns, args.history, args.max_tokens, args.sentences)
     finally:
         served.close()
 

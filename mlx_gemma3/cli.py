@@ -106,6 +106,30 @@ def speculative_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def add_constraint_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json-schema", metavar="FILE", help="the reply is JSON valid under the JSON schema in FILE")
+    group.add_argument("--regex", metavar="R", help="the reply matches the regular expression R")
+    group.add_argument("--grammar", metavar="FILE", help="the reply follows the Lark grammar in FILE (llguidance's dialect)")
+
+
+def constraint_options(args: argparse.Namespace) -> dict:
+    """The library options the constraint flags stand for (the files read)."""
+    options = {"regex": args.regex}
+    if args.json_schema:
+        options["json_schema"] = read_text(args.json_schema, "--json-schema")
+    if args.grammar:
+        options["grammar"] = read_text(args.grammar, "--grammar")
+    return options
+
+
+def read_text(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise Gemma3Error(f"{flag}: cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+
+
 def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
     bits = " or ".join(map(str, KV_BITS))
     parser.add_argument("--kv-bits", type=int, choices=KV_BITS, help=f"quantize the KV cache to {bits} bits")

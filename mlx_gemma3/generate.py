@@ -6,7 +6,8 @@ import sys
 from contextlib import nullcontext
 
 from .cli import (
-    Parser, add_model_flags, add_sampling_flags, add_speculative_flags, run, sampling_options, speculative_options,
+    Parser, add_constraint_flags, add_model_flags, add_sampling_flags, add_speculative_flags, constraint_options, run,
+    sampling_options, speculative_options,
 )
 from .distributed.group import rank, stall_guard, weights_per_rank
 from .generation.stream import GenerationResponse, stream_generate
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--pan-and-scan", action="store_true", help="add up to 4 crops of wide or tall images")
     add_sampling_flags(parser)
     add_speculative_flags(parser)
+    add_constraint_flags(parser)
     parser.add_argument(
         "--no-chat-template", "--ignore-chat-template", dest="no_chat_template", action="store_true",
         help="complete the prompt as plain text",
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         guard = stall_guard(args.distributed)
         if guard is not None:
             options["prefill_progress"] = petting(guard, options.get("prefill_progress"))
+        options.update(constraint_options(args))
         last, from_draft = None, 0
         with guard or nullcontext():
             for last in stream_generate(model, processor, image_prompt(prompt, args.image), **options):

@@ -7,6 +7,7 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 
 from ..errors import Gemma3Error
+from .constrain import Constraint
 from .sample import Sampler
 from .step import PREFILL_STEP_SIZE, LogitsProcessor, Progress, prefill
 from .streams import generation_stream
@@ -66,7 +67,7 @@ def speculative_decode(target, drafter, tokens: list[int], num_draft_tokens: int
     try:
         while max_tokens is None or made < max_tokens:
             room = num_draft_tokens if max_tokens is None else min(num_draft_tokens, max_tokens - made - 1)
-            drafts, draft_probs = drafter.propose(tokens, room)
+            drafts, draft_probs = admissible_drafts(target.processors, tokens, *drafter.propose(tokens, room))
             logprobs = target.score(tokens, drafts)
             accepted, token = target.accept(drafts, logprobs, draft_probs)
             for model in (target, drafter):
@@ -192,6 +193,14 @@ def lookup(tokens: list[int], count: int, longest: int = LOOKUP_NGRAM) -> list[i
             if tokens[start : start + size] == suffix:
                 return tokens[start + size : start + size + count]
     return []
+
+
+def admissible_drafts(processors: tuple, tokens: list[int], drafts: list[int], draft_probs: mx.array | None):
+    """The drafts (and their distributions) up to the first one a constraint among the processors refuses."""
+    kept = min((p.admissible(tokens, drafts) for p in processors if isinstance(p, Constraint)), default=len(drafts))
+    if kept == len(drafts):
+        return drafts, draft_probs
+    return drafts[:kept], None if draft_probs is None or kept == 0 else draft_probs[:kept]
 
 
 def processed_logprobs(logits: mx.array, processors: tuple, tokens: list[int], drafts: list[int]) -> mx.array:

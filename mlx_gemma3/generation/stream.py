@@ -17,9 +17,11 @@ import numpy as np
 from ..errors import Gemma3Error
 from ..model.cache import REWIND
 from ..model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
+from ..processing.grammar import grammar_text
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
 from ..processing.tokenizer import EOS_IDS
+from .constrain import DEAD_END, Constraint
 from .prompt_file import reusable_cache, saving_when_prefilled
 from .sample import Sampler, logit_bias, repetition_penalty, sampling_problem
 from .speculative import speculative_generate_step
@@ -70,6 +72,9 @@ class Options:
     draft_model: object = None  # a loaded model of the same vocabulary (mlx_gemma3.load): speculative decoding
     num_draft_tokens: int = 3
     prompt_lookup: int = 0  # draft up to this many tokens by copying from the prompt and history (0: off)
+    json_schema: object = None  # the reply is JSON valid under this schema (a dict, its JSON text, a pydantic class)
+    regex: str | None = None  # the reply matches this regular expression
+    grammar: str | None = None  # the reply follows this Lark grammar (llguidance's dialect)
 
     @classmethod
     def of(cls, options: dict) -> "Options":
@@ -94,6 +99,9 @@ class Options:
             raise Gemma3Error(problem)
         if self.draft_model is not None and self.prompt_lookup:
             raise Gemma3Error("draft_model and prompt_lookup are two ways to draft: pass one of them")
+        constraints = [name for name in ("json_schema", "regex", "grammar") if getattr(self, name) is not None]
+        if len(constraints) > 1:
+            raise Gemma3Error(f"pass one constraint at a time, got {' and '.join(constraints)}")
 
     @property
     def draft_tokens(self) -> int:
@@ -120,6 +128,20 @@ class Options:
             bias = self.logit_bias
             processors.append(lambda seen, logits: logit_bias(logits, bias))
         return processors
+
+    def reply_processors(self, tokenizer) -> tuple[list[LogitsProcessor], Constraint | None]:
+        """One reply's logits processors (`processors()`, then its constraint last) and that constraint (or None)."""
+        constraint = self.constraint(tokenizer)
+        return [*self.processors(), *([constraint] if constraint is not None else [])], constraint
+
+    def constraint(self, tokenizer) -> Constraint | None:
+        """A new Constraint (one per reply) for json_schema, regex or grammar; None when none is set."""
+        text = grammar_text(self.json_schema, self.regex, self.grammar)
+        if text is None:
+            return None
+        if tokenizer is None:
+            raise Gemma3Error("constrained decoding needs the model's tokenizer.model, and this folder has none")
+        return Constraint(tokenizer, text)
 
     def sampler(self) -> Sampler:
         return Sampler(self.temp, self.top_k, self.top_p, self.min_p, self.seed)
@@ -163,6 +185,10 @@ OPTION_RULES = {
                     "a model from mlx_gemma3.load() or None"),
     "num_draft_tokens": (lambda v: _integer(v) and v >= 1, "a positive integer"),
     "prompt_lookup": (lambda v: _integer(v) and v >= 0, "a number of tokens to draft (0 is off)"),
+    "json_schema": (lambda v: v is None or isinstance(v, (dict, str)) or hasattr(v, "model_json_schema"),
+                    "a JSON schema (a dict or its JSON text), a pydantic model class, or None"),
+    "regex": (lambda v: v is None or isinstance(v, str) and v != "", "a regular expression or None"),
+    "grammar": (lambda v: v is None or isinstance(v, str) and v != "", "a Lark grammar (text) or None"),
 }
 
 
@@ -257,8 +283,9 @@ def generate_ids(
             f"the prompt is {start + len(ids)} tokens; the model's context is {context}: shorten the prompt"
         )
     max_tokens = token_budget(opts, context - start - len(ids))
+    processors, constraint = opts.reply_processors(processor.tokenizer)
     step_options = dict(
-        sampler=opts.sampler(), logits_processors=opts.processors(), prefill_step_size=opts.prefill_step_size,
+        sampler=opts.sampler(), logits_processors=processors, prefill_step_size=opts.prefill_step_size,
         image_features=features, history=history, max_tokens=max_tokens, progress=opts.prefill_progress,
     )
     if opts.draft_tokens:
@@ -267,7 +294,8 @@ def generate_ids(
         steps = generate_step(model, ids, cache, **step_options)
     detokenizer = processor.tokenizer.detokenizer() if processor.tokenizer else None
     with closing(steps):  # close it here, in this thread, not whenever it is garbage collected
-        yield from _responses(steps, ids, detokenizer, eos_ids(processor, opts.stop_ids), max_tokens, len(history))
+        yield from _responses(steps, ids, detokenizer, eos_ids(processor, opts.stop_ids), max_tokens, len(history),
+                              constraint)
 
 
 def speculative_steps(model, ids: list[int], cache, opts: Options, draft_cache, step_options: dict):
@@ -292,13 +320,14 @@ def token_budget(opts: Options, room: int) -> int | None:
     return room if opts.unlimited else min(opts.max_tokens, room)
 
 
-def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: int | None, reused: int):
+def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: int | None, reused: int,
+               constraint: Constraint | None = None):
     tic, prompt_tps = time.perf_counter(), 0.0
     for n, (token, logprobs, *from_draft) in enumerate(steps, start=1):
         if n == 1:
             prompt_tps = len(ids) / (time.perf_counter() - tic)
             tic = time.perf_counter()
-        text, finish = reply_piece(token, n, detokenizer, stop, max_tokens)
+        text, finish = reply_piece(token, n, detokenizer, stop, max_tokens, constraint)
         rate = (n - 1) / max(time.perf_counter() - tic, 1e-9) if n > 1 else 0.0
         yield GenerationResponse(
             text, token, finish, len(ids), prompt_tps, n, rate, mx.get_peak_memory() / 1e9, logprobs, reused,
@@ -308,9 +337,13 @@ def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: i
             return
 
 
-def reply_piece(token: int, n: int, detokenizer, stop: set[int], max_tokens: int | None) -> tuple[str, str | None]:
-    """The text the n-th token adds, and why the reply ends with it ("stop", "length"; None: it goes on)."""
+def reply_piece(token: int, n: int, detokenizer, stop: set[int], max_tokens: int | None,
+                constraint: Constraint | None = None) -> tuple[str, str | None]:
+    """The text the n-th token adds, and why the reply ends with it ("stop", "length", "dead_end" when the
+    constraint allowed nothing else; None: it goes on)."""
     finish = "stop" if token in stop else "length" if n == max_tokens else None
+    if finish == "stop" and constraint is not None and constraint.dead_end is not None:
+        finish = DEAD_END
     text = "" if detokenizer is None or token in stop else detokenizer.add(token)
     if finish and detokenizer is not None:
         text += detokenizer.finish()

@@ -41,6 +41,8 @@ class Tokenizer:
         skipped = {i for i, kind in enumerate(types) if kind in (_UNKNOWN, _CONTROL)} | {size}
         self._special_set = frozenset(skipped | {i for p, i in self.special_ids.items() if p in flagged_special})
         self._byte = {i: int(self._sp.IdToPiece(i)[3:5], 16) for i, kind in enumerate(types) if kind == _BYTE}
+        self._byte_ids = {byte: i for i, byte in self._byte.items()}
+        self._user_defined = frozenset(i for i, kind in enumerate(types) if kind == _USER_DEFINED)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer | None":
@@ -59,6 +61,28 @@ class Tokenizer:
         if i == self._sp.unk_id() and piece != self._sp.IdToPiece(i):
             raise Gemma3Error(f"the tokenizer has no piece {piece!r}")
         return i
+
+    def piece(self, i: int) -> str:
+        """The vocabulary's piece for an id, as SentencePiece stores it (▁ for a space, <0x0A> for a byte)."""
+        return self._text.get(i) or self._sp.IdToPiece(i)
+
+    def byte_value(self, i: int) -> int | None:
+        """The byte a byte-fallback piece (<0x41>) stands for; None for any other piece."""
+        return self._byte.get(i)
+
+    def byte_id(self, byte: int) -> int:
+        """The id of the byte-fallback piece for `byte`."""
+        return self._byte_ids[byte]
+
+    def is_user_defined(self, i: int) -> bool:
+        return i in self._user_defined
+
+    @cached_property
+    def grammar_tokenizer(self):
+        """llguidance's view of this vocabulary (built on first use, about a second for Gemma 3's)."""
+        from .grammar import ll_tokenizer
+
+        return ll_tokenizer(self)
 
     def encode(self, text: str, add_bos: bool = True, parse_special: bool = True) -> list[int]:
         """parse_special: special tokens written in text become their ids (as in transformers); else plain text."""

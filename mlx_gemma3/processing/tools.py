@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import Gemma3Error
+from .grammar import JSON_LAYOUT
 
 STYLES = ("python", "json")
+CHOICES = ("auto", "required")  # tool_choice values that constrain: a call or prose opening otherwise, a call
 FENCE = re.compile(r"```[ \t]*([A-Za-z_]*)[ \t]*\n?(.*?)```", re.DOTALL)
 JSON_WORDS = {"true": True, "false": False, "null": None}
 PYTHON_INSTRUCTION = (
@@ -223,6 +225,63 @@ def _literal(node) -> Any:
     return ast.literal_eval(node)
 
 
+def tool_call_grammar(tools, style: str = "python", choice: str = "required") -> str:
+    """A Lark grammar (llguidance's dialect) for replies that call the tools in `style`, each call's arguments valid
+    under its tool's schema. "required": the reply is a call; "auto": a reply that opens like a call ('[' in the
+    python style, '{' or '[' in the json style) must be one, any other reply is free prose."""
+    if style not in STYLES:
+        raise Gemma3Error(f"tool style must be one of {STYLES}, got {style!r}")
+    if choice not in CHOICES:
+        raise Gemma3Error(f"tool choice must be one of {CHOICES}, got {choice!r}")
+    known = [as_tool(t) for t in tools]
+    if not known:
+        raise Gemma3Error("a tool-call grammar needs at least one tool")
+    if style == "python":
+        calls = '"[" call (", " call)* "]"\ncall: ' + " | ".join(_python_call(t) for t in known)
+        opening = "\\["
+    else:
+        schema = {"anyOf": [_json_call_schema(t) for t in known], "x-guidance": JSON_LAYOUT}
+        calls = f"%json {json.dumps(schema)}"
+        opening = "\\[{"
+    start = "calls" if choice == "required" else "calls | PROSE"
+    prose = f"\nPROSE: /[^{opening}\\s][\\s\\S]*/" if choice == "auto" else ""
+    return f"start: {start}\ncalls: {calls}{prose}\n"
+
+
+def _python_call(tool: Tool) -> str:
+    """`name(k=v, ...)`: the schema's properties in its order, the required ones always, the others optional."""
+    properties = tool.parameters.get("properties") or {}
+    required = set(tool.parameters.get("required") or [])
+    items = [(f"{json.dumps(name + '=')} {_embedded(schema)}", name in required) for name, schema in properties.items()]
+    return f'{json.dumps(tool.name + "(")} {_arguments(items) or ""} ")"'
+
+
+def _arguments(items: list[tuple[str, bool]]) -> str | None:
+    """Lark for the items in order, joined by ", ", each optional one free to be left out; None when all may be."""
+    if not items:
+        return None
+    (first, needed), rest = items[0], items[1:]
+    tail = " ".join(f'", " {item}' if required else f'(", " {item})?' for item, required in rest)
+    with_first = f"{first} {tail}".strip()
+    if needed:
+        return with_first
+    without = _arguments(rest)
+    either = f"({with_first} | {without})" if without else f"({with_first})"
+    return either if any(required for _, required in rest) else either + "?"
+
+
+def _embedded(schema) -> str:
+    """A JSON schema inlined in a Lark grammar, laid out compactly."""
+    schema = dict(schema) if isinstance(schema, dict) else {}
+    schema.setdefault("x-guidance", JSON_LAYOUT)
+    return f"%json {json.dumps(schema)}"
+
+
+def _json_call_schema(tool: Tool) -> dict:
+    return {"type": "object", "properties": {"name": {"const": tool.name}, "parameters": tool.parameters},
+            "required": ["name", "parameters"], "additionalProperties": False}
+
+
 def call_tool(tools: dict[str, Tool], call: ToolCall) -> Any:
     """Run one call; a wrong name or wrong arguments come back as an error text for the model to read."""
     tool = tools.get(call.name)
@@ -252,10 +311,14 @@ class ToolRun:
     exhausted: bool
 
 
-def run_tools(chat, content: str, tools, style: str = "python", max_rounds: int = 4, **options) -> ToolRun:
+def run_tools(chat, content: str, tools, style: str = "python", max_rounds: int = 4, constrained: bool = False,
+              **options) -> ToolRun:
     """Ask `chat` (a Chat) with tools; while the reply is a call, run it and send the results back as the
-    next user turn; stop at a reply without calls or after `max_rounds` rounds of calls."""
+    next user turn; stop at a reply without calls or after `max_rounds` rounds of calls. `constrained`: a reply
+    that opens a call is held to a call with valid arguments (tool_call_grammar's "auto")."""
     known = {t.name: t for t in map(as_tool, tools)}
+    if constrained:
+        options = {**options, "grammar": tool_call_grammar(list(known.values()), style, "auto")}
     message = tools_prompt(list(known.values()), style) + "\n" + content
     rounds = []
     reply = chat.send(message, **options)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import Gemma3Error
-from ..processing.tools import ToolCall, as_tool, tool_results_text, with_tools
+from ..processing.grammar import grammar_text
+from ..processing.tools import ToolCall, as_tool, tool_call_grammar, tool_results_text, with_tools
 
 # Fields a request may carry. Harmless ones clients send by default are accepted and ignored (model, user,
 # parallel_tool_calls); n, presence_penalty and frequency_penalty only at their no-op values (1, 0, 0).
@@ -20,6 +21,7 @@ COMMON_FIELDS = {
 }
 CHAT_FIELDS = COMMON_FIELDS | {
     "messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs",
+    "response_format",
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 MAX_TOP_LOGPROBS = 20
@@ -58,8 +60,9 @@ def parse_chat(body: dict, max_tokens_limit: int, image_dirs: tuple[Path, ...] =
     top = number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, int)
     if top and not logprobs:
         raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    return Request(True, messages, generation_options(body, max_tokens_limit), stop_strings(body), flag(body, "stream"),
-                   include_usage(body), bool(tools), logprobs, top)
+    options = {**generation_options(body, max_tokens_limit), **constraint_options(body, tools)}
+    return Request(True, messages, options, stop_strings(body), flag(body, "stream"), include_usage(body), bool(tools),
+                   logprobs, top)
 
 
 def parse_completion(body: dict, max_tokens_limit: int) -> Request:
@@ -101,17 +104,82 @@ def include_usage(body: dict) -> bool:
 
 def chat_tools(body: dict) -> list:
     choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise RequestError("'tool_choice' must be \"auto\" or \"none\" (forced calls are not supported)", param="tool_choice")
+    if choice not in (None, "auto", "none", "required") and forced_name(choice) is None:
+        raise RequestError('\'tool_choice\' must be "auto", "none", "required" or '
+                           '{"type": "function", "function": {"name": ...}}', param="tool_choice")
     tools = body.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise RequestError("'tools' must be a list of objects", param="tools")
     if not tools or choice == "none":
+        if choice not in (None, "none"):
+            raise RequestError("'tool_choice' asks for a call but the request has no 'tools'", param="tool_choice")
         return []
     try:
         return [as_tool(t) for t in tools]
     except Gemma3Error as e:
         raise RequestError(str(e), param="tools") from None
+
+
+def forced_name(choice) -> str | None:
+    """The function a tool_choice object names, or None when it is not {"type": "function", "function": {"name"}}."""
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(choice.get("function"), dict):
+        return None
+    name = choice["function"].get("name")
+    return name if isinstance(name, str) and name else None
+
+
+def constraint_options(body: dict, tools: list) -> dict:
+    """The grammar a reply must follow: tool calls (tool_choice "required" or a named function; "auto" holds a
+    reply that opens a call to a valid call), else response_format's JSON; {} for free text."""
+    schema = response_schema(body.get("response_format"))
+    if tools:
+        if schema is not None:
+            raise RequestError("'response_format' and 'tools' cannot constrain one reply together: send one",
+                               param="response_format")
+        return {"grammar": tools_grammar(tools, body.get("tool_choice") or "auto")}
+    if schema is None:
+        return {}
+    try:
+        grammar_text(json_schema=schema)
+    except Gemma3Error as e:
+        raise RequestError(f"response_format: {e}", param="response_format") from None
+    return {"json_schema": schema}
+
+
+def tools_grammar(tools: list, choice) -> str:
+    name = forced_name(choice)
+    if name is not None:
+        tools = [t for t in tools if t.name == name]
+        if not tools:
+            raise RequestError(f"'tool_choice' names {name!r}, which is not among the request's tools", param="tool_choice")
+    try:
+        return tool_call_grammar(tools, "python", "auto" if choice == "auto" else "required")
+    except Gemma3Error as e:
+        raise RequestError(str(e), param="tools") from None
+
+
+def response_schema(response_format) -> dict | None:
+    """The JSON schema a response_format asks for: {"type": "json_object"} any object, {"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}} that schema; None for {"type": "text"} or no response_format."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise RequestError("response_format.json_schema must be an object with a 'schema' object",
+                               param="response_format")
+        unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+        if unknown:
+            raise RequestError(f"response_format.json_schema has unsupported field(s): {', '.join(unknown)}",
+                               param="response_format")
+        return spec.get("schema", {})
+    raise RequestError('\'response_format\' must be {"type": "text"}, {"type": "json_object"} or '
+                       '{"type": "json_schema", "json_schema": {...}}', param="response_format")
 
 
 def required(body: dict, key: str, kind: type):

@@ -107,6 +107,7 @@ class Active:
     max_tokens: int | None
     entry: Entry | None  # kept in the prompt cache when the job ends (None: this job bypasses it)
     reused: int  # prompt tokens the prompt cache served
+    constraint: object = None  # the reply's structured-output constraint (its dead end ends the reply)
 
 
 class Worker:
@@ -187,13 +188,14 @@ class Worker:
         context = self.model.config.text.max_position_embeddings
         budget, stop = token_budget(opts, context - len(job.ids)), eos_ids(self.processor, opts.stop_ids)
         detokenizer = self.processor.tokenizer.detokenizer()
-        row = self.batch.add(job.ids[len(held):], cache, sampler=opts.sampler(), processors=opts.processors(),
+        processors, constraint = opts.reply_processors(self.processor.tokenizer)
+        row = self.batch.add(job.ids[len(held):], cache, sampler=opts.sampler(), processors=processors,
                              history=held, image_features=features, prefill_step_size=opts.prefill_step_size,
                              progress=opts.prefill_progress)
         entry = None
         if layout is not None:  # the batch took a copy: `cache` itself, holding the whole prompt, is the checkpoint
             entry = Entry(layout, [], [], cache, held_ids(cache, job.ids))
-        self.active[id(row)] = Active(job, row, detokenizer, stop, budget, entry, len(held))
+        self.active[id(row)] = Active(job, row, detokenizer, stop, budget, entry, len(held), constraint)
 
     def features(self, job: Job):
         if job.pixels is None:
@@ -223,7 +225,8 @@ class Worker:
     def hand_out(self, active: Active, token: int, logprobs: mx.array) -> bool:
         """Send the job its token's step; True when it was the last."""
         job = active.job
-        text, finish = reply_piece(token, active.row.steps, active.detokenizer, active.stop, active.max_tokens)
+        text, finish = reply_piece(token, active.row.steps, active.detokenizer, active.stop, active.max_tokens,
+                                   active.constraint)
         job.first_token_at = job.first_token_at or time.perf_counter()
         entry = None
         if job.top_logprobs is not None and finish != "stop":
