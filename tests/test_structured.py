@@ -264,6 +264,32 @@ def test_server_response_format_json_schema_and_json_object(server):
     assert isinstance(json.loads(text), dict)
 
 
+LABELS = {"type": "object", "properties": {"label": {"enum": ["red", "green", "blue"]},
+          "scores": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2,
+                     "maxItems": 4}}, "required": ["label", "scores"], "additionalProperties": False}
+
+
+def test_concurrent_requests_in_one_batch_each_keep_their_own_schema(server):
+    """Requests decoded together: each row's matcher follows its own schema (a shared one would break both)."""
+    schemas = [PERSON, LABELS, PERSON, LABELS]
+    replies: list = [None] * len(schemas)
+    start = threading.Barrier(len(schemas))
+
+    def ask(i: int) -> None:
+        start.wait()
+        replies[i] = server.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"Item {i}?"}], max_tokens=80, temperature=1.0, seed=i,
+            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schemas[i]}})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(schemas))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for reply, schema in zip(replies, schemas):
+        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+
+
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_server_streams_forced_tool_calls(server, choice):
     chunks = list(server.chat.completions.create(
