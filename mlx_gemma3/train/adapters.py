@@ -159,9 +159,7 @@ def load_adapter_weights(model: nn.Module, file: Path) -> None:
         if value.shape != expected[key].shape:
             raise Gemma3Error(f"{file}: tensor {key} has shape {tuple(value.shape)}, the model's is "
                               f"{tuple(expected[key].shape)} (adapters for another model?)")
-    dtype = next(iter(expected.values())).dtype
-    model.load_weights([(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()],
-                       strict=False)
+    model.load_weights([(k, v.astype(expected[k].dtype)) for k, v in weights.items()], strict=False)
 
 
 def apply_adapter_folder(model: nn.Module, folder: str | Path) -> AdapterConfig:
