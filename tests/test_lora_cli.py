@@ -4,6 +4,9 @@ read back through generate --adapter-path and from the fused folder; bad data st
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from importlib import import_module
 
 import pytest
@@ -60,6 +63,28 @@ def test_a_tiny_model_learns_the_answers(tiny_chat_model, tmp_path, capsys, kind
     assert fuse.main(["--model", str(model), "--adapter-path", str(tmp_path / "adapters"), "--save-path", str(tmp_path / "fused")]) == 0
     capsys.readouterr()
     assert answers(capsys, tmp_path / "fused") == expected
+    if kind == "lora":
+        assert server_answer(model, tmp_path / "adapters", PAIRS[2][0]) == PAIRS[2][1]
+
+
+def server_answer(model, adapters, question: str) -> str:
+    """The reply of a real `mlx_gemma3.server --adapter-path` process, asked through the openai client."""
+    import openai
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_gemma3.server", "--model", str(model), "--adapter-path", str(adapters), "--port", "0"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        line = process.stderr.readline()
+        assert line.startswith("serving"), line
+        port = int(line.rsplit(":", 1)[1].split("/")[0])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}], max_tokens=6)
+        return reply.choices[0].message.content.strip()
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
 
 
 def test_bad_data_stops_before_training(tiny_chat_model, tmp_path, capsys):
