@@ -13,7 +13,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_gemma3
-from conftest import TINY_IMAGE_TOKENS, TINY_VISION, convert, random_ids, reference_torch, tiny_multimodal_model, tiny_text_model
+from conftest import (
+    SPM_IMAGE_TOKENS, TINY_IMAGE_TOKENS, TINY_VISION, convert, random_ids, reference_torch, tiny_multimodal_model,
+    tiny_text_model,
+)
 from mlx_gemma3.train.adapters import DEFAULT_KEYS, AdapterConfig, fuse_adapters, prepare_for_training, save_adapters
 from mlx_gemma3.train.loss import Batch, default_loss
 
@@ -341,3 +344,42 @@ def test_mask_prompt_counts_only_the_assistant_turns(tiny_chat_model, tmp_path):
     assert counted == expected
     unmasked = Encoder(processor).example({"messages": messages}, tmp_path, "x:1")
     assert unmasked.ids == example.ids and sum(unmasked.weights) == len(example.ids) - 1
+
+
+@pytest.mark.slow
+def test_an_image_sample_trains_as_transformers_computes_it(image_chat_model, tmp_path):
+    """Through the data pipeline: a messages line with an image file encodes as Gemma3Processor does, and the
+    masked loss and the projector's gradient equal transformers' on that input (fresh LoRA: B = 0)."""
+    from PIL import Image
+
+    from mlx_gemma3.processing.prompt import chat_text
+    from mlx_gemma3.train.data import Encoder, collate
+
+    torch = reference_torch()
+    folder, _, processor, hf, hf_processor = image_chat_model
+    picture = Image.fromarray(np.random.RandomState(3).randint(0, 256, size=(40, 60, 3), dtype=np.uint8))
+    picture.save(tmp_path / "pic.png")
+    messages = [{"role": "user", "content": [{"type": "image", "image": "pic.png"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": "A picture."}]
+    example = Encoder(processor, mask_prompt=True).example({"messages": messages}, tmp_path, "line 1")
+    text = chat_text(messages, processor.chat_template, add_generation_prompt=False).removeprefix("<bos>")
+    inputs = hf_processor(text=text, images=[picture], return_tensors="pt")
+    assert example.ids == inputs["input_ids"][0].tolist()
+    assert np.array_equal(example.pixels, inputs["pixel_values"].permute(0, 2, 3, 1).numpy())
+
+    model, _ = mlx_gemma3.load(folder, for_training=True)
+    prepare_for_training(model, AdapterConfig("lora", -1, RANK, ALPHA / RANK))
+    batch = collate([example])
+    (loss, count), grads = nn.value_and_grad(model, lambda b: default_loss(model, b))(batch)
+    grads = dict(tree_flatten(grads))
+    hf.zero_grad()
+    assert inputs["token_type_ids"].tolist() == [[int(t == SPM_IMAGE_TOKENS["image_token_index"]) for t in example.ids]]
+    logits = hf(**inputs).logits  # token_type_ids from the processor: each image attends to itself both ways
+    expected = reference_loss(logits, inputs["input_ids"].numpy(), np.array([example.weights], np.float32))
+    expected.backward()
+    assert count.item() == len(processor.tokenizer.encode("A picture.<end_of_turn>\n", add_bos=False))
+    assert abs(loss.item() - expected.item()) <= TOL * max(1.0, abs(expected.item()))
+    for name, param in hf.model.multi_modal_projector.named_parameters():
+        ours = np.array(grads[f"multi_modal_projector.{name}"])
+        assert np.abs(ours - param.grad.numpy()).max() <= TOL, name
+    hf.zero_grad()
