@@ -63,11 +63,12 @@ def main():
     parser.add_argument("--model", default=str(mlx_gemma3.demo_model()))
     parser.add_argument("--out", default="finetune_json")
     parser.add_argument("--iters", type=int, default=200)
-    parser.add_argument("--test-count", type=int, default=25)
+    parser.add_argument("--test-count", type=int, default=25, help="test sentences to generate for the accuracy")
+    parser.add_argument("--valid-count", type=int, default=40, help="validation sentences")
     args = parser.parse_args()
     out = Path(args.out)
     data = out / "data"
-    write_data(data, {"train": 300, "valid": 40, "test": 40}, seed=0)
+    write_data(data, {"train": 300, "valid": args.valid_count, "test": 40}, seed=0)
     before = {"val_loss": validation_loss(args.model, None, data), "accuracy": accuracy(args.model, None, data / "test.jsonl", args.test_count)}
     print(f"before: validation loss {before['val_loss']:.3f}, exact JSON {before['accuracy']:.0%}", flush=True)
     tic = time.perf_counter()

@@ -7,13 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from importlib import import_module
 
 import pytest
 
+import mlx_gemma3
+from conftest import run_cli
 from mlx_gemma3 import fuse, lora
-
-generate = import_module("mlx_gemma3.generate")  # the package's `generate` attribute is the function
 
 PAIRS = [
     ("What is the capital of Zorbia?", "Plink"),
@@ -31,13 +30,18 @@ def write_data(folder, pairs=PAIRS):
     return folder
 
 
-def answers(capsys, model, *extra: str) -> list[str]:
-    """The greedy reply to each question (generate's command line, in this process)."""
-    replies = []
-    for question, _ in PAIRS:
-        assert generate.main(["--model", str(model), "--prompt", question, "--max-tokens", "6", "--verbose", "false", *extra]) == 0
-        replies.append(capsys.readouterr().out.strip())
-    return replies
+def answers(model, adapter_path=None) -> list[str]:
+    """The greedy reply to each question, as `generate --prompt` asks it (one user turn, chat template)."""
+    loaded, processor = mlx_gemma3.load(model, adapter_path=adapter_path)
+    return [mlx_gemma3.generate(loaded, processor, question, max_tokens=6).strip() for question, _ in PAIRS]
+
+
+def cli_answer(model, *extra: str) -> str:
+    """generate's command line (a child process: importing mlx_gemma3.generate here would shadow the function)."""
+    result = run_cli("mlx_gemma3.generate", "--model", str(model), "--prompt", PAIRS[0][0], "--max-tokens", "6",
+                     "--verbose", "false", *extra)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
 
 
 @pytest.mark.slow
@@ -45,7 +49,7 @@ def answers(capsys, model, *extra: str) -> list[str]:
 def test_a_tiny_model_learns_the_answers(tiny_chat_model, tmp_path, capsys, kind):
     model = tiny_chat_model[0]
     expected = [answer for _, answer in PAIRS]
-    assert not set(answers(capsys, model)) & set(expected)
+    assert not set(answers(model)) & set(expected)
     config = tmp_path / "config.yaml"  # the full run takes its settings from a YAML file, as mlx-lm's --config
     config.write_text(f"fine_tune_type: {kind}\nnum_layers: -1\nlearning_rate: 3.0e-3\nlora_parameters:\n  rank: 8\n  scale: 2.0\n")
     flags = ["--config", str(config)] if kind == "full" else ["--fine-tune-type", "lora", "--num-layers", "-1",
@@ -59,11 +63,11 @@ def test_a_tiny_model_learns_the_answers(tiny_chat_model, tmp_path, capsys, kind
     assert code == 0, out
     assert "Iter 30: Train loss" in out and "Val loss" in out and "Peak mem" in out
     assert float(out.split("Test loss ")[1].split(",")[0]) < 0.1
-    assert answers(capsys, model, "--adapter-path", str(tmp_path / "adapters")) == expected
+    assert answers(model, tmp_path / "adapters") == expected
     assert fuse.main(["--model", str(model), "--adapter-path", str(tmp_path / "adapters"), "--save-path", str(tmp_path / "fused")]) == 0
-    capsys.readouterr()
-    assert answers(capsys, tmp_path / "fused") == expected
-    if kind == "lora":
+    assert answers(tmp_path / "fused") == expected
+    if kind == "lora":  # the command lines: generate and a real server process, each with --adapter-path
+        assert cli_answer(model, "--adapter-path", str(tmp_path / "adapters")) == PAIRS[0][1]
         assert server_answer(model, tmp_path / "adapters", PAIRS[2][0]) == PAIRS[2][1]
 
 
@@ -99,7 +103,13 @@ def test_bad_data_stops_before_training(tiny_chat_model, tmp_path, capsys):
     assert not (tmp_path / "adapters").exists()
 
 
-def test_adapter_path_errors_are_one_line(tiny_chat_model, tmp_path, capsys):
-    code = generate.main(["--model", str(tiny_chat_model[0]), "--prompt", "hi", "--adapter-path", str(tmp_path)])
-    assert code == 1
-    assert "no adapter_config.json" in capsys.readouterr().err
+def test_adapter_path_errors_are_one_line(tiny_chat_model, tmp_path):
+    with pytest.raises(mlx_gemma3.Gemma3Error, match="no adapter_config.json"):
+        mlx_gemma3.load(tiny_chat_model[0], adapter_path=tmp_path)
+
+
+@pytest.mark.slow
+def test_adapter_path_error_on_the_command_line(tiny_chat_model, tmp_path):
+    result = run_cli("mlx_gemma3.generate", "--model", str(tiny_chat_model[0]), "--prompt", "hi", "--adapter-path", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "no adapter_config.json" in result.stderr
