@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ DEFAULTS = {
     "grad_checkpoint": False, "mask_prompt": False, "seed": 0,
     "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
 }
-LORA_FLAGS = {"rank": "rank", "scale": "scale", "dropout": "dropout", "keys": "keys"}
+LORA_FLAGS = ("rank", "scale", "dropout", "keys")  # flags that set lora_parameters
 
 
 def build_parser() -> Parser:
@@ -65,7 +66,7 @@ def settings(args) -> dict:
         if value is None or name == "config":
             continue
         if name in LORA_FLAGS:
-            lora[LORA_FLAGS[name]] = value
+            lora[name] = value
         else:
             values[name] = value
     return values
@@ -129,14 +130,8 @@ def fine_tune(values: dict) -> int:
     if values["test"]:
         model.eval()
         loss = evaluate(model, data["test"], args.batch_size, values["test_batches"])
-        print(f"Test loss {loss:.3f}, Test ppl {math_exp(loss):.3f}.", flush=True)
+        print(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700.0)):.3f}.", flush=True)
     return 0
-
-
-def math_exp(value: float) -> float:
-    import math
-
-    return math.exp(min(value, 700.0))
 
 
 def training_args(values: dict):

@@ -296,6 +296,7 @@ def run_training(folder, out, stop_after: int | None = None, resume_run: bool = 
     return losses
 
 
+@pytest.mark.slow
 def test_resumed_training_follows_the_same_trajectory(text_folder, tmp_path):
     whole = run_training(text_folder[0], tmp_path / "whole")
     run_training(text_folder[0], tmp_path / "split", stop_after=3)
@@ -355,7 +356,7 @@ def test_an_image_sample_trains_as_transformers_computes_it(image_chat_model, tm
     from mlx_gemma3.processing.prompt import chat_text
     from mlx_gemma3.train.data import Encoder, collate
 
-    torch = reference_torch()
+    reference_torch()  # one thread
     folder, _, processor, hf, hf_processor = image_chat_model
     picture = Image.fromarray(np.random.RandomState(3).randint(0, 256, size=(40, 60, 3), dtype=np.uint8))
     picture.save(tmp_path / "pic.png")

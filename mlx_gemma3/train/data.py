@@ -62,15 +62,15 @@ class Encoder:
     def conversation(self, messages, base: Path, where: str) -> Example:
         try:
             full = chat_text(messages, self.processor.chat_template, add_generation_prompt=False)
-            sources = [self.image_path(item, base, where) for item in image_items(messages)]
-            pixels, crops = self.images(sources, where)
+            sources = [self.image_path(item, base) for item in image_items(messages)]
+            pixels, crops = self.images(sources)
             ids = self.encode(full, crops)
-            weights = self.weights(messages, full, crops, len(ids), where)
+            weights = self.weights(messages, full, crops, len(ids))
         except Gemma3Error as e:
             raise Gemma3Error(f"{where}: {e}") from None
         return self.fitted(Example(ids, weights, pixels, where))
 
-    def weights(self, messages: list[dict], full: str, crops: list[int], length: int, where: str) -> list[int]:
+    def weights(self, messages: list[dict], full: str, crops: list[int], length: int) -> list[int]:
         """All ones (past the first token), or with mask_prompt ones only on the assistant turns' tokens."""
         if not self.mask_prompt:
             return [0] + [1] * (length - 1)
@@ -98,7 +98,7 @@ class Encoder:
         ids = self.tokenizer.encode(text, add_bos=False)
         return ids if ids[:1] == [BOS_ID] or not text else [BOS_ID, *ids]
 
-    def image_path(self, item: dict, base: Path, where: str) -> Path:
+    def image_path(self, item: dict, base: Path) -> Path:
         if self.processor.config.vision is None:
             raise Gemma3Error("the sample has an image but the model reads text only: use a multimodal Gemma 3")
         source = item.get("image") or item.get("path") or item.get("url")
@@ -109,11 +109,11 @@ class Encoder:
             raise Gemma3Error(f"image {source} not found (relative paths start at {base})")
         return path
 
-    def images(self, sources: list[Path], where: str) -> tuple[np.ndarray | None, list[int]]:
+    def images(self, sources: list[Path]) -> tuple[np.ndarray | None, list[int]]:
+        """Pixels [N, H, W, 3] and crop counts (none: no pan and scan in training) of a sample's images."""
         if not sources:
             return None, []
-        pixels, crops = process_images(sources, self.processor.config.vision.image_size)
-        return pixels, crops
+        return process_images(sources, self.processor.config.vision.image_size)
 
     def fitted(self, example: Example) -> Example:
         """The example cut to max_seq_length tokens (a sample with images must fit whole)."""
