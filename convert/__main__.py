@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mlx_gemma3.cli import Parser
 from mlx_gemma3.errors import Gemma3Error
 from mlx_gemma3.model.quantize import BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 from .gguf import convert_gguf
+from .gguf_file import check_sha256
 from .hf import DTYPES, Quantization, convert_hf
 from .hub import resolve_hf_path
 
@@ -23,6 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--hf-path", help="Hugging Face model folder, or a Hub repo id (owner/name) to download")
     source.add_argument("--gguf", help="a llama.cpp GGUF file of a Gemma 3 model")
     parser.add_argument("--mmproj", help="with --gguf: llama.cpp's mmproj GGUF holding the vision tower")
+    parser.add_argument(
+        "--verify", metavar="SHA256", help="with --gguf: refuse the file unless its SHA-256 is this (GGUF has no checksum)"
+    )
     parser.add_argument("--mlx-path", required=True, help="output folder (must not exist unless --force)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -58,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         quantize = quantization(args)
+        if args.verify and not args.gguf:
+            raise Gemma3Error("--verify checks a GGUF file: use it with --gguf")
+        if args.verify:
+            check_sha256(Path(args.gguf), args.verify)
         if args.gguf:
             out = convert_gguf(args.gguf, args.mlx_path, args.dtype, args.force, quantize, args.mmproj)
         else:

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_gemma3.model.config import DEFAULT_SLIDING_PATTERN, FULL, SLIDING, layer_types_for_pattern, parse_config
+from mlx_gemma3.model.config import (
+    DEFAULT_SLIDING_PATTERN, FULL, SLIDING, layer_types_for_pattern, parse_config, short_repr,
+)
 from mlx_gemma3.errors import Gemma3Error
 from mlx_gemma3.model.load import build_model, check_shapes
 from mlx_gemma3.model.quantize import DEFAULT_BITS, NEVER_QUANTIZED, QuantSpec, quantization_json
 from mlx_gemma3.processing.tokenizer import EOS_IDS
 
+from .gguf_file import GGUFFile, GGUFTensor, read_gguf
 from .hf import DTYPES, Quantization, converted, converted_shape, report_size, text_config_json
 from .output import ShardWriter, output_folder
 from .progress import Progress
@@ -66,6 +70,7 @@ SHIFTED_NORMS = ("norm.weight", "mm_soft_emb_norm.weight")
 SLIDING_ROPE_BASE = 10_000.0  # not stored in GGUF files
 LOSSLESS = {"Q4_0": 4, "Q8_0": 8, "Q4_K": 4}  # GGML type → MLX bits, in groups of GGML_GROUP_SIZE
 GGML_GROUP_SIZE = 32  # values per scale in Q4_0, Q8_0 and Q4_K's sub-blocks
+FLOAT_KINDS = ("F32", "F16", "BF16")  # GGML types without blocks
 # Values converted at once: bounds the working memory per block of rows (about 10 bytes a value at most).
 BLOCK_VALUES = 1 << 20
 # The dtype requantized layers are quantized in when --dtype is not given, so their scales and biases take 16
@@ -73,46 +78,47 @@ BLOCK_VALUES = 1 << 20
 REQUANTIZED_DTYPE = "float16"
 
 
-def open_gguf(path: Path):
-    """A GGUFReader for `path`; one clear error for a missing, truncated or foreign file."""
-    import gguf
-
-    if not path.is_file():
-        raise Gemma3Error(f"GGUF file {path} does not exist")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors… for damaged files
-        raise Gemma3Error(f"cannot read GGUF file {path}: {e} — the file is truncated or not GGUF") from None
-    for tensor in reader.tensors:  # a tensor reaching past the end of the file
-        if tensor.data_offset + tensor.n_bytes > len(reader.data):
-            raise Gemma3Error(f"GGUF file {path} is truncated: tensor {tensor.name} lies past its end")
-    return reader
+def open_gguf(path: Path) -> GGUFFile:
+    """The checked metadata and tensor table of a GGUF file; one clear error for a missing, damaged or foreign file."""
+    return read_gguf(Path(path))
 
 
-def field(reader, key: str, where: str, default=None):
-    found = reader.fields.get(key)
-    if found is None:
-        if default is not None:
-            return default
+def field(reader: GGUFFile, key: str, where: str, default=None, kind: type | None = None):
+    """Metadata `key` (or `default`), checked to be a `kind`: int means a positive integer, float any number."""
+    value = reader.metadata.get(key, default)
+    if value is None:
         raise Gemma3Error(f"{where}: GGUF metadata key {key} is missing")
-    return found.contents()
+    if kind is not None and not _is_kind(value, kind):
+        wanted = {int: "a positive integer", float: "a number", str: "a string", list: "an array"}[kind]
+        raise Gemma3Error(f"{where}: GGUF metadata {key} is {short_repr(value)}, not {wanted} — the file is damaged")
+    return value
+
+
+def _is_kind(value, kind: type) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, int) and value > 0
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 def check_architecture(reader, where: str) -> None:
-    arch = field(reader, "general.architecture", where)
+    arch = field(reader, "general.architecture", where, kind=str)
     if arch != "gemma3":
-        raise Gemma3Error(f"{where}: architecture {arch!r} is not Gemma 3 (general.architecture must be 'gemma3')")
+        raise Gemma3Error(f"{where}: architecture {short_repr(arch)} is not Gemma 3 (general.architecture must be 'gemma3')")
 
 
 def config_from_metadata(reader, where: str, dtype: str) -> dict:
     """A gemma3_text config.json from the GGUF metadata (docs/formats.md §4)."""
     check_architecture(reader, where)
 
-    def get(key, default=None):
-        return field(reader, f"gemma3.{key}", where, default)
+    def get(key, default=None, kind=int):
+        return field(reader, f"gemma3.{key}", where, default, kind)
 
     layers, hidden, heads = get("block_count"), get("embedding_length"), get("attention.head_count")
-    head_dim = get("attention.key_length", hidden // heads)
+    head_dim = get("attention.key_length", max(1, hidden // heads))
     raw = {
         "model_type": "gemma3_text",
         "hidden_size": hidden,
@@ -121,8 +127,8 @@ def config_from_metadata(reader, where: str, dtype: str) -> dict:
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
         "head_dim": head_dim,
-        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "vocab_size": len(field(reader, "tokenizer.ggml.tokens", where, kind=list)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6, float)),
         # llama.cpp scales the 27B (62 layers) by hidden/heads, every other size by head_dim, as transformers does.
         "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
         "sliding_window": get("attention.sliding_window"),
@@ -138,13 +144,13 @@ def config_from_metadata(reader, where: str, dtype: str) -> dict:
 
 
 def _rope(reader, where: str) -> dict:
-    theta = float(field(reader, "gemma3.rope.freq_base", where, 1_000_000.0))
-    kind = field(reader, "gemma3.rope.scaling.type", where, "none")
+    theta = float(field(reader, "gemma3.rope.freq_base", where, 1_000_000.0, float))
+    kind = field(reader, "gemma3.rope.scaling.type", where, "none", str)
     if kind in ("none", ""):
         return {"rope_type": "default", "rope_theta": theta}
     if kind != "linear":
         raise Gemma3Error(f"{where}: RoPE scaling {kind!r} is not Gemma 3's (linear)")
-    return {"rope_type": "linear", "rope_theta": theta, "factor": float(field(reader, "gemma3.rope.scaling.factor", where))}
+    return {"rope_type": "linear", "rope_theta": theta, "factor": float(field(reader, "gemma3.rope.scaling.factor", where, kind=float))}
 
 
 def tensor_key(name: str) -> str | None:
@@ -171,12 +177,12 @@ def vision_key(name: str) -> str | None:
 
 def multimodal_config(text: dict, reader, tokens: list[str], where: str) -> dict:
     """A gemma3 config.json: the text part, the SigLIP sizes from the mmproj metadata, the image token ids."""
-    projector = field(reader, "clip.projector_type", where, "gemma3")
+    projector = field(reader, "clip.projector_type", where, "gemma3", str)
     if projector != "gemma3":
         raise Gemma3Error(f"{where}: projector type {projector!r} is not Gemma 3's (clip.projector_type must be 'gemma3')")
 
-    def get(key, default=None):
-        return field(reader, f"clip.vision.{key}", where, default)
+    def get(key, default=None, kind=int):
+        return field(reader, f"clip.vision.{key}", where, default, kind)
 
     image_size, patch_size = get("image_size"), get("patch_size")
     per_side = image_size // patch_size // get("projector.scale_factor", 4)
@@ -189,7 +195,7 @@ def multimodal_config(text: dict, reader, tokens: list[str], where: str) -> dict
         "num_attention_heads": get("attention.head_count"),
         "image_size": image_size,
         "patch_size": patch_size,
-        "layer_norm_eps": float(get("attention.layer_norm_epsilon", 1e-6)),
+        "layer_norm_eps": float(get("attention.layer_norm_epsilon", 1e-6, float)),
         "vision_use_head": False,
     }
     return {
@@ -212,6 +218,34 @@ def dequantized(raw: np.ndarray, kind) -> np.ndarray:
     import gguf
 
     return np.asarray(gguf.quants.dequantize(raw, kind), dtype=np.float32)
+
+
+def check_types(tensors: dict[str, Source]) -> None:
+    """One clear error, before anything is written, for a tensor stored in a GGML type we cannot read."""
+    for source in tensors.values():
+        if len(source.shape) < 2 and source.kind.name not in FLOAT_KINDS:
+            raise Gemma3Error(
+                f"{source.path}: tensor {source.tensor.name} is a vector stored as {source.kind.name}; "
+                "the converter reads only matrices quantized (GGUF files keep vectors in float)"
+            )
+        if not dequantizable(source.kind):
+            raise Gemma3Error(
+                f"{source.path}: tensor {source.tensor.name} is stored as {source.kind.name}, which the gguf package "
+                "cannot dequantize: convert the model from its Hugging Face checkpoint instead"
+            )
+
+
+@functools.cache
+def dequantizable(kind) -> bool:
+    """Whether the gguf package dequantizes a GGML type (it does not know them all)."""
+    import gguf
+
+    _, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    try:
+        dequantized(np.zeros((1, block_bytes), np.uint8), kind)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def lossless_spec(kind) -> QuantSpec | None:
@@ -274,7 +308,7 @@ class Source(NamedTuple):
     """A tensor of a GGUF file, read from the file in blocks of leading rows: not through the reader's memory
     map, whose pages would stay resident until the end."""
 
-    tensor: Any  # gguf's ReaderTensor
+    tensor: GGUFTensor
     path: Path
 
     @property
@@ -300,6 +334,47 @@ class Source(NamedTuple):
         return np.frombuffer(data, np.uint8).reshape(stop - start, per_row)
 
 
+class Conversion(NamedTuple):
+    """Everything read and checked from the GGUF file(s) before a byte is written."""
+
+    config: dict
+    tokenizer: bytes
+    template: str | None
+    tensors: dict[str, Source]
+    model: object
+    plan: dict
+    outcomes: Counter
+
+
+def read_conversion(
+    gguf_path: Path, dtype: str | None = None, quantize: Quantization | None = None, mmproj: Path | None = None
+) -> Conversion:
+    """Read and check a GGUF file's metadata, tokenizer and tensor table (not its tensor data) against Gemma 3."""
+    from .gguf_tokenizer import chat_template, sentencepiece_model
+
+    where = str(gguf_path)
+    reader = open_gguf(gguf_path)
+    check_architecture(reader, where)
+    tokenizer, template = sentencepiece_model(reader, where), chat_template(reader)
+    config = config_from_metadata(reader, where, dtype or "float32")
+    tensors = {tensor_key(t.name): Source(t, gguf_path) for t in reader.tensors if tensor_key(t.name)}
+    if mmproj is not None:
+        vision_reader = open_gguf(Path(mmproj))
+        tokens = [str(t) for t in field(reader, "tokenizer.ggml.tokens", where, kind=list)]
+        config = multimodal_config(config, vision_reader, tokens, str(mmproj))
+        tensors = {f"language_model.{k}": t for k, t in tensors.items()}
+        tensors.update({vision_key(t.name): Source(t, Path(mmproj)) for t in vision_reader.tensors if vision_key(t.name)})
+    check_types(tensors)
+    model = build_model(parse_config(config, where))
+    shapes = {k: converted_shape(k, t.shape) for k, t in tensors.items()}
+    check_shapes(model, shapes, where, {k: t.tensor.name for k, t in tensors.items()})
+    plan, outcomes = tensor_plan(tensors, model, quantize)
+    if any(plan.values()):
+        defaults = (quantize.bits, quantize.group_size) if quantize else (DEFAULT_BITS, GGML_GROUP_SIZE)
+        config["quantization"] = quantization_json(plan, *defaults)
+    return Conversion(config, tokenizer, template, tensors, model, plan, outcomes)
+
+
 def convert_gguf(
     gguf_path: Path,
     mlx_path: Path,
@@ -310,43 +385,23 @@ def convert_gguf(
 ) -> Path:
     """Convert a Gemma 3 GGUF file (and its mmproj file for images) to an MLX folder, lossless where MLX's
     groups can hold GGML's blocks; tensor by tensor, in blocks of rows, so memory stays near one block."""
-    from .gguf_tokenizer import chat_template, sentencepiece_model
-
     gguf_path, mlx_path = Path(gguf_path), Path(mlx_path)
-    where = str(gguf_path)
-    reader = open_gguf(gguf_path)
+    read = read_conversion(gguf_path, dtype, quantize, mmproj)
     dtypes = (DTYPES[dtype or "float32"], DTYPES[dtype or REQUANTIZED_DTYPE])
-    check_architecture(reader, where)
-    tokenizer = sentencepiece_model(reader, where)
-    config = config_from_metadata(reader, where, dtype or "float32")
-    tensors = {tensor_key(t.name): Source(t, gguf_path) for t in reader.tensors if tensor_key(t.name)}
-    if mmproj is not None:
-        vision_reader = open_gguf(Path(mmproj))
-        tokens = [str(t) for t in field(reader, "tokenizer.ggml.tokens", where)]
-        config = multimodal_config(config, vision_reader, tokens, str(mmproj))
-        tensors = {f"language_model.{k}": t for k, t in tensors.items()}
-        tensors.update({vision_key(t.name): Source(t, Path(mmproj)) for t in vision_reader.tensors if vision_key(t.name)})
-    model = build_model(parse_config(config, where))
-    shapes = {k: converted_shape(k, t.shape) for k, t in tensors.items()}
-    check_shapes(model, shapes, where, {k: t.tensor.name for k, t in tensors.items()})
-    plan, outcomes = tensor_plan(tensors, model, quantize)
-    if any(plan.values()):
-        defaults = (quantize.bits, quantize.group_size) if quantize else (DEFAULT_BITS, GGML_GROUP_SIZE)
-        config["quantization"] = quantization_json(plan, *defaults)
     with output_folder(mlx_path, force) as work:
         writer = ShardWriter(work)
-        with Progress(sum(int(t.tensor.n_bytes) for t in tensors.values()), f"converting {gguf_path.name}") as progress:
-            for key, source in tensors.items():
-                write_tensor(writer, key, source, plan.get(key.removesuffix(".weight")), dtypes, progress)
+        total = sum(int(t.tensor.n_bytes) for t in read.tensors.values())
+        with Progress(total, f"converting {gguf_path.name}") as progress:
+            for key, source in read.tensors.items():
+                write_tensor(writer, key, source, read.plan.get(key.removesuffix(".weight")), dtypes, progress)
         writer.close()
         if quantize:
-            print(requantize_summary(outcomes, quantize), file=sys.stderr)
-        report_size(model, writer)
-        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (work / "tokenizer.model").write_bytes(tokenizer)
-        template = chat_template(reader)
-        if template:
-            (work / "chat_template.jinja").write_text(template, encoding="utf-8")
+            print(requantize_summary(read.outcomes, quantize), file=sys.stderr)
+        report_size(read.model, writer)
+        (work / "config.json").write_text(json.dumps(read.config, indent=2) + "\n")
+        (work / "tokenizer.model").write_bytes(read.tokenizer)
+        if read.template:
+            (work / "chat_template.jinja").write_text(read.template, encoding="utf-8")
     return mlx_path
 
 

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from mlx_gemma3.model.config import FLOAT_DTYPES, FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
 from mlx_gemma3.errors import Gemma3Error
-from mlx_gemma3.model.load import build_model, check_shapes, weight_files
+from mlx_gemma3.model.load import build_model, check_shapes, unwrapped_key, weight_files
 from mlx_gemma3.model.quantize import DEFAULT_BITS, DEFAULT_GROUP_SIZE, quantization_json, quantization_plan
 
 from .output import ShardWriter, output_folder
@@ -28,6 +28,7 @@ TEXT_PREFIXES = (
     ("model.", "model."),
     ("language_model.lm_head.", "lm_head."),
     ("lm_head.", "lm_head."),
+    ("language_model.", "model."),  # transformers 5's Gemma3Model layout once a ShieldGemma 2 wrapper is unwrapped
 )
 # The vision tower and projector (docs/formats.md §3), most specific first; transformers 5 drops `vision_model.`.
 VISION_PREFIXES = (
@@ -39,6 +40,7 @@ VISION_PREFIXES = (
     ("multi_modal_projector.", "multi_modal_projector."),
 )
 UNUSED_VISION_PREFIXES = ("vision_tower.head.", "model.vision_tower.head.", "vision_tower.vision_model.head.")
+SHIELD_ARCHITECTURE = "ShieldGemma2ForImageClassification"
 PATCH_CONV = "vision_tower.vision_model.embeddings.patch_embedding.weight"
 TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -52,6 +54,7 @@ ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 
 
 def map_key(key: str, config: ModelConfig) -> str | None:
     """Checkpoint key → our key, or None for a tensor we do not use."""
+    key = unwrapped_key(key, config)
     if key.startswith(UNUSED_VISION_PREFIXES) or key.endswith("rotary_emb.inv_freq"):
         return None
     for source, target in VISION_PREFIXES:
@@ -197,7 +200,7 @@ def config_json(config: ModelConfig, dtype: str) -> dict:
         return {**text_config_json(config.text, config.raw, dtype), "eos_token_id": eos}
     out = {k: v for k, v in config.raw.items() if k != "torch_dtype"}
     out.update(
-        architectures=["Gemma3ForConditionalGeneration"],
+        architectures=[SHIELD_ARCHITECTURE if config.is_shield else "Gemma3ForConditionalGeneration"],
         text_config=text_config_json(config.text, config.raw.get("text_config") or {}, dtype),
         vision_config=config.raw.get("vision_config") or {},
         dtype=dtype,

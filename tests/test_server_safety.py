@@ -363,3 +363,17 @@ def test_speculative_decoding_serves_the_same_replies(loaded, speculative):
             httpd.server_close()
     assert replies[0] == replies[1] and replies[0]
     assert (draft.calls > 0) == (speculative == "draft_model")
+
+
+def test_an_error_after_an_earlier_request_on_the_same_connection_is_a_clean_4xx(server):
+    """Browsers and the openai client keep connections alive: a 400 on the second request is still a whole reply."""
+    port, _ = server
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/v1/models")
+    first = connection.getresponse()
+    assert first.status == 200 and json.loads(first.read())["data"]
+    body = json.dumps({"messages": HELLO, "max_tokens": 100000, "stream": True})
+    connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    second = connection.getresponse()
+    assert second.status == 400 and "'max_tokens' must lie in" in json.loads(second.read())["error"]["message"]
+    connection.close()

@@ -298,10 +298,7 @@ def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: i
         if n == 1:
             prompt_tps = len(ids) / (time.perf_counter() - tic)
             tic = time.perf_counter()
-        finish = "stop" if token in stop else "length" if n == max_tokens else None
-        text = "" if detokenizer is None or token in stop else detokenizer.add(token)
-        if finish and detokenizer is not None:
-            text += detokenizer.finish()
+        text, finish = reply_piece(token, n, detokenizer, stop, max_tokens)
         rate = (n - 1) / max(time.perf_counter() - tic, 1e-9) if n > 1 else 0.0
         yield GenerationResponse(
             text, token, finish, len(ids), prompt_tps, n, rate, mx.get_peak_memory() / 1e9, logprobs, reused,
@@ -309,6 +306,15 @@ def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: i
         )
         if finish:
             return
+
+
+def reply_piece(token: int, n: int, detokenizer, stop: set[int], max_tokens: int | None) -> tuple[str, str | None]:
+    """The text the n-th token adds, and why the reply ends with it ("stop", "length"; None: it goes on)."""
+    finish = "stop" if token in stop else "length" if n == max_tokens else None
+    text = "" if detokenizer is None or token in stop else detokenizer.add(token)
+    if finish and detokenizer is not None:
+        text += detokenizer.finish()
+    return text, finish
 
 
 def generate(model, processor, prompt, **options) -> str:

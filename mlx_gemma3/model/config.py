@@ -10,7 +10,8 @@ from pathlib import Path
 from ..errors import Gemma3Error
 
 TEXT_MODEL_TYPES = ("gemma3_text",)
-MULTIMODAL_MODEL_TYPES = ("gemma3",)
+SHIELD_MODEL_TYPE = "shieldgemma2"  # ShieldGemma 2: a Gemma 3 4B image-text model read as a Yes/No classifier
+MULTIMODAL_MODEL_TYPES = ("gemma3", SHIELD_MODEL_TYPE)
 FULL, SLIDING = "full_attention", "sliding_attention"
 DEFAULT_SLIDING_PATTERN = 6  # five sliding layers, then one full layer
 
@@ -52,6 +53,8 @@ IMAGE_TOKEN_DEFAULTS["eoi_token_index"] = 256_000
 REQUIRED_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the float dtypes weights and computations may use
+MAX_SIZE = 2**31 - 1  # MLX array dimensions are 32-bit: a larger size cannot be a real checkpoint's
+MAX_LAYERS = 1024  # far above any Gemma 3 (62 at most); refused before a model of that many layers is built
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,10 @@ class ModelConfig:
     def is_multimodal(self) -> bool:
         return self.model_type in MULTIMODAL_MODEL_TYPES
 
+    @property
+    def is_shield(self) -> bool:
+        return self.model_type == SHIELD_MODEL_TYPE
+
 
 def round_to_dtype(value: float, dtype: str) -> float:
     """Round a Python float to a float dtype's precision (bfloat16: 8 bits of mantissa)."""
@@ -168,32 +175,56 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
     if model_type in TEXT_MODEL_TYPES:
         text = parse_text_config(raw, where, fill_defaults=False, top=raw)
     elif model_type in MULTIMODAL_MODEL_TYPES:
-        text_raw = raw.get("text_config") or {}
+        text_raw = _section(raw, "text_config", where)
         text = parse_text_config(text_raw, where + " text_config", fill_defaults=True, top=raw)
     else:
         supported = ", ".join(TEXT_MODEL_TYPES + MULTIMODAL_MODEL_TYPES)
         raise Gemma3Error(f"{where}: model_type {model_type!r} is not Gemma 3 (supported: {supported})")
-    eos = raw.get("eos_token_id", (raw.get("text_config") or {}).get("eos_token_id", 1))
+    eos = raw.get("eos_token_id", text_raw.get("eos_token_id", 1) if model_type in MULTIMODAL_MODEL_TYPES else 1)
     eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
     vision = parse_vision_config(raw, where) if model_type in MULTIMODAL_MODEL_TYPES else None
     return ModelConfig(model_type=model_type, text=text, eos_token_ids=eos_ids, raw=raw, vision=vision)
 
 
+def _section(raw: dict, key: str, where: str) -> dict:
+    """A nested object of the config (absent or null: empty)."""
+    section = raw.get(key) or {}
+    if not isinstance(section, dict):
+        raise Gemma3Error(f"{where}: {key} must be a JSON object, got {short_repr(section)}")
+    return section
+
+
+def short_repr(value) -> str:
+    """A value for an error line: at most 60 characters, whatever it holds."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _size(value, key: str, where: str, limit: int = MAX_SIZE) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+        raise Gemma3Error(f"{where}: {key} must be a positive integer up to {limit}, got {short_repr(value)}")
+    return value
+
+
+def _number(value, key: str, where: str) -> float:
+    """A positive finite number (every float of a Gemma 3 config is one: norm eps, scalar, RoPE base and factor)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        raise Gemma3Error(f"{where}: {key} must be a positive number, got {short_repr(value)}")
+    return float(value)
+
+
 def parse_vision_config(raw: dict, where: str) -> VisionConfig:
-    vision_raw = raw.get("vision_config") or {}
+    vision_raw = _section(raw, "vision_config", where)
     where_vision = where + " vision_config"
 
     def get(source: dict, defaults: dict, key: str, name: str = "") -> int:
-        value = source.get(name or key, source.get(key, defaults[key]))
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise Gemma3Error(f"{where_vision}: {key} must be a positive integer, got {value!r}")
-        return value
+        return _size(source.get(name or key, source.get(key, defaults[key])), key, where_vision)
 
     sizes = {k: get(vision_raw, VISION_DEFAULTS, k) for k in VISION_DEFAULTS if k != "layer_norm_eps"}
     tokens = {k: get(raw, IMAGE_TOKEN_DEFAULTS, k, k.replace("_index", "_id")) for k in IMAGE_TOKEN_DEFAULTS}
     config = VisionConfig(
         **sizes,
-        layer_norm_eps=float(vision_raw.get("layer_norm_eps", VISION_DEFAULTS["layer_norm_eps"])),
+        layer_norm_eps=_number(vision_raw.get("layer_norm_eps", VISION_DEFAULTS["layer_norm_eps"]), "layer_norm_eps", where_vision),
         tokens_per_image=tokens["mm_tokens_per_image"],
         image_token_id=tokens["image_token_index"],
         boi_token_id=tokens["boi_token_index"],
@@ -220,9 +251,9 @@ def parse_text_config(raw: dict, where: str, fill_defaults: bool, top: dict) -> 
         raise Gemma3Error(f"{where}: use_bidirectional_attention (EmbeddingGemma) is not supported")
     if get("hidden_activation") not in SUPPORTED_ACTIVATIONS:
         raise Gemma3Error(f"{where}: hidden_activation {get('hidden_activation')!r} is not Gemma 3's GELU-tanh")
-    num_layers = get("num_hidden_layers", int)
+    num_layers = _size(get("num_hidden_layers"), "num_hidden_layers", where, MAX_LAYERS)
     rope_full, rope_sliding = _rope(raw, where)
-    return TextConfig(
+    config = TextConfig(
         hidden_size=get("hidden_size", int),
         intermediate_size=get("intermediate_size", int),
         num_hidden_layers=num_layers,
@@ -230,25 +261,31 @@ def parse_text_config(raw: dict, where: str, fill_defaults: bool, top: dict) -> 
         num_key_value_heads=get("num_key_value_heads", int),
         head_dim=get("head_dim", int),
         vocab_size=get("vocab_size", int),
-        rms_norm_eps=float(get("rms_norm_eps")),
-        query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+        rms_norm_eps=get("rms_norm_eps", float),
+        query_pre_attn_scalar=get("query_pre_attn_scalar", float),
         sliding_window=get("sliding_window", int),
         layer_types=_layer_types(raw, num_layers, where),
         rope_full=rope_full,
         rope_sliding=rope_sliding,
         max_position_embeddings=get("max_position_embeddings", int),
-        final_logit_softcapping=get("final_logit_softcapping"),
+        final_logit_softcapping=get("final_logit_softcapping", float, optional=True),
         tie_word_embeddings=bool(top.get("tie_word_embeddings", get("tie_word_embeddings"))),
         weight_dtype=_weight_dtype(raw, top),
     )
+    for heads in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(config, heads) * config.head_dim > MAX_SIZE:
+            raise Gemma3Error(f"{where}: {heads} × head_dim is {getattr(config, heads) * config.head_dim}, above {MAX_SIZE}")
+    return config
 
 
 def _getter(raw: dict, where: str):
-    def get(key, kind=None):
+    def get(key, kind=None, optional=False):
+        """raw[key] or its default; kind int: a size, float: a positive number (or null where optional)."""
         value = raw.get(key, TEXT_DEFAULTS.get(key))
         if kind is int:
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise Gemma3Error(f"{where}: {key} must be a positive integer, got {value!r}")
+            return _size(value, key, where)
+        if kind is float and not (optional and value is None):
+            return _number(value, key, where)
         return value
 
     return get
@@ -289,12 +326,11 @@ def _rope(raw: dict, where: str) -> tuple[RopeConfig, RopeConfig]:
     """Full- and sliding-layer RoPE from `rope_parameters` (transformers 5) or the legacy keys."""
     full = {"rope_type": "default", "rope_theta": raw.get("rope_theta", TEXT_DEFAULTS["rope_theta"])}
     sliding = {"rope_type": "default", "rope_theta": raw.get("rope_local_base_freq", TEXT_DEFAULTS["rope_local_base_freq"])}
-    if raw.get("rope_scaling"):
-        full.update(raw["rope_scaling"])
-    params = raw.get("rope_parameters") or {}
+    full.update(_section(raw, "rope_scaling", where))
+    params = _section(raw, "rope_parameters", where)
     if FULL in params or SLIDING in params:
-        full.update(params.get(FULL) or {})
-        sliding.update(params.get(SLIDING) or {})
+        full.update(_section(params, FULL, where + " rope_parameters"))
+        sliding.update(_section(params, SLIDING, where + " rope_parameters"))
     else:
         full.update(params)  # a flat dict describes the global (full-attention) RoPE
     return _rope_config(full, where + " (full-attention RoPE)"), _rope_config(sliding, where + " (sliding RoPE)")
@@ -302,11 +338,12 @@ def _rope(raw: dict, where: str) -> tuple[RopeConfig, RopeConfig]:
 
 def _rope_config(params: dict, where: str) -> RopeConfig:
     kind = params.get("rope_type", params.get("type", "default"))
+    theta = _number(params.get("rope_theta"), "rope_theta", where)
     if kind == "default":
-        return RopeConfig(theta=float(params["rope_theta"]))
+        return RopeConfig(theta=theta)
     if kind == "linear":
-        return RopeConfig(theta=float(params["rope_theta"]), factor=float(params["factor"]))
-    raise Gemma3Error(f"{where}: rope_type {kind!r} is not supported (Gemma 3 uses 'default' and 'linear')")
+        return RopeConfig(theta=theta, factor=_number(params.get("factor"), "factor", where))
+    raise Gemma3Error(f"{where}: rope_type {short_repr(kind)} is not supported (Gemma 3 uses 'default' and 'linear')")
 
 
 def _weight_dtype(raw: dict, top: dict) -> str:

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..distributed.group import check_mode, launched_with_peers
 from .config import ModelConfig, load_config
 from .device import FLOAT_TYPES, default_compute_dtype, on_cpu
 from ..errors import Gemma3Error
@@ -22,6 +23,7 @@ from .text import Gemma3TextLM
 from ..processing.tokenizer import Tokenizer
 
 TIED_HEAD_KEYS = ("lm_head.", "language_model.lm_head.")
+SHIELD_WRAPPER = "model."  # ShieldGemma2ForImageClassification holds its Gemma 3 as `model`
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 
 
@@ -36,7 +38,7 @@ class Processor:
 
 def load(
     path: str | Path, compute_dtype: mx.Dtype | None = None, lazy_vision: bool = True, for_training: bool = False,
-    adapter_path: str | Path | None = None,
+    distributed: str | None = None, adapter_path: str | Path | None = None,
 ):
     """Load a Gemma 3 model; returns (model, processor). `path`: an MLX folder, a .gguf file (converted once
     into the cache), or a Hugging Face repo id such as "mlx-community/gemma-3-1b-it-4bit" (downloaded once);
@@ -47,9 +49,19 @@ def load(
     read now and every array row-major (no CPU column-major layout); floats still in `compute_dtype`.
     `adapter_path`: a folder written by `python -m mlx_gemma3.lora` (adapter_config.json + adapters.safetensors);
     its LoRA/DoRA layers or fine-tuned weights are applied (a multimodal model then reads its vision tower now,
-    since the adapters may hold the projector)."""
+    since the adapters may hold the projector); not with `distributed` yet.
+
+    `distributed`: "pipeline" or "tensor" in a process started by mlx.launch; every rank calls load and the same
+    generation calls, and each holds and reads only its share of the weights (see docs/distributed.md)."""
+    if distributed is not None:
+        check_mode(distributed)
+        if adapter_path is not None:
+            raise Gemma3Error("adapters (adapter_path) do not run distributed yet: fuse them first "
+                              "(python -m mlx_gemma3.fuse) and load the fused folder")
     folder = model_path(path)
     config = load_config(folder)
+    if distributed is not None and launched_with_peers():  # else one process holds it all, as without
+        return load_distributed(folder, config, compute_dtype or default_compute_dtype(), distributed, for_training)
     model = build_model(config)
     dtype = compute_dtype or default_compute_dtype()
     column_major = set() if for_training else column_major_keys(model, dtype)
@@ -70,6 +82,15 @@ def load(
     return model, Processor(Tokenizer.from_folder(folder), config, find_chat_template(folder))
 
 
+def load_distributed(folder: Path, config: ModelConfig, dtype: mx.Dtype, mode: str, for_training: bool):
+    from ..distributed.load import load_sharded  # the distributed package builds on this module
+
+    if for_training:
+        raise Gemma3Error("for_training loads the whole model in one process: pass distributed=None")
+    model = load_sharded(folder, config, dtype, mode)
+    return model, Processor(Tokenizer.from_folder(folder), config, find_chat_template(folder))
+
+
 def model_path(path) -> Path:
     """`path` resolved to an existing folder (see sources.model_folder), or one clear error."""
     if not isinstance(path, (str, os.PathLike)):
@@ -83,10 +104,18 @@ def model_path(path) -> Path:
 def model_weights(folder: Path, config: ModelConfig, dtype: mx.Dtype, column_major: set[str] = frozenset()) -> dict[str, mx.array]:
     """The folder's tensors (not yet read: MLX loads lazily), floats in the compute dtype; the float matrices
     named in `column_major` keep their shape and values but are laid out column-major."""
-    weights = read_weights(folder)
+    weights = {unwrapped_key(k, config): v for k, v in read_weights(folder).items()}
     if config.text.tie_word_embeddings:  # mlx-vlm stores a copy of the tied head: the embedding is the head
         weights = {k: v for k, v in weights.items() if not k.startswith(TIED_HEAD_KEYS)}
     return {k: in_compute_dtype(v, dtype, k in column_major) for k, v in weights.items()}
+
+
+def unwrapped_key(key: str, config: ModelConfig) -> str:
+    """A ShieldGemma 2 key without the wrapper's `model.` prefixes: the Hub nests Gemma 3 once
+    (`model.language_model.model.…`), transformers 5 twice (`model.model.language_model.model.…`)."""
+    while config.is_shield and key.startswith(SHIELD_WRAPPER):
+        key = key[len(SHIELD_WRAPPER):]
+    return key
 
 
 def in_compute_dtype(w: mx.array, dtype: mx.Dtype, column_major: bool) -> mx.array:

@@ -13,6 +13,7 @@ from ..errors import Gemma3Error
 
 # Refused before decoding: a small file can claim a huge size (a decompression bomb).
 MAX_PIXELS = 64_000_000
+ONE_IMAGE_TYPES = (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)  # what open_image takes
 
 
 def open_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -172,7 +173,7 @@ def pan_and_scan(
 def process_images(images, size: int, do_pan_and_scan: bool = False, **pan_and_scan_options) -> tuple[np.ndarray, list[int]]:
     """Pixel values [N, size, size, 3] for every image followed by its crops, and each image's crop count."""
     _check_size(size)
-    if isinstance(images, (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)):
+    if isinstance(images, ONE_IMAGE_TYPES):
         images = [images]
     pixels, crops = [], []
     for source in images:

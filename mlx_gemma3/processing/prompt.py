@@ -10,14 +10,22 @@ from ..errors import Gemma3Error
 from .tokenizer import BOS_ID
 
 ROLES = {"user": "user", "assistant": "model", "model": "model"}
+# What one render of a chat template may build: range() items over all its loops, the length a `*` makes, an
+# integer argument to a call (str.ljust, ...). Far above any real chat; it keeps a hostile or broken template
+# from filling memory or looping for hours.
+TEMPLATE_BUDGET = 1_000_000
 IMAGE_MARK = "<start_of_image>"
 
 
 def find_chat_template(folder: str | Path) -> str | None:
     """The chat template a model folder ships: chat_template.jinja, chat_template.json or tokenizer_config.json."""
     folder = Path(folder)
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise Gemma3Error(f"{path} is not UTF-8 text (byte {e.start}): re-save it as UTF-8") from None
     for name in ("chat_template.json", "tokenizer_config.json"):
         template = _json_template(folder / name)
         if template:
@@ -104,20 +112,65 @@ def gemma_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
     """Render a Hugging Face chat template the way transformers does (sandboxed Jinja)."""
     from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise Gemma3Error(f"the model's chat template refused the messages: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = _bounded_sandbox()
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
-        return env.from_string(template).render(
+        text = env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token="<bos>", eos_token="<eos>", **extra
         )
-    except TemplateError as e:
-        raise Gemma3Error(f"the model's chat template failed: {e}") from None
+    except (TemplateError, OverflowError) as e:
+        raise Gemma3Error(f"the model's chat template failed: {_first_line(e)}") from None
+    except RecursionError:
+        raise Gemma3Error("the model's chat template failed: it recurses without end") from None
+    if not text.strip():
+        raise Gemma3Error("the model's chat template rendered nothing for these messages: fix the template or run without it")
+    return text
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _bounded_sandbox():
+    """Jinja's immutable sandbox, bounded by TEMPLATE_BUDGET per render (see there)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    def too_big(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) > TEMPLATE_BUDGET
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+        ranged = 0
+
+        def call_binop(self, context, operator, left, right):
+            sequence, times = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if operator == "*" and isinstance(sequence, (str, list, tuple)) and too_big(len(sequence) * times):
+                raise SecurityError(f"a repetition longer than {TEMPLATE_BUDGET}")
+            if operator == "**" and too_big(right):
+                raise SecurityError(f"a power above {TEMPLATE_BUDGET}")
+            return super().call_binop(context, operator, left, right)
+
+        def call(self, context, obj, *args, **kwargs):
+            if any(too_big(a) for a in (*args, *kwargs.values())):
+                raise SecurityError(f"a call with an argument above {TEMPLATE_BUDGET}")
+            return super().call(context, obj, *args, **kwargs)
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+    def bounded_range(*args):
+        items = range(*args)
+        env.ranged += len(items)
+        if env.ranged > TEMPLATE_BUDGET:
+            raise SecurityError(f"loops over more than {TEMPLATE_BUDGET} range() items")
+        return items
+
+    env.globals["range"] = bounded_range
+    return env
 
 
 def chat_text(messages: list[dict], template: str | None, add_generation_prompt: bool = True) -> str:

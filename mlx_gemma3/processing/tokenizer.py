@@ -27,6 +27,7 @@ class Tokenizer:
         """`flagged_special`: pieces a tokenizer_config.json marks special; decode(skip_special=True) drops
         them with the control pieces (whitespace runs and other user-defined pieces stay)."""
         self._sp = _processor(lambda sp: sp.Load(str(model_file)), model_file)
+        _check_pieces(self._sp, model_file)
         self._size = size = self._sp.GetPieceSize()
         types = _piece_types(self._sp.serialized_model_proto())
         special = (i for i, kind in enumerate(types) if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED))
@@ -61,6 +62,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True, parse_special: bool = True) -> list[int]:
         """parse_special: special tokens written in text become their ids (as in transformers); else plain text."""
+        _check_text(text)
         ids = self._encode_parsed(text) if parse_special else self._plain.EncodeAsIds(text)
         return [BOS_ID, *ids] if add_bos else ids
 
@@ -177,7 +179,28 @@ def _processor(load, where) -> spm.SentencePieceProcessor:
         load(sp)
     except (OSError, RuntimeError) as e:
         raise Gemma3Error(f"cannot read tokenizer {where}: {e}") from None
+    except UnicodeDecodeError:  # SentencePiece's own error message quotes the damaged bytes
+        raise Gemma3Error(f"cannot read tokenizer {where}: it is damaged (SentencePiece's error is not UTF-8)") from None
     return sp
+
+
+def _check_text(text: str) -> None:
+    """SentencePiece takes UTF-8 only: a lone UTF-16 surrogate (JSON's "\\ud800") cannot be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Gemma3Error(f"the text holds {e.object[e.start:e.end]!r} at {e.start}, a lone UTF-16 surrogate, which is not text") from None
+    except AttributeError:
+        raise Gemma3Error(f"the tokenizer encodes text (str), got {type(text).__name__}") from None
+
+
+def _check_pieces(sp: spm.SentencePieceProcessor, where) -> None:
+    """SentencePiece loads pieces that are not UTF-8 and fails only when one is read: refuse them up front."""
+    for i in range(sp.GetPieceSize()):
+        try:
+            sp.IdToPiece(i)
+        except UnicodeDecodeError:
+            raise Gemma3Error(f"cannot read tokenizer {where}: piece {i} is not UTF-8 — the file is damaged") from None
 
 
 # tokenizer.model is a protobuf ModelProto; reading its wire format directly spares a protobuf dependency.

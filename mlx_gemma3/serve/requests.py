@@ -230,28 +230,29 @@ def _content(content, i: int, image_dirs: tuple[Path, ...]):
             items.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
             url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
-            items.append({"type": "image", "image": image_source(url, i, image_dirs)})
+            items.append({"type": "image", "image": image_source(url, f"messages[{i}]", image_dirs)})
         else:
             raise RequestError(f"messages[{i}]: content parts must be 'text' (with a string) or 'image_url'",
                                param="messages")
     return items
 
 
-def image_source(url, i: int, image_dirs: tuple[Path, ...]):
-    """Bytes from a data URL, or a local path inside one of `image_dirs` (none: local paths are refused)."""
+def image_source(url, where: str, image_dirs: tuple[Path, ...], param: str = "messages"):
+    """Bytes from a data URL, or a local path inside one of `image_dirs` (none: local paths are refused); `where`
+    names the part of the request in errors (e.g. "messages[2]")."""
     if not isinstance(url, str) or not url:
-        raise RequestError(f"messages[{i}]: image_url needs a url", param="messages")
+        raise RequestError(f"{where}: image_url needs a url", param=param)
     if url.startswith("data:"):
         try:
             return base64.b64decode(url.split(",", 1)[1], validate=True)
         except (IndexError, binascii.Error):
-            raise RequestError(f"messages[{i}]: the image data URL is not valid base64", param="messages") from None
+            raise RequestError(f"{where}: the image data URL is not valid base64", param=param) from None
     if url.startswith(("http://", "https://")):
-        raise RequestError(f"messages[{i}]: remote image URLs are not fetched; send a data URL", param="messages")
+        raise RequestError(f"{where}: remote image URLs are not fetched; send a data URL", param=param)
     if not image_dirs:
-        raise RequestError(f"messages[{i}]: local image paths are refused; send a data URL (or start the server "
-                           "with --allowed-image-dir DIR)", param="messages")
+        raise RequestError(f"{where}: local image paths are refused; send a data URL (or start the server "
+                           "with --allowed-image-dir DIR)", param=param)
     path = Path(url.removeprefix("file://")).resolve()
     if not any(path.is_relative_to(folder) for folder in image_dirs):
-        raise RequestError(f"messages[{i}]: image path outside the allowed image folders", param="messages")
+        raise RequestError(f"{where}: image path outside the allowed image folders", param=param)
     return str(path)

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from pathlib import Path
@@ -19,15 +20,24 @@ from ..generation.stream import TEXT_ONLY, Options, image_sources
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
 from ..processing.tools import parse_tool_calls
+from .page import page_file
+from .moderation import MODERATIONS_PATH, check_moderator, moderate, parse_moderation
 from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .requests import Request, RequestError, parse_chat, parse_completion
-from .worker import ClientGone, Job, QueueFull, Worker
+from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker
 
 MAX_BODY_BYTES = 20 * 2**20
 MAX_TOKENS_LIMIT = 4096
 MAX_QUEUE = 16
 REQUEST_TIMEOUT = 60.0
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+# The page runs only its own files, talks only to this server, and shows images only from data:/blob: URLs.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 @dataclass
@@ -48,6 +58,8 @@ class ServerState:
     request_timeout: float = REQUEST_TIMEOUT
     prompt_cache_size: int = DEFAULT_ENTRIES  # KV caches kept across requests (0: no prompt cache)
     prompt_cache_bytes: int = DEFAULT_BYTES  # their bytes together (0: no prompt cache)
+    max_batch: int = MAX_BATCH  # requests decoded together
+    web: bool = True  # serve the chat page at GET /
     worker: Worker | None = None
 
 
@@ -65,7 +77,7 @@ def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -
     handler = type("Handler", (Handler,), {"state": state, "timeout": state.request_timeout})
     server = Server((host, port), handler)
     store = PromptCacheStore(state.prompt_cache_size, state.prompt_cache_bytes)
-    state.worker = Worker(state.model, state.processor, state.max_queue, store)
+    state.worker = Worker(state.model, state.processor, state.max_queue, store, state.max_batch)
     return server
 
 
@@ -73,9 +85,10 @@ class Handler(BaseHTTPRequestHandler):
     state: ServerState
     protocol_version = "HTTP/1.1"
 
-    def setup(self):
-        super().setup()
+    def handle_one_request(self):
+        # A kept-alive connection carries several requests, each with its own state (setup() runs once per connection).
         self.status, self.body_read, self.sent_headers, self.job = 0, False, False, None
+        super().handle_one_request()
 
     def log_request(self, code="-", size="-"):  # the request's own line (with timings) is written when it ends
         self.status = code
@@ -92,6 +105,10 @@ class Handler(BaseHTTPRequestHandler):
                 parts.append(f"first token {job.first_token_at - job.started_at:.2f}s")
         if usage:
             parts.append(f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated tokens")
+        elif job is not None and job.started_at is not None:
+            parts.append(f"stopped after {job.generated} generated tokens")
+        if job is not None and job.batch_peak:
+            parts.append(f"batch of up to {job.batch_peak}")
         self.log_message("%s", ", ".join(parts))
 
     def end_headers(self):
@@ -114,14 +131,19 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         started, self.body_read = time.perf_counter(), True
         try:
-            self.check_access()
-            if self.path == "/health":
+            page = page_file(self.path) if self.state.web else None
+            self.check_access(key_needed=page is None)
+            if page is not None:
+                self.send_page_file(*page)
+            elif self.path == "/health":
                 self.send_json(200, {"status": "ok"})
             elif self.path == "/v1/models":
-                model = {"id": self.state.model_id, "object": "model", "created": 0, "owned_by": "mlx_gemma3"}
+                model = {"id": self.state.model_id, "object": "model", "created": 0, "owned_by": "mlx_gemma3",
+                         "vision": self.state.model.config.vision is not None}
                 self.send_json(200, {"object": "list", "data": [model]})
             else:
-                raise RequestError(f"no route GET {self.path}", 404)
+                off = "" if self.state.web else " (the chat page is off: --no-web)"
+                raise RequestError(f"no route GET {self.path}{off}", 404)
         except RequestError as e:
             self.send_error_json(e)
         self.log_timings(started)
@@ -142,9 +164,13 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             if self.job is not None:
                 self.job.cancelled.set()
+                if self.job.started_at is not None:  # a cancelled job leaves at the worker's next step
+                    self.job.ended.wait(timeout=5)
         self.log_timings(started, usage)
 
-    def post(self) -> dict:
+    def post(self) -> dict | None:
+        if self.path == MODERATIONS_PATH:
+            return self.moderate()
         parse = {"/v1/chat/completions": self.parse_chat, "/v1/completions": self.parse_completion}.get(self.path)
         self.check_access()
         if parse is None:
@@ -158,17 +184,30 @@ class Handler(BaseHTTPRequestHandler):
         steps = self.job.steps(self.client_gone)
         return self.stream_reply(request, steps) if request.stream else self.whole_reply(request, steps)
 
+    def moderate(self) -> None:
+        """ShieldGemma 2 scores for the request's images, computed on the worker's thread (one call)."""
+        self.check_access()
+        state = self.state
+        check_moderator(state.model)
+        request = parse_moderation(self.read_json(), state.image_dirs)
+        try:
+            body = state.worker.call(lambda: moderate(state.model, state.processor, request, state.model_id))
+        except QueueFull:
+            raise RequestError("the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}) from None
+        self.send_json(200, body)
+
     def parse_chat(self, body: dict) -> Request:
         return parse_chat(body, self.state.max_tokens_limit, self.state.image_dirs)
 
     def parse_completion(self, body: dict) -> Request:
         return parse_completion(body, self.state.max_tokens_limit)
 
-    def check_access(self) -> None:
+    def check_access(self, key_needed: bool = True) -> None:
+        """The Host guard for every request; the API key for all but /health and the page's own files."""
         if host_name(self.headers.get("Host", "")) not in self.state.allowed_hosts:
             raise RequestError("this Host is not served (only this machine's names: DNS rebinding guard)", 403)
         key = self.state.api_key
-        if key and self.path != "/health":
+        if key and key_needed and self.path != "/health":
             given = self.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 raise RequestError("a valid API key is required (Authorization: Bearer KEY)", 401)
@@ -194,6 +233,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError("the body's JSON nests too deeply") from None
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object")
         return body
@@ -278,6 +319,22 @@ class Handler(BaseHTTPRequestHandler):
     def send_event(self, payload: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
         self.wfile.flush()
+
+    def send_page_file(self, data: bytes, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in PAGE_HEADERS.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a garbled request line, headers too long...) as OpenAI-style JSON too."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # what http.server assumes of a request line it cannot read
+            self.request_version = "HTTP/1.0"  # so the reply has a status line and headers
+        self.send_error_json(RequestError(message or HTTPStatus(code).phrase, code))
 
     def send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode()

@@ -1,4 +1,4 @@
-"""The generation worker: one thread owns the model and runs queued jobs one at a time; HTTP threads wait on steps."""
+"""The generation worker: one thread owns the model and decodes the queued jobs as one batch; HTTP threads wait on steps."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..generation.stream import Options, encode_images, generate_ids
+from ..generation.batch import BatchGenerator, Row
+from ..generation.stream import Options, encode_images, eos_ids, generate_ids, reply_piece, token_budget
 from ..generation.streams import generation_stream, release_thread_streams
 from .prompt_cache import Entry, PromptCacheStore
 
 DONE, STOP = object(), object()
 POLL_SECONDS = 0.05
+MAX_BATCH = 8
 
 
 class QueueFull(Exception):
@@ -50,9 +52,17 @@ class Job:
     top_logprobs: int | None = None  # None: no logprobs
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)  # the worker is done with it
     queued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     first_token_at: float | None = None
+    generated: int = 0  # tokens the worker made for it (handed out or not)
+    batch_peak: int = 0  # the most jobs it decoded together with (itself included)
+
+    def end(self, event=DONE) -> None:
+        """The worker's last word on this job: DONE or the error that ended it."""
+        self.events.put(event)
+        self.ended.set()
 
     def steps(self, client_gone: Callable[[], bool] = lambda: False) -> Iterator[Step]:
         """The job's steps as the worker makes them; raises the worker's error, or ClientGone (and cancels)."""
@@ -71,13 +81,45 @@ class Job:
             yield event
 
 
-class Worker:
-    """The thread that owns the model; `max_queue` jobs may wait while one runs (0: no bound)."""
+@dataclass
+class Call:
+    """A function to run on the worker's thread between batch steps (the model belongs to that thread); its one
+    event: the function's result or its error."""
 
-    def __init__(self, model, processor, max_queue: int = 0, store: PromptCacheStore | None = None):
-        self.model, self.processor = model, processor
+    function: Callable[[], object]
+    events: queue.Queue = field(default_factory=queue.Queue)
+
+    def run(self) -> None:
+        try:
+            self.events.put(self.function())
+        except Exception as e:  # noqa: BLE001 — the caller's thread raises it
+            self.events.put(e)
+
+
+@dataclass
+class Active:
+    """A job decoding in the batch: its row and what turns the row's tokens into its reply."""
+
+    job: Job
+    row: Row
+    detokenizer: object
+    stop: set[int]
+    max_tokens: int | None
+    entry: Entry | None  # kept in the prompt cache when the job ends (None: this job bypasses it)
+    reused: int  # prompt tokens the prompt cache served
+
+
+class Worker:
+    """The thread that owns the model: up to `max_batch` jobs decode together (one forward per step for all),
+    `max_queue` more may wait (0: no bound); a job joins after its own prefill and leaves when it ends."""
+
+    def __init__(self, model, processor, max_queue: int = 0, store: PromptCacheStore | None = None,
+                 max_batch: int = MAX_BATCH):
+        self.model, self.processor, self.max_batch = model, processor, max_batch
         self.store = store if store is not None else PromptCacheStore(0, 0)
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.batch = BatchGenerator(model)
+        self.active: dict[int, Active] = {}  # by id() of the row
         self.thread = threading.Thread(target=self.run, name="generation", daemon=True)
         self.thread.start()
 
@@ -87,30 +129,121 @@ class Worker:
         except queue.Full:
             raise QueueFull() from None
 
+    def call(self, function: Callable[[], object]):
+        """`function()` run on the worker's thread after the jobs queued before it: its result, or its error raised.
+        Raises QueueFull when the queue is full."""
+        call = Call(function)
+        self.submit(call)
+        result = call.events.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     def stop(self) -> None:
         self.jobs.put(STOP)
         self.thread.join(timeout=30)
 
     def run(self) -> None:
         try:
-            while (job := self.jobs.get()) is not STOP:
-                try:
-                    self.generate(job)
-                except Exception as e:  # noqa: BLE001 — the request's thread reports it
-                    job.events.put(e)
-                else:
-                    job.events.put(DONE)
+            while self.admit():
+                self.advance()
         finally:
             release_thread_streams()
 
-    def generate(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            return
+    def admit(self) -> bool:
+        """Start waiting jobs while the batch has room (waiting for one when nothing runs); False: stop."""
+        while len(self.active) < self.max_batch:
+            try:
+                job = self.jobs.get(block=not self.active)
+            except queue.Empty:
+                return True
+            if job is STOP:
+                return False
+            if isinstance(job, Call):
+                job.run()
+            elif job.cancelled.is_set():
+                job.end()
+            else:
+                self.start(job)
+        return True
+
+    def start(self, job: Job) -> None:
         job.started_at = time.perf_counter()
-        features = None
-        if job.pixels is not None:
-            with mx.stream(generation_stream()):
-                features = encode_images(self.model, job.pixels, {})
+        try:
+            if batchable(job.options):
+                self.join(job)
+            else:
+                self.generate_alone(job)
+                job.end()
+        except Exception as e:  # noqa: BLE001 — the request's thread reports it
+            job.end(e)
+
+    def join(self, job: Job) -> None:
+        """Prefill the job (from the prompt cache's best entry) and add it to the batch."""
+        opts, features = job.options, self.features(job)
+        layout = cache_layout(opts) if features is None and self.store.enabled else None
+        cache, held = self.store.take(layout, job.ids) if layout is not None else (None, [])
+        cache = cache if cache is not None else opts.make_cache(self.model)
+        context = self.model.config.text.max_position_embeddings
+        budget, stop = token_budget(opts, context - len(job.ids)), eos_ids(self.processor, opts.stop_ids)
+        detokenizer = self.processor.tokenizer.detokenizer()
+        row = self.batch.add(job.ids[len(held):], cache, sampler=opts.sampler(), processors=opts.processors(),
+                             history=held, image_features=features, prefill_step_size=opts.prefill_step_size,
+                             progress=opts.prefill_progress)
+        entry = None
+        if layout is not None:  # the batch took a copy: `cache` itself, holding the whole prompt, is the checkpoint
+            entry = Entry(layout, [], [], cache, held_ids(cache, job.ids))
+        self.active[id(row)] = Active(job, row, detokenizer, stop, budget, entry, len(held))
+
+    def features(self, job: Job):
+        if job.pixels is None:
+            return None
+        with mx.stream(generation_stream()):
+            return encode_images(self.model, job.pixels, {})
+
+    def advance(self) -> None:
+        """One step of the batch: every job gets its next token; the ended and the cancelled leave."""
+        if not self.active:
+            return
+        try:
+            handed = self.batch.step()
+        except Exception as e:  # noqa: BLE001 — every job of the batch reports it
+            for active in self.active.values():
+                active.job.end(e)
+            self.active.clear()
+            self.batch.clear()
+            return
+        for row, token, logprobs in handed:
+            active = self.active[id(row)]
+            active.job.generated += 1
+            active.job.batch_peak = max(active.job.batch_peak, len(handed))
+            if active.job.cancelled.is_set() or self.hand_out(active, token, logprobs):
+                self.finish(active)
+
+    def hand_out(self, active: Active, token: int, logprobs: mx.array) -> bool:
+        """Send the job its token's step; True when it was the last."""
+        job = active.job
+        text, finish = reply_piece(token, active.row.steps, active.detokenizer, active.stop, active.max_tokens)
+        job.first_token_at = job.first_token_at or time.perf_counter()
+        entry = None
+        if job.top_logprobs is not None and finish != "stop":
+            entry = self.logprob_entry(token, np.array(logprobs.astype(mx.float32)), job.top_logprobs)
+        job.events.put(Step(text, token, finish, len(job.ids), active.reused, entry))
+        return finish is not None
+
+    def finish(self, active: Active) -> None:
+        """The job leaves the batch; its cache goes to the prompt cache."""
+        del self.active[id(active.row)]
+        cache = self.batch.remove(active.row)
+        if active.entry is not None:
+            active.entry.cache = cache
+            active.entry.ids = held_ids(cache, [*active.job.ids, *active.row.tokens])
+            self.store.put(active.entry)
+        active.job.end()
+
+    def generate_alone(self, job: Job) -> None:
+        """A job that cannot share a batch (speculative decoding, a max_kv_size cache) runs to its end alone."""
+        features = self.features(job)
         layout = cache_layout(job.options) if features is None else None
         if layout is None or not self.store.enabled:
             self.run_job(job, features, None, [])
@@ -130,6 +263,7 @@ class Worker:
                                   held)) as responses:
             for response in responses:
                 tokens.append(response.token)
+                job.generated, job.batch_peak = len(tokens), 1
                 if job.cancelled.is_set():
                     break
                 job.first_token_at = job.first_token_at or time.perf_counter()
@@ -150,6 +284,11 @@ class Worker:
     def token_logprob(self, token: int, logprobs: np.ndarray) -> dict:
         piece = self.processor.tokenizer.decode([token])
         return {"token": piece, "logprob": float(logprobs[token]), "bytes": list(piece.encode())}
+
+
+def batchable(options: Options) -> bool:
+    """Whether a job can share the batch: speculative decoding and max_kv_size caches run alone."""
+    return options.draft_tokens == 0 and options.max_kv_size is None
 
 
 def cache_layout(options: Options) -> tuple | None:

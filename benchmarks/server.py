@@ -1,0 +1,220 @@
+"""The server under real clients: a multi-turn chat replayed with and without the prompt cache, and 1/4/8 clients at once.
+
+    python benchmarks/server.py [--model MODEL] [--history 2000] [--max-tokens 48] [--clients 1,4,8]
+        [--requests-per-client 2] [--mlx-lm] [--json results/server.json]
+
+Without --model the demo 270M GGUF. Every server is a real process on 127.0.0.1 driven by the `openai` client,
+streaming, greedy. Replay: a chat is sent the way chat clients send it, the whole history every turn, until the
+prompt reaches --history tokens; time to first token (TTFT, from sending the request to the first streamed
+token) per turn with our prompt cache, without it (--prompt-cache-size 0) and, with --mlx-lm, mlx-lm's server on
+the same folder. Concurrency: N clients each send --requests-per-client requests at once; aggregate generated
+tokens per second and TTFT p50/p95, for our server batching (--max-batch 8) and one request at a time
+(--max-batch 1). On MLX's CPU backend a decode step is compute-bound, so a batch of 8 costs about 8 single steps
+and batching cannot raise throughput here; on a Mac's GPU a decode step is bound by reading the weights, which a
+batch shares, so the same script shows what batching buys there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+
+import mlx_gemma3
+from mlx_gemma3.model.sources import model_folder
+
+WORDS = ("river mountain quiet engine silver garden letter window market harbor winter lantern orchard signal "
+         "copper meadow canvas thunder pocket ribbon compass marble velvet harvest anchor").split()
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model folder, .gguf or repo id (default: the demo 270M GGUF)")
+    parser.add_argument("--history", type=int, default=2000, help="replay until the prompt has this many tokens")
+    parser.add_argument("--max-tokens", type=int, default=48, help="tokens per reply")
+    parser.add_argument("--clients", default="1,4,8", help="concurrent clients to measure, comma-separated")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--mlx-lm", action="store_true", help="also replay against mlx-lm's server (its prompt cache)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    return parser.parse_args()
+
+
+def user_message(turn: int) -> str:
+    rng = random.Random(turn)
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "." for _ in range(8)]
+    return f"Note {turn}: " + " ".join(sentences) + " Summarise the note in one line."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """A server process on 127.0.0.1 and an openai client for it."""
+
+    def __init__(self, command: list[str], port: int):
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self.process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+        deadline = time.time() + 300
+        while True:
+            try:
+                self.client.models.list()
+                return
+            except (openai.APIError, ValueError):  # not listening yet, or answering before it is ready
+                if self.process.poll() is not None or time.time() > deadline:
+                    self.close()
+                    raise SystemExit(f"the server did not start: {' '.join(command)}") from None
+                time.sleep(0.5)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def ours(folder: str, *flags: str) -> Served:
+    port = free_port()
+    return Served([sys.executable, "-m", "mlx_gemma3.server", "--model", folder, "--port", str(port), *flags], port)
+
+
+def mlx_lm(folder: str) -> Served:
+    port = free_port()
+    return Served([sys.executable, "-m", "mlx_lm.server", "--model", folder, "--port", str(port)], port)
+
+
+def ask(client, messages: list[dict], max_tokens: int) -> dict:
+    """One streamed request: TTFT, the reply, its usage (None where the server gives none)."""
+    tic, first, text, usage = time.perf_counter(), None, "", None
+    stream = client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens, temperature=0.0,
+                                            stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+        if chunk.choices and (chunk.choices[0].delta.content or "") and first is None:
+            first = time.perf_counter() - tic
+        text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+    return {"ttft": first if first is not None else time.perf_counter() - tic, "text": text, "usage": usage,
+            "seconds": time.perf_counter() - tic}
+
+
+def replay(served: Served, turns: int | None, history: int, max_tokens: int) -> list[dict]:
+    """The chat, turn by turn (until `turns` turns, or until the prompt reaches `history` tokens)."""
+    messages, results = [], []
+    for turn in range(turns or 1000):
+        messages.append({"role": "user", "content": user_message(turn)})
+        result = ask(served.client, messages, max_tokens)
+        messages.append({"role": "assistant", "content": result["text"]})
+        usage = result["usage"] or {}
+        results.append({"turn": turn + 1, "ttft": result["ttft"], "prompt_tokens": usage.get("prompt_tokens"),
+                        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")})
+        print(f"  turn {turn + 1}: prompt {results[-1]['prompt_tokens']}, cached {results[-1]['cached_tokens']}, "
+              f"TTFT {result['ttft']:.3f}s", flush=True)
+        if turns is None and (usage.get("prompt_tokens") or 0) >= history:
+            break
+    return results
+
+
+def concurrent(served: Served, clients: int, per_client: int, max_tokens: int) -> dict:
+    ttfts, tokens, lock = [], [], threading.Lock()
+    start = threading.Barrier(clients)
+
+    def client_loop(c: int) -> None:
+        start.wait()
+        for r in range(per_client):
+            message = [{"role": "user", "content": user_message(100 + c * per_client + r)}]
+            result = ask(served.client, message, max_tokens)
+            with lock:
+                ttfts.append(result["ttft"])
+                tokens.append(result["usage"]["completion_tokens"])
+
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    tic = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - tic
+    ttfts.sort()
+    return {"clients": clients, "tokens": sum(tokens), "seconds": wall, "tokens_per_s": sum(tokens) / wall,
+            "ttft_p50": statistics.median(ttfts), "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
+
+
+def replayed(served: Served, turns: int | None, args) -> list[dict]:
+    try:
+        return replay(served, turns, args.history, args.max_tokens)
+    finally:
+        served.close()
+
+
+def run_replays(folder: str, args) -> dict:
+    print("replay with the prompt cache", flush=True)
+    results = {"cache": replayed(ours(folder), None, args)}
+    turns = len(results["cache"])
+    print("replay without the prompt cache", flush=True)
+    results["no_cache"] = replayed(ours(folder, "--prompt-cache-size", "0"), turns, args)
+    if args.mlx_lm:
+        print("replay against mlx-lm's server", flush=True)
+        results["mlx_lm"] = replayed(mlx_lm(folder), turns, args)
+    return results
+
+
+def run_concurrency(folder: str, args) -> dict:
+    results = {}
+    for label, batch in (("batched", "8"), ("one_at_a_time", "1")):
+        served, results[label] = ours(folder, "--max-batch", batch), []
+        try:
+            ask(served.client, [{"role": "user", "content": "warm up"}], 4)
+            for clients in [int(c) for c in args.clients.split(",")]:
+                row = concurrent(served, clients, args.requests_per_client, args.max_tokens)
+                print(f"  {label}, {clients} clients: {row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.3f}s "
+                      f"p95 {row['ttft_p95']:.3f}s", flush=True)
+                results[label].append(row)
+        finally:
+            served.close()
+    return results
+
+
+def report(replays: dict, concurrency: dict) -> None:
+    print("\n| turn | prompt tokens | cached | TTFT cache | TTFT no cache | ratio |" + (" TTFT mlx-lm |" if "mlx_lm" in replays else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if "mlx_lm" in replays else ""))
+    for i, with_cache in enumerate(replays["cache"]):
+        without = replays["no_cache"][i]
+        line = (f"| {with_cache['turn']} | {with_cache['prompt_tokens']} | {with_cache['cached_tokens']} | "
+                f"{with_cache['ttft']:.3f}s | {without['ttft']:.3f}s | {with_cache['ttft'] / without['ttft']:.2f} |")
+        if "mlx_lm" in replays:
+            line += f" {replays['mlx_lm'][i]['ttft']:.3f}s |"
+        print(line)
+    last = replays["cache"][-1]["ttft"] / replays["no_cache"][-1]["ttft"]
+    print(f"\nlast turn: TTFT with the cache = {last:.3f} × without (target ≤ 0.15: {'met' if last <= 0.15 else 'missed'})")
+    print("\n| clients | batched tok/s | one at a time tok/s | ratio | TTFT p50 / p95 batched | TTFT p50 / p95 one at a time |")
+    print("|---|---|---|---|---|---|")
+    for batched, single in zip(concurrency["batched"], concurrency["one_at_a_time"]):
+        print(f"| {batched['clients']} | {batched['tokens_per_s']:.1f} | {single['tokens_per_s']:.1f} | "
+              f"{batched['tokens_per_s'] / single['tokens_per_s']:.2f} | {batched['ttft_p50']:.2f}s / {batched['ttft_p95']:.2f}s | "
+              f"{single['ttft_p50']:.2f}s / {single['ttft_p95']:.2f}s |")
+
+
+def main() -> None:
+    args = parse_args()
+    folder = model_folder(args.model or mlx_gemma3.demo_gguf())
+    replays = run_replays(folder, args)
+    concurrency = run_concurrency(folder, args)
+    report(replays, concurrency)
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(folder), "replay": replays, "concurrency": concurrency}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
