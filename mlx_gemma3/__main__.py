@@ -12,6 +12,8 @@ COMMANDS = {
     "convert": "convert a Hugging Face checkpoint or a GGUF file into an MLX folder",
     "benchmark": "measure prefill and decode speed and memory",
     "shield": "score images against safety policies with ShieldGemma 2",
+    "lora": "fine-tune on jsonl data (LoRA, DoRA, QLoRA or full)",
+    "fuse": "fold fine-tuned adapters into a new model folder",
 }
 
 

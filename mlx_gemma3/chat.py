@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         refuse_distributed(args, "chat")
         folder = model_folder(args.model)
-        model, processor = load(folder)
+        model, processor = load(folder, adapter_path=args.adapter_path)
         notice_base_model(processor, folder)
         chat = Chat(model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **chat_options(args, processor))
         if args.prompt_cache_file and Path(args.prompt_cache_file).is_file():

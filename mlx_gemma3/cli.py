@@ -28,6 +28,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="MLX model folder, Gemma 3 .gguf file (converted once into the cache) or Hugging Face repo id "
         "(e.g. mlx-community/gemma-3-1b-it-4bit, needs the hub extra); default: the demo Gemma 3 270M (a base model)",
     )
+    add_adapter_flag(parser)
     parser.add_argument(
         "--system", "--system-prompt", dest="system",
         help="system prompt (folded into the first user turn, as Gemma 3 expects)",
@@ -50,6 +51,14 @@ def refuse_distributed(args: argparse.Namespace, command: str) -> None:
             f"{command} does not run distributed yet (its input reaches only rank 0): use python -m "
             "mlx_gemma3.generate --distributed, or load(path, distributed=...) in a script every rank runs"
         )
+
+
+def add_adapter_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter-path", metavar="DIR",
+        help="fine-tuned adapters to apply: the folder `python -m mlx_gemma3.lora` wrote (adapter_config.json + "
+        "adapters.safetensors)",
+    )
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        model, processor = load(model_folder(args.model), distributed=args.distributed)
+        model, processor = load(model_folder(args.model), distributed=args.distributed,
+                                 adapter_path=args.adapter_path)
         shown = rank(args.distributed) == 0  # every rank runs the same steps; only rank 0 prints
         options = dict(sampling_options(args, processor), system=args.system, use_chat_template=not args.no_chat_template)
         options.update(pan_and_scan=args.pan_and_scan, images=args.image or None, prompt_cache_file=args.prompt_cache_file)

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from .cli import (
-    Parser, add_distributed_flag, add_speculative_flags, exit_with, notice_base_model, refuse_distributed, run,
-    speculative_options,
+    Parser, add_adapter_flag, add_distributed_flag, add_speculative_flags, exit_with, notice_base_model,
+    refuse_distributed, run, speculative_options,
 )
 from .errors import Gemma3Error
 from .model.load import load
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", help="MLX model folder, .gguf file or Hugging Face repo id (default: the demo 270M, a base model)"
     )
+    add_adapter_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=port_number, default=8080, help="port (default 8080; 0: any free port)")
     parser.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT, help="largest max_tokens a request may ask")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         refuse_distributed(args, "server")
         folder = model_folder(args.model)
-        model, processor = load(folder)
+        model, processor = load(folder, adapter_path=args.adapter_path)
         notice_base_model(processor, folder)
         state = ServerState(
             model, processor, Path(folder).name, args.max_tokens_limit, image_dirs=tuple(args.allowed_image_dir),

@@ -267,3 +267,30 @@ def test_q_bits_alone_implies_q(gguf_pair, tmp_path):
     assert block["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 4}  # Q4_0: kept
     assert "model.layers.0.mlp.down_proj" not in block  # Q5_0: quantized to 8-bit group 64
     assert "requantized 30 tensors (24 F32, 6 Q5_0) to 8-bit, group 64; kept 7 as stored (Q8_0)" in result.stderr
+
+
+@pytest.mark.slow
+def test_qlora_on_a_lossless_gguf_import_matches_peft(gguf_pair, tmp_path):
+    """LoRA over the Q4_0/Q8_0 layers kept quantized from the GGUF: loss and A/B gradients equal peft's on the
+    weights GGML reads back."""
+    import mlx.nn as nn
+
+    from mlx_gemma3.convert.__main__ import main as convert_main
+    from mlx_gemma3.train.adapters import AdapterConfig, prepare_for_training
+    from test_finetune import ALPHA, RANK, TOL, as_ours, assert_gradients_match, ids_and_weights, our_gradients
+    from test_finetune import peft_parameters, reference_loss, with_peft
+
+    folder, reference = gguf_pair
+    assert convert_main(["--gguf", str(folder / "text.gguf"), "--mlx-path", str(tmp_path / "mlx")]) == 0
+    model, _ = mlx_gemma3.load(tmp_path / "mlx", for_training=True)
+    prepare_for_training(model, AdapterConfig("lora", -1, RANK, ALPHA / RANK))
+    assert isinstance(model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)  # Q4_0, trained over as it is
+    peft_model = with_peft(copy.deepcopy(reference))
+    expected_grads = peft_parameters(peft_model, "model.")
+    model.load_weights([(key, as_ours(param)) for key, param in expected_grads.items()], strict=False)
+    ids, weights = ids_and_weights(True)
+    expected = reference_loss(peft_model(input_ids=torch.tensor(ids)).logits, ids, weights)
+    expected.backward()
+    loss, grads = our_gradients(model, ids, weights)
+    assert abs(loss - expected.item()) <= TOL * max(1.0, abs(expected.item()))
+    assert_gradients_match(grads, expected_grads)

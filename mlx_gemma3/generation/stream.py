@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import Gemma3Error
 from ..model.cache import REWIND
 from ..model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
+from ..model.text import TEXT_ONLY
 from ..processing.grammar import grammar_text
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
@@ -155,7 +156,6 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-TEXT_ONLY = "this model reads text only: images need a Gemma 3 4B, 12B or 27B (multimodal) model"
 UNLIMITED = (-1, None)  # max_tokens values that mean: until the reply or the context ends
 # Each option's type and range (the sampling ranges are sample.sampling_problem's): (fits, what is allowed).
 OPTION_RULES = {

@@ -53,16 +53,19 @@ class Gemma3(nn.Module):
     ) -> mx.array:
         """Logits for `input_ids` [B, L]. Images come as `pixel_values` [N, H, W, 3] (channels-last) or as
         `image_features` already encoded; their tokens must all be in this call."""
-        text, image_token = self.language_model.model, self.config.vision.image_token_id
-        h = text.embed(mx.where(input_ids == image_token, 0, input_ids))  # the image token may lie past the vocab
         if pixel_values is not None:
             image_features = self.encode_images(pixel_values)
-        blocks = None
-        if image_features is not None:
-            ids = np.array(input_ids)
-            h = self.splice(ids, h, image_features)
-            blocks = mx.array(image_blocks(ids, image_token))
-        return self.language_model.logits(text(h, cache, blocks))
+        h, blocks = self.input_embeddings(input_ids, image_features)
+        return self.language_model.logits(self.language_model.model(h, cache, blocks))
+
+    def input_embeddings(self, input_ids: mx.array, image_features: mx.array | None = None):
+        """(embeddings [B, L, hidden] with the image features spliced in, image blocks [B, L] or None)."""
+        text, image_token = self.language_model.model, self.config.vision.image_token_id
+        h = text.embed(mx.where(input_ids == image_token, 0, input_ids))  # the image token may lie past the vocab
+        if image_features is None:
+            return h, None
+        ids = np.array(input_ids)
+        return self.splice(ids, h, image_features), mx.array(image_blocks(ids, image_token))
 
     def encode_images(self, pixel_values: mx.array) -> mx.array:
         """Pixels [N, H, W, 3] → image features [N, tokens_per_image, text hidden]."""

@@ -38,7 +38,7 @@ class Processor:
 
 def load(
     path: str | Path, compute_dtype: mx.Dtype | None = None, lazy_vision: bool = True, for_training: bool = False,
-    distributed: str | None = None,
+    distributed: str | None = None, adapter_path: str | Path | None = None,
 ):
     """Load a Gemma 3 model; returns (model, processor). `path`: an MLX folder, a .gguf file (converted once
     into the cache), or a Hugging Face repo id such as "mlx-community/gemma-3-1b-it-4bit" (downloaded once);
@@ -47,11 +47,17 @@ def load(
     `lazy_vision`: a multimodal model reads its vision tower when the first image comes; until then its
     parameters are placeholders. `for_training`: plain parameters to train or `save_weights`: both towers
     read now and every array row-major (no CPU column-major layout); floats still in `compute_dtype`.
+    `adapter_path`: a folder written by `python -m mlx_gemma3.lora` (adapter_config.json + adapters.safetensors);
+    its LoRA/DoRA layers or fine-tuned weights are applied (a multimodal model then reads its vision tower now,
+    since the adapters may hold the projector); not with `distributed` yet.
 
     `distributed`: "pipeline" or "tensor" in a process started by mlx.launch; every rank calls load and the same
     generation calls, and each holds and reads only its share of the weights (see docs/distributed.md)."""
     if distributed is not None:
         check_mode(distributed)
+        if adapter_path is not None:
+            raise Gemma3Error("adapters (adapter_path) do not run distributed yet: fuse them first "
+                              "(python -m mlx_gemma3.fuse) and load the fused folder")
     folder = model_path(path)
     config = load_config(folder)
     if distributed is not None and launched_with_peers():  # else one process holds it all, as without
@@ -63,12 +69,16 @@ def load(
     quantization = config.raw.get("quantization", config.raw.get("quantization_config"))
     apply_quantization(model, quantization, weights, where=str(folder))
     check_weights(model, weights, where=str(folder))
-    defer = config.is_multimodal and lazy_vision and not for_training
+    defer = config.is_multimodal and lazy_vision and not for_training and adapter_path is None
     if defer:
         weights = {k: v for k, v in weights.items() if not k.startswith(VISION_PREFIXES)}
         model.defer_vision(lambda: vision_weights(model, folder, config, dtype))
     model.load_weights(list(weights.items()), strict=not defer)
     mx.eval(model.language_model.parameters() if defer else model.parameters())
+    if adapter_path is not None:
+        from ..train.adapters import apply_adapter_folder
+
+        apply_adapter_folder(model, adapter_path)
     return model, Processor(Tokenizer.from_folder(folder), config, find_chat_template(folder))
 
 

@@ -9,6 +9,9 @@ from .cache import REWIND, attention_mask, make_cache
 from .config import ModelConfig, TextConfig
 from .attention import attention
 from .quantize import DEFAULT_GROUP_SIZE
+from ..errors import Gemma3Error
+
+TEXT_ONLY = "this model reads text only: images need a Gemma 3 4B, 12B or 27B (multimodal) model"
 
 FLOAT16_MAX = 65504.0
 
@@ -137,6 +140,12 @@ class Gemma3TextLM(nn.Module):
 
     def __call__(self, input_ids: mx.array, cache=None) -> mx.array:
         return self.logits(self.model(self.model.embed(input_ids), cache))
+
+    def input_embeddings(self, input_ids: mx.array, image_features: mx.array | None = None):
+        """(embeddings [B, L, hidden], None): the text model's half of Gemma3.input_embeddings."""
+        if image_features is not None:
+            raise Gemma3Error(TEXT_ONLY)
+        return self.model.embed(input_ids), None
 
     def logits(self, h: mx.array) -> mx.array:
         if self.config.text.tie_word_embeddings:

@@ -1,0 +1,1 @@
+"""Fine-tuning: LoRA/DoRA layers, datasets, the loss and the training loop (see lora.py and fuse.py for the CLIs)."""
