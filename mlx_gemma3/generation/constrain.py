@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import Gemma3Error
 from ..processing.tokenizer import Tokenizer
+from .prompt_file import common_prefix
 
 DEAD_END = "dead_end"  # the finish reason of a reply the grammar could not continue
 
@@ -80,12 +81,3 @@ class Constraint:
         if self.refused is not None:
             return f"token {self.refused} does not continue the grammar"
         return self.matcher.get_error() or f"no token can continue the grammar ({self.matcher.stop_reason()})"
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

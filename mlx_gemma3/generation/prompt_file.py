@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import Gemma3Error
 from ..model.cache import load_prompt_cache, same_layers, save_prompt_cache
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def reusable_cache(path: Path, ids: list[int], new_cache) -> tuple[list, list[int]]:

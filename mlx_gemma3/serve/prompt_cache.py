@@ -15,6 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..generation.prompt_file import common_prefix
+
 DEFAULT_ENTRIES = 4
 DEFAULT_BYTES = 2 * 2**30
 
@@ -36,15 +38,6 @@ class Entry:
 
 def cache_bytes(cache: list) -> int:
     return sum(layer.nbytes for layer in cache)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def reusable(cache: list, held: Sequence[int], ids: Sequence[int]) -> int:
