@@ -1,8 +1,8 @@
 """Fine-tune the demo Gemma 3 270M (a base model) to turn order sentences into one fixed JSON format with LoRA.
 
 Generates a few hundred examples, measures validation loss and exact-match accuracy on held-out sentences before
-and after training, and leaves the adapters (and their fused model) in --out. On this repository's CPU runner it
-takes about half an hour; on an Apple Silicon Mac, minutes. Figures: README, "Fine-tuning"."""
+and after training, and leaves the adapters (and their fused model) in --out. On this repository's CPU runner (from
+the float32 folder benchmarks/prepare.py makes) it takes about an hour; on an Apple Silicon Mac, minutes. Figures: README, "Fine-tuning"."""
 
 import argparse
 import json
@@ -62,9 +62,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=str(mlx_gemma3.demo_model()))
     parser.add_argument("--out", default="finetune_json")
-    parser.add_argument("--iters", type=int, default=200)
-    parser.add_argument("--test-count", type=int, default=25, help="test sentences to generate for the accuracy")
-    parser.add_argument("--valid-count", type=int, default=40, help="validation sentences")
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--learning-rate", default="1e-3")
+    parser.add_argument("--test-count", type=int, default=20, help="test sentences to generate for the accuracy")
+    parser.add_argument("--valid-count", type=int, default=20, help="validation sentences")
     args = parser.parse_args()
     out = Path(args.out)
     data = out / "data"
@@ -74,8 +76,9 @@ def main():
     tic = time.perf_counter()
     lora.main(["--model", args.model, "--train", "--data", str(data), "--adapter-path", str(out / "adapters"),
                "--fine-tune-type", "lora", "--num-layers", "-1", "--rank", "8", "--scale", "2", "--mask-prompt",
-               "--iters", str(args.iters), "--batch-size", "4", "--learning-rate", "2e-4", "--lr-schedule", "cosine",
-               "--warmup", "10", "--steps-per-report", "10", "--steps-per-eval", "100", "--save-every", "50"])
+               "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--learning-rate", args.learning_rate,
+               "--lr-schedule", "cosine", "--warmup", "4", "--steps-per-report", "5", "--steps-per-eval", str(args.iters),
+               "--val-batches", "5", "--save-every", str(args.iters)])
     minutes = (time.perf_counter() - tic) / 60
     after = {"val_loss": validation_loss(args.model, out / "adapters", data),
              "accuracy": accuracy(args.model, out / "adapters", data / "test.jsonl", args.test_count)}
@@ -85,7 +88,8 @@ def main():
     fused = accuracy(out / "fused", None, data / "test.jsonl", args.test_count)
     print(f"fused model: exact JSON {fused:.0%}", flush=True)
     (out / "results.json").write_text(json.dumps({"before": before, "after": after, "fused_accuracy": fused,
-                                                  "iters": args.iters, "train_minutes": minutes}, indent=2))
+                                                  "iters": args.iters, "batch_size": args.batch_size,
+                                                  "learning_rate": args.learning_rate, "train_minutes": minutes}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import ExitStack, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
 
 from .cli import (
     Parser, add_model_flags, add_sampling_flags, add_speculative_flags, notice_base_model, refuse_distributed, run,
     sampling_options, speculative_options,
 )
+from .distributed.group import rank, share_object, stall_guard
+from .distributed.serving import petting
 from .errors import Gemma3Error
 from .generation.chat import Chat
 from .generation.stream import TEXT_ONLY
@@ -36,16 +43,23 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         refuse_distributed(args, "chat")
         folder = model_folder(args.model)
-        model, processor = load(folder, adapter_path=args.adapter_path)
-        notice_base_model(processor, folder)
-        chat = Chat(model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **chat_options(args, processor))
-        if args.prompt_cache_file and Path(args.prompt_cache_file).is_file():
-            chat.load(args.prompt_cache_file)
-            print(f"[continuing {args.prompt_cache_file}: {len(chat.cached_ids)} tokens reused]", file=sys.stderr)
-        print(HELP, file=sys.stderr)
-        repl(chat, sys.stdin.isatty())
-        if args.prompt_cache_file:
-            chat.save(args.prompt_cache_file)
+        model, processor = load(folder, adapter_path=args.adapter_path, distributed=args.distributed)
+        with ExitStack() as stack:
+            if rank(args.distributed) > 0:  # every rank runs the chat; only rank 0 speaks
+                quiet = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(redirect_stdout(quiet))
+                stack.enter_context(redirect_stderr(quiet))
+            guard = stack.enter_context(stall_guard(args.distributed) or nullcontext())
+            notice_base_model(processor, folder)
+            chat = Chat(model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **chat_options(args, processor))
+            if args.prompt_cache_file and Path(args.prompt_cache_file).is_file():
+                chat.load(args.prompt_cache_file)
+                print(f"[continuing {args.prompt_cache_file}: {len(chat.cached_ids)} tokens reused]", file=sys.stderr)
+            print(HELP, file=sys.stderr)
+            interactive = sys.stdin.isatty()
+            repl(chat, shared_input(interactive, guard) if guard is not None else local_input(interactive), guard)
+            if args.prompt_cache_file:
+                chat.save(args.prompt_cache_file)
         return 0
 
     return run(body)
@@ -57,29 +71,72 @@ def chat_options(args, processor) -> dict:
     return {**options, **speculative_options(args)}
 
 
-def repl(chat: Chat, interactive: bool) -> None:
-    """Read lines until /quit or end of input; the `>> ` prompt only when a person types (stdin a terminal)."""
-    attached: list[str] = []
-    while True:
-        try:
-            line = input(PROMPT if interactive else "")
-        except EOFError:
-            if interactive:
+def local_input(interactive: bool) -> Callable[[], tuple[str, bytes | None] | None]:
+    """The next line typed (with no image bytes), None at the end; the `>> ` prompt only when a person types
+    (stdin a terminal). Ctrl-C while typing starts a new line."""
+
+    def read() -> tuple[str, bytes | None] | None:
+        while True:
+            try:
+                line = input(PROMPT if interactive else "")
+            except EOFError:
+                if interactive:
+                    print()
+                return None
+            except KeyboardInterrupt:
                 print()
-            return
-        except KeyboardInterrupt:
-            print()
-            continue
+                continue
+            return line, None
+
+    return read
+
+
+def shared_input(interactive: bool, guard) -> Callable[[], tuple[str, bytes | None] | None]:
+    """Distributed: rank 0 reads (with no stall limit while a person types) and every rank gets its line and,
+    for `/image PATH`, the file's bytes (an image needs to be on rank 0's disk only)."""
+    read, group = local_input(interactive), mx.distributed.init()
+
+    def rank_zero_read() -> tuple[str, bytes | None] | None:
+        item = read()
+        return item if item is None else (item[0], image_bytes(item[0]))
+
+    def shared() -> tuple[str, bytes | None] | None:
+        guard.pause()
+        item = share_object(rank_zero_read() if group.rank() == 0 else None, group)
+        guard.pet()
+        return item
+
+    return shared
+
+
+def image_bytes(line: str) -> bytes | None:
+    if not line.startswith("/image "):
+        return None
+    try:
+        return Path(line.removeprefix("/image ").strip()).read_bytes()
+    except OSError:
+        return None  # attach() says what is wrong with the path
+
+
+def repl(chat: Chat, read: Callable[[], tuple[str, bytes | None] | None], guard=None) -> None:
+    """Read lines until /quit or end of input. Distributed (`guard`: the stall guard), every rank runs this loop
+    on rank 0's lines; a reply cannot be stopped alone there: Ctrl-C ends the chat."""
+    attached: list = []
+    while (item := read()) is not None:
+        line, data = item
         if line.strip() in ("/quit", "/exit"):
             return
         try:
             if line.startswith("/image "):
-                attached.append(attach(chat, line.removeprefix("/image ").strip()))
+                attached.append(attach(chat, line.removeprefix("/image ").strip(), data))
+            elif line.startswith(("/save", "/load")) and guard is not None:
+                raise Gemma3Error(f"{line.split()[0]} does not work in a distributed chat: each rank holds only its "
+                                  "part of the cache")
             elif line.startswith("/"):
                 command(chat, line)
             elif line.strip():
                 images, attached = attached, []
-                reply(chat, line, images)
+                reply(chat, line, images, guard)
         except Gemma3Error as e:
             print(f"error: {e}", file=sys.stderr)
 
@@ -104,23 +161,30 @@ def command(chat: Chat, line: str) -> None:
         print(HELP, file=sys.stderr)
 
 
-def attach(chat: Chat, path: str) -> str:
-    """Check an image now (a text-only model or a bad file is refused here, not after the next message)."""
+def attach(chat: Chat, path: str, data: bytes | None = None):
+    """Check an image now (a text-only model or a bad file is refused here, not after the next message); the
+    image to send: its bytes when read already, else its path."""
     if chat.model.config.vision is None:
         raise Gemma3Error(TEXT_ONLY)
-    open_image(path)
+    image = data if data is not None else path
+    open_image(image)
     print(f"[image {path} attached to your next message]", file=sys.stderr)
-    return path
+    return image
 
 
-def reply(chat: Chat, line: str, images: list[str]) -> None:
-    responses = chat.stream(line, images=images or None)
+def reply(chat: Chat, line: str, images: list, guard=None) -> None:
+    turn = {} if guard is None else {"prefill_progress": petting(guard, None)}
+    responses = chat.stream(line, images=images or None, **turn)
     try:
         for response in responses:
+            if guard is not None:
+                guard.pet()
             print(response.text, end="", flush=True)
         print()
     except KeyboardInterrupt:
         responses.close()
+        if guard is not None:
+            raise  # the other ranks are still generating: the whole chat ends
         print("\n[stopped]", file=sys.stderr)
 
 

@@ -45,12 +45,14 @@ def add_distributed_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def refuse_distributed(args: argparse.Namespace, command: str) -> None:
-    """One clear error for a command that cannot yet run across processes."""
-    if args.distributed:
-        raise Gemma3Error(
-            f"{command} does not run distributed yet (its input reaches only rank 0): use python -m "
-            "mlx_gemma3.generate --distributed, or load(path, distributed=...) in a script every rank runs"
-        )
+    """One clear error for the flags that do not run across processes."""
+    if not args.distributed:
+        return
+    alone = [flag for flag, value in (("--draft-model", args.draft_model), ("--prompt-lookup", args.prompt_lookup),
+                                      ("--prompt-cache-file", getattr(args, "prompt_cache_file", None))) if value]
+    if alone:
+        raise Gemma3Error(f"{command} --distributed does not take {', '.join(alone)} (speculative decoding and cache "
+                          "files run in one process only): drop it, or run without --distributed")
 
 
 def add_adapter_flag(parser: argparse.ArgumentParser) -> None:

@@ -5,17 +5,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+
+import mlx.core as mx
 
 from .cli import (
     Parser, add_adapter_flag, add_distributed_flag, add_speculative_flags, exit_with, notice_base_model,
-    refuse_distributed, run, speculative_options,
+    refuse_distributed, run,
+    speculative_options,
 )
+from .distributed.group import rank, stall_guard
+from .distributed.serving import Follower, Leader, follow
 from .errors import Gemma3Error
 from .model.load import load
 from .model.sources import model_folder
-from .serve.prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES
+from .serve.prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .serve.server import MAX_BATCH, MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
+from .serve.worker import Worker
 
 
 def port_number(text: str) -> int:
@@ -64,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         refuse_distributed(args, "server")
         folder = model_folder(args.model)
-        model, processor = load(folder, adapter_path=args.adapter_path)
+        model, processor = load(folder, adapter_path=args.adapter_path, distributed=args.distributed)
+        if rank(args.distributed) > 0:
+            return follow_rank_zero(model, processor, args)
         notice_base_model(processor, folder)
         state = ServerState(
             model, processor, Path(folder).name, args.max_tokens_limit, image_dirs=tuple(args.allowed_image_dir),
@@ -73,20 +82,37 @@ def main(argv: list[str] | None = None) -> int:
             prompt_cache_size=args.prompt_cache_size, prompt_cache_bytes=args.prompt_cache_bytes,
             max_batch=args.max_batch, web=not args.no_web,
         )
-        try:
-            server = make_server(state, args.host, args.port)
-        except (OSError, OverflowError) as e:
-            raise Gemma3Error(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}") from None
-        address = f"http://{args.host}:{server.server_address[1]}"
-        page = "" if args.no_web else f" (chat page: {address}/)"
-        print(f"serving {state.model_id} on {address}/v1{page}", file=sys.stderr, flush=True)
-        try:
-            server.serve_forever()
-        finally:
-            server.server_close()
+        with stall_guard(args.distributed) or nullcontext() as guard:
+            if guard is not None:
+                state.mirror = Leader(mx.distributed.init(), guard)
+            serve(state, args)
         return 0
 
     return run(body)
+
+
+def serve(state: ServerState, args) -> None:
+    try:
+        server = make_server(state, args.host, args.port)
+    except (OSError, OverflowError) as e:
+        raise Gemma3Error(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}") from None
+    address = f"http://{args.host}:{server.server_address[1]}"
+    page = "" if args.no_web else f" (chat page: {address}/)"
+    spread = f", across {mx.distributed.init().size()} ranks ({args.distributed})" if args.distributed else ""
+    print(f"serving {state.model_id} on {address}/v1{page}{spread}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def follow_rank_zero(model, processor, args) -> int:
+    """A distributed server's rank > 0: no HTTP, it replays rank 0's batch until rank 0 stops."""
+    store = PromptCacheStore(args.prompt_cache_size, args.prompt_cache_bytes, evicts=False)
+    with stall_guard(args.distributed) as guard:
+        worker = Worker(model, processor, store=store, mirror=Follower(guard), threaded=False)
+        follow(worker, mx.distributed.init(), guard)
+    return 0
 
 
 if __name__ == "__main__":

@@ -34,15 +34,20 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_ranks(tmp_path: Path, command: list[str], ranks: int = 2, logs: bool = False) -> list[subprocess.Popen]:
-    """`command` started once per rank with a ring hostfile on 127.0.0.1, as mlx.launch would start it."""
+def start_ranks(tmp_path: Path, command: list[str], ranks: int = 2, logs: bool = False,
+                stdin: Path | int | None = None, env: dict | None = None) -> list[subprocess.Popen]:
+    """`command` started once per rank with a ring hostfile on 127.0.0.1, as mlx.launch would start it; rank 0
+    reads `stdin` (a file, or subprocess.PIPE) when given; `env`: more environment variables."""
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(ranks)]))
     processes = []
     for rank in range(ranks):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)}
+        variables = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)}
         err = open(tmp_path / f"rank{rank}.err", "w")  # a file: MLX's ring may write many lines when a peer dies
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=err, text=True))
+        source = subprocess.DEVNULL
+        if stdin is not None and rank == 0:
+            source = open(stdin) if isinstance(stdin, Path) else stdin
+        processes.append(subprocess.Popen(command, env=variables, stdin=source, stdout=subprocess.PIPE, stderr=err, text=True))
     return processes
 
 
@@ -249,9 +254,9 @@ def test_bad_distributed_requests_are_one_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["chat", "server"])
-def test_chat_and_server_refuse_distributed(command, capsys):
+def test_chat_and_server_refuse_what_runs_in_one_process_only(command, capsys):
     import importlib
 
     main = importlib.import_module(f"mlx_gemma3.{command}").main
-    assert main(["--distributed", "pipeline"]) == 1
-    assert f"error: {command} does not run distributed yet" in capsys.readouterr().err
+    assert main(["--distributed", "pipeline", "--prompt-lookup", "3"]) == 1
+    assert f"error: {command} --distributed does not take --prompt-lookup" in capsys.readouterr().err

@@ -3,33 +3,41 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import Gemma3Error
+from ..generation.streams import generation_stream
 
 MODES = ("pipeline", "tensor")
 CONNECT_TIMEOUT_S = 30.0  # the peers' processes start and reach each other within this
 LOAD_TIMEOUT_S = 600.0  # every rank has read its share of the weights within this
 STALL_TIMEOUT_S = 20.0  # a prefill chunk or a token takes less than this on every rank
+STALL_TIMEOUT_VARIABLE = "MLX_GEMMA3_STALL_TIMEOUT"  # seconds, for models or links slower than that
 # What MLX's backends say when a peer goes away (the ring backend: "[ring] connection to a peer was lost").
 PEER_FAILURES = ("connection to a peer", "closed by the peer", "send/recv errors")
-# The watchdog process: ends its parent with a message unless a byte arrives on its stdin every TIMEOUT seconds;
-# stops when the parent closes the pipe (or dies). A process, because MLX's waits hold the parent's GIL.
+# The watchdog process: ends its parent with a message unless a byte arrives on its stdin every TIMEOUT seconds
+# (after a "p" it waits without a limit: the parent is idle on purpose); stops when the parent closes the pipe
+# (or dies). A process, because MLX's waits hold the parent's GIL.
 WATCHDOG = """
 import os, select, signal, sys
 parent, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+paused = False
 while True:
-    ready, _, _ = select.select([0], [], [], timeout)
+    ready, _, _ = select.select([0], [], [], None if paused else timeout)
     if not ready:
         print(message, file=sys.stderr, flush=True)
         os.kill(parent, signal.SIGKILL)
         break
-    if not os.read(0, 4096):
+    data = os.read(0, 4096)
+    if not data:
         break
+    paused = data.endswith(b"p")
 """
 
 
@@ -76,6 +84,11 @@ class Watchdog:
         self.process.stdin.write(b".")
         self.process.stdin.flush()
 
+    def pause(self) -> None:
+        """No limit until the next pet: this rank now waits on purpose (for a person, or for requests)."""
+        self.process.stdin.write(b"p")
+        self.process.stdin.flush()
+
     def __exit__(self, *_) -> None:
         self.process.stdin.close()
         self.process.wait()
@@ -86,8 +99,40 @@ def stall_guard(mode: str | None):
     distributed)."""
     if not mode:
         return None
-    return Watchdog(STALL_TIMEOUT_S, f"error: rank {rank(mode)}: no progress for {STALL_TIMEOUT_S:.0f} s: another "
-                                     "rank stopped or the link between them is down; ending this rank")
+    limit = stall_timeout()
+    return Watchdog(limit, f"error: rank {rank(mode)}: no progress for {limit:g} s: another rank stopped or the link "
+                           f"between them is down; ending this rank (a slower model or link: raise {STALL_TIMEOUT_VARIABLE})")
+
+
+def stall_timeout() -> float:
+    """STALL_TIMEOUT_S, or the seconds $MLX_GEMMA3_STALL_TIMEOUT gives."""
+    text = os.environ.get(STALL_TIMEOUT_VARIABLE)
+    if text is None:
+        return STALL_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise Gemma3Error(f"{STALL_TIMEOUT_VARIABLE} must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def share_object(value, group: mx.distributed.Group):
+    """Rank 0's `value` (any picklable object), returned on every rank; the others pass None. Two all_sums on
+    this thread's stream (the others add zeros), so it is ordered with the model's own collectives. The ranks
+    are one program started together by one user: what arrives is what rank 0 itself made."""
+    with mx.stream(generation_stream()):
+        return _share(value, group)
+
+
+def _share(value, group: mx.distributed.Group):
+    leader = group.rank() == 0
+    data = np.frombuffer(pickle.dumps(value), np.uint8) if leader else np.zeros(0, np.uint8)
+    size = int(mx.distributed.all_sum(mx.array([data.size if leader else 0], mx.int32), group=group).item())
+    part = mx.array(data) if leader else mx.zeros((size,), mx.uint8)
+    shared = np.array(mx.distributed.all_sum(part, group=group))  # rank 0 too: every rank takes part in both sums
+    return value if leader else pickle.loads(shared.tobytes())
 
 
 def launched_with_peers() -> bool:

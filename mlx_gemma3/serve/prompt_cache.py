@@ -71,8 +71,9 @@ def trimmed(cache: list, held: list[int], n: int) -> tuple[list, list[int]]:
 class PromptCacheStore:
     """At most `max_entries` entries of at most `max_bytes` together (0 for either: the store is off)."""
 
-    def __init__(self, max_entries: int = DEFAULT_ENTRIES, max_bytes: int = DEFAULT_BYTES):
-        self.max_entries, self.max_bytes = max_entries, max_bytes
+    def __init__(self, max_entries: int = DEFAULT_ENTRIES, max_bytes: int = DEFAULT_BYTES, evicts: bool = True):
+        """`evicts` False: entries leave only through `keep` (a distributed follower keeps what rank 0 keeps)."""
+        self.max_entries, self.max_bytes, self.evicts = max_entries, max_bytes, evicts
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self.next_key = 0
 
@@ -80,9 +81,14 @@ class PromptCacheStore:
     def enabled(self) -> bool:
         return self.max_entries > 0 and self.max_bytes > 0
 
-    def take(self, layout: tuple, ids: Sequence[int]) -> tuple[list | None, list[int]]:
-        """(cache, the ids it holds: a prefix of `ids` shorter than it) taken out of the store, or (None, [])."""
-        n, key, kind = best_candidate(self.entries.items(), layout, ids)
+    def choose(self, layout: tuple, ids: Sequence[int]) -> tuple[int, object, str | None]:
+        """What `take` would take: (tokens reused, entry key, "cache" or "checkpoint"), or (0, None, None)."""
+        return best_candidate(self.entries.items(), layout, ids)
+
+    def take(self, layout: tuple, ids: Sequence[int], choice: tuple | None = None) -> tuple[list | None, list[int]]:
+        """(cache, the ids it holds: a prefix of `ids` shorter than it) taken out of the store, or (None, []);
+        `choice`: what `choose` gave (on this store, or on the distributed leader's)."""
+        n, key, kind = choice if choice is not None else self.choose(layout, ids)
         if key is None:
             return None, []
         entry = self.entries[key]
@@ -104,8 +110,13 @@ class PromptCacheStore:
         self.next_key += 1
         self.evict()
 
+    def keep(self, keys) -> None:
+        """Drop every entry but those of `keys`."""
+        for key in [key for key in self.entries if key not in set(keys)]:
+            del self.entries[key]
+
     def evict(self) -> None:
-        while self.entries and (len(self.entries) > self.max_entries or self.nbytes > self.max_bytes):
+        while self.evicts and self.entries and (len(self.entries) > self.max_entries or self.nbytes > self.max_bytes):
             self.entries.popitem(last=False)
 
     @property

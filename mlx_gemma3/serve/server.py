@@ -24,7 +24,7 @@ from .page import page_file
 from .moderation import MODERATIONS_PATH, check_moderator, moderate, parse_moderation
 from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .requests import Request, RequestError, parse_chat, parse_completion
-from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker
+from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker, batchable
 
 MAX_BODY_BYTES = 20 * 2**20
 MAX_TOKENS_LIMIT = 4096
@@ -60,6 +60,7 @@ class ServerState:
     prompt_cache_bytes: int = DEFAULT_BYTES  # their bytes together (0: no prompt cache)
     max_batch: int = MAX_BATCH  # requests decoded together
     web: bool = True  # serve the chat page at GET /
+    mirror: object = None  # distributed: rank 0's link to the other ranks (distributed/serving.py Leader)
     worker: Worker | None = None
 
 
@@ -77,7 +78,7 @@ def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -
     handler = type("Handler", (Handler,), {"state": state, "timeout": state.request_timeout})
     server = Server((host, port), handler)
     store = PromptCacheStore(state.prompt_cache_size, state.prompt_cache_bytes)
-    state.worker = Worker(state.model, state.processor, state.max_queue, store, state.max_batch)
+    state.worker = Worker(state.model, state.processor, state.max_queue, store, state.max_batch, state.mirror)
     return server
 
 
@@ -189,6 +190,9 @@ class Handler(BaseHTTPRequestHandler):
         self.check_access()
         state = self.state
         check_moderator(state.model)
+        if state.mirror is not None:
+            raise RequestError("moderation does not run on a distributed server (--distributed): serve ShieldGemma 2 "
+                               "from one process")
         request = parse_moderation(self.read_json(), state.image_dirs)
         try:
             body = state.worker.call(lambda: moderate(state.model, state.processor, request, state.model_id))
@@ -243,6 +247,9 @@ class Handler(BaseHTTPRequestHandler):
         """Options checked, prompt rendered and tokenized, images loaded: every client mistake is found here."""
         state = self.state
         options = Options.of({**request.options, **state.extra_options})
+        if state.mirror is not None and not batchable(options):
+            raise RequestError("a distributed server (--distributed) decodes every request in its batch: "
+                               "max_kv_size and speculative decoding are not available on it")
         sources = image_sources(request.prompt) if request.chat else []
         pixels, crops, vision = None, None, state.model.config.vision
         if sources:

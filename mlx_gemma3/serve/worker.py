@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import random
 import threading
 import time
 from contextlib import closing
@@ -58,6 +59,7 @@ class Job:
     first_token_at: float | None = None
     generated: int = 0  # tokens the worker made for it (handed out or not)
     batch_peak: int = 0  # the most jobs it decoded together with (itself included)
+    number: int = 0  # its place in the order the worker started jobs (how distributed ranks name it)
 
     def end(self, event=DONE) -> None:
         """The worker's last word on this job: DONE or the error that ended it."""
@@ -112,17 +114,23 @@ class Active:
 
 class Worker:
     """The thread that owns the model: up to `max_batch` jobs decode together (one forward per step for all),
-    `max_queue` more may wait (0: no bound); a job joins after its own prefill and leaves when it ends."""
+    `max_queue` more may wait (0: no bound); a job joins after its own prefill and leaves when it ends.
+
+    Distributed, `mirror` is rank 0's link to the other ranks (distributed/serving.py): before each model
+    operation the worker sends what it decided (a job to join and the prompt cache entry it reuses, a step and
+    the jobs cancelled before it), and the other ranks replay it on their own Worker (`replay`, no thread)."""
 
     def __init__(self, model, processor, max_queue: int = 0, store: PromptCacheStore | None = None,
-                 max_batch: int = MAX_BATCH):
-        self.model, self.processor, self.max_batch = model, processor, max_batch
+                 max_batch: int = MAX_BATCH, mirror=None, threaded: bool = True):
+        self.model, self.processor, self.max_batch, self.mirror = model, processor, max_batch, mirror
         self.store = store if store is not None else PromptCacheStore(0, 0)
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.batch = BatchGenerator(model)
         self.active: dict[int, Active] = {}  # by id() of the row
+        self.started = 0
         self.thread = threading.Thread(target=self.run, name="generation", daemon=True)
-        self.thread.start()
+        if threaded:
+            self.thread.start()
 
     def submit(self, job: Job) -> None:
         try:
@@ -149,13 +157,26 @@ class Worker:
             while self.admit():
                 self.advance()
         finally:
+            if self.mirror is not None:
+                self.mirror.stop()
             release_thread_streams()
+
+    def replay(self, command: tuple) -> None:
+        """Do what rank 0's worker sent (a distributed follower): ("join", job fields, cache choice, kept entry
+        keys) or ("step", numbers of the cancelled jobs, kept entry keys)."""
+        kind, detail, kept = command[0], command[1:-1], command[-1]
+        self.store.keep(kept)
+        if kind == "join":
+            fields, choice = detail
+            self.start(Job(**fields), choice)
+        else:
+            self.advance(*detail)
 
     def admit(self) -> bool:
         """Start waiting jobs while the batch has room (waiting for one when nothing runs); False: stop."""
         while len(self.active) < self.max_batch:
             try:
-                job = self.jobs.get(block=not self.active)
+                job = self.next_job()
             except queue.Empty:
                 return True
             if job is STOP:
@@ -168,30 +189,53 @@ class Worker:
                 self.start(job)
         return True
 
-    def start(self, job: Job) -> None:
+    def next_job(self):
+        """The next queued job: waits for one when nothing decodes (raises queue.Empty when one decodes)."""
+        if self.active or self.mirror is None:
+            return self.jobs.get(block=not self.active)
+        self.mirror.idle()
+        return self.jobs.get()
+
+    def start(self, job: Job, choice: tuple | None = None) -> None:
         job.started_at = time.perf_counter()
+        if not job.number:
+            self.started += 1
+            job.number = self.started
         try:
             if batchable(job.options):
-                self.join(job)
+                self.join(job, choice)
             else:
                 self.generate_alone(job)
                 job.end()
         except Exception as e:  # noqa: BLE001 — the request's thread reports it
+            self.check(e)
             job.end(e)
 
-    def join(self, job: Job) -> None:
-        """Prefill the job (from the prompt cache's best entry) and add it to the batch."""
-        opts, features = job.options, self.features(job)
-        layout = cache_layout(opts) if features is None and self.store.enabled else None
-        cache, held = self.store.take(layout, job.ids) if layout is not None else (None, [])
+    def check(self, error: Exception) -> None:
+        """Distributed, an error that says a rank went away ends the server (the mirror decides how)."""
+        if self.mirror is not None:
+            self.mirror.check(error)
+
+    def join(self, job: Job, choice: tuple | None = None) -> None:
+        """Prefill the job (from the prompt cache's best entry, or the one rank 0 chose) and add it to the batch."""
+        opts = job.options
+        layout = cache_layout(opts) if job.pixels is None and self.store.enabled else None
+        if layout is not None and choice is None:
+            choice = self.store.choose(layout, job.ids)
+        if self.mirror is not None:
+            self.mirror.join(job, choice, list(self.store.entries))
+            opts = job.options  # with the seed every rank samples with
+        features = self.features(job)
+        cache, held = self.store.take(layout, job.ids, choice) if layout is not None else (None, [])
         cache = cache if cache is not None else opts.make_cache(self.model)
         context = self.model.config.text.max_position_embeddings
         budget, stop = token_budget(opts, context - len(job.ids)), eos_ids(self.processor, opts.stop_ids)
         detokenizer = self.processor.tokenizer.detokenizer()
         processors, constraint = opts.reply_processors(self.processor.tokenizer)
+        progress = opts.prefill_progress if self.mirror is None else self.mirror.progress(opts.prefill_progress)
         row = self.batch.add(job.ids[len(held):], cache, sampler=opts.sampler(), processors=processors,
                              history=held, image_features=features, prefill_step_size=opts.prefill_step_size,
-                             progress=opts.prefill_progress)
+                             progress=progress)
         entry = None
         if layout is not None:  # the batch took a copy: `cache` itself, holding the whole prompt, is the checkpoint
             entry = Entry(layout, [], [], cache, held_ids(cache, job.ids))
@@ -203,13 +247,19 @@ class Worker:
         with mx.stream(generation_stream()):
             return encode_images(self.model, job.pixels, {})
 
-    def advance(self) -> None:
-        """One step of the batch: every job gets its next token; the ended and the cancelled leave."""
+    def advance(self, cancelled: set[int] | None = None) -> None:
+        """One step of the batch: every job gets its next token; the ended leave, and the jobs cancelled before
+        the step (`cancelled`: their numbers, as rank 0 saw them)."""
         if not self.active:
             return
+        if cancelled is None:
+            cancelled = {active.job.number for active in self.active.values() if active.job.cancelled.is_set()}
+        if self.mirror is not None:
+            self.mirror.step(cancelled, list(self.store.entries))
         try:
             handed = self.batch.step()
         except Exception as e:  # noqa: BLE001 — every job of the batch reports it
+            self.check(e)
             for active in self.active.values():
                 active.job.end(e)
             self.active.clear()
@@ -219,7 +269,7 @@ class Worker:
             active = self.active[id(row)]
             active.job.generated += 1
             active.job.batch_peak = max(active.job.batch_peak, len(handed))
-            if active.job.cancelled.is_set() or self.hand_out(active, token, logprobs):
+            if active.job.number in cancelled or self.hand_out(active, token, logprobs):
                 self.finish(active)
 
     def hand_out(self, active: Active, token: int, logprobs: mx.array) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 @dataclass
@@ -28,27 +29,49 @@ def checkpointed(layer: nn.Module, h: mx.array, mask: mx.array) -> mx.array:
     return mx.checkpoint(run)(layer.trainable_parameters(), h)
 
 
-def training_logits(model: nn.Module, ids: mx.array, pixel_values: mx.array | None, grad_checkpoint: bool) -> mx.array:
-    """The model's logits for a batch of whole sequences (no cache), as model(ids, pixel_values) computes them."""
+def final_hidden(model: nn.Module, ids: mx.array, pixel_values: mx.array | None, grad_checkpoint: bool) -> mx.array:
+    """The normed last hidden states [B, L, D] of a batch of whole sequences (no cache): the head's input."""
     features = None if pixel_values is None else model.encode_images(pixel_values)
     h, blocks = model.input_embeddings(ids, features)
-    language_model = getattr(model, "language_model", model)
-    text = language_model.model
+    text = language_model_of(model).model
     masks = text.masks(h.shape[1], None, blocks)
     for layer in text.layers:
         mask = masks[layer.is_sliding]
         h = checkpointed(layer, h, mask) if grad_checkpoint else layer(h, mask)
-    return language_model.logits(text.norm(h))
+    return text.norm(h)
 
 
-def token_losses(logits: mx.array, batch: Batch) -> tuple[mx.array, mx.array]:
-    """(sum of the cross-entropies of the counted tokens, how many tokens count)."""
-    targets, weights = batch.ids[:, 1:], batch.weights[:, 1:]
-    ce = nn.losses.cross_entropy(logits[:, :-1].astype(mx.float32), targets, reduction="none")
-    return (ce * weights).sum(), weights.sum()
+def language_model_of(model: nn.Module) -> nn.Module:
+    return getattr(model, "language_model", model)
+
+
+def training_logits(model: nn.Module, ids: mx.array, pixel_values: mx.array | None, grad_checkpoint: bool) -> mx.array:
+    """The model's logits for a batch of whole sequences (no cache), as model(ids, pixel_values) computes them."""
+    return language_model_of(model).logits(final_hidden(model, ids, pixel_values, grad_checkpoint))
+
+
+def counted_positions(weights: mx.array) -> mx.array:
+    """Flat indices into [B, L - 1] of the predictions that count (weight ≠ 0); the weights are data, known
+    before the graph runs."""
+    flat = np.asarray(weights[:, 1:].astype(mx.float32)).reshape(-1)
+    return mx.array(np.flatnonzero(flat).astype(np.int32))
+
+
+def token_losses(model: nn.Module, batch: Batch, grad_checkpoint: bool = False) -> tuple[mx.array, mx.array]:
+    """(sum of the cross-entropies of the counted tokens, their summed weights). The vocabulary head (262k
+    rows) runs only at the counted positions: the loss and its gradients equal the full-sequence sum's, at a
+    fraction of its cost when a prompt is masked."""
+    h = final_hidden(model, batch.ids, batch.pixel_values, grad_checkpoint)[:, :-1]
+    where = counted_positions(batch.weights)
+    h = h.reshape(-1, h.shape[-1])[where]
+    targets = batch.ids[:, 1:].reshape(-1)[where]
+    weights = batch.weights[:, 1:].reshape(-1)[where]
+    logits = language_model_of(model).logits(h).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, targets, reduction="none")
+    return (ce * weights).sum(), batch.weights[:, 1:].sum()
 
 
 def default_loss(model: nn.Module, batch: Batch, grad_checkpoint: bool = False) -> tuple[mx.array, mx.array]:
     """(mean cross-entropy over the counted tokens, their count): mlx-lm's loss, with a weight per token."""
-    total, count = token_losses(training_logits(model, batch.ids, batch.pixel_values, grad_checkpoint), batch)
+    total, count = token_losses(model, batch, grad_checkpoint)
     return total / mx.maximum(count, 1), count
