@@ -60,7 +60,16 @@ def index_names_missing_shard(hf_dir):
     ))
 
 
+def index_names_shard_outside(hf_dir):
+    import json
+
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.norm.weight": "../elsewhere/model.safetensors"}}
+    ))
+
+
 BAD_INPUTS = {
+    "index_names_shard_outside": (index_names_shard_outside, "names shard(s) outside its folder ('../elsewhere/model.safetensors')"),
     "corrupt_header": (corrupt_header, "truncated or not safetensors"),
     "index_names_missing_shard": (index_names_missing_shard, "names missing shard(s) model-00002-of-00002.safetensors"),
     "missing_config": (lambda d: (d / "config.json").unlink(), "no config.json in"),

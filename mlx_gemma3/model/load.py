@@ -159,8 +159,12 @@ def weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise Gemma3Error(f"{index} is not a valid safetensors index ({e})") from None
+        outside = [name for name in names if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")]
+        if outside:
+            raise Gemma3Error(f"{index} names shard(s) outside its folder ({', '.join(map(repr, outside[:3]))}): a shard "
+                              "is a file name in the same folder; fix or re-download the index")
         files = [folder / name for name in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
