@@ -187,6 +187,27 @@ def test_distributed_server_ends_when_a_rank_dies(tiny_chat_model, tmp_path):
     assert "another rank stopped" in err, err[-2000:]
 
 
+def test_distributed_server_follower_ends_with_rank_zero(tiny_chat_model, tmp_path):
+    """Rank 0 killed while the server is idle: rank 1, waiting for rank 0's next decision (no stall limit
+    then), exits non-zero with one clear line at once instead of waiting forever."""
+    command = [sys.executable, "-m", "mlx_gemma3.server", "--model", str(tiny_chat_model[0]), "--port", "0",
+               "--distributed", "pipeline"]
+    processes = start_ranks(tmp_path, command)
+    try:
+        serving_port(tmp_path / "rank0.err", processes)
+        processes[0].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = processes[1].wait(timeout=40)
+        waited = time.monotonic() - killed_at
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    err = (tmp_path / "rank1.err").read_text()
+    assert code == 1 and waited < 10, err[-2000:]
+    assert "error: another rank stopped or became unreachable" in err, err[-2000:]
+
+
 def chat_script(tmp_path: Path, image: Path | None) -> Path:
     """Two turns (the first with an image when given), a /save the distributed chat refuses, /quit."""
     lines = ["Hello there.", "/save " + str(tmp_path / "saved.safetensors"), "Tell me more about it.", "/quit"]
