@@ -129,11 +129,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "finetune.json")
-    parser.add_argument("--worker", nargs=4, metavar=("ENGINE", "FOLDER", "CHECKPOINT", "MASK"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, metavar=("ENGINE", "FOLDER", "CHECKPOINT", "MASK", "TOKENIZER_FOLDER"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        engine, folder, checkpoint, mask = args.worker
-        batches = token_batches(Path(folder), args.batch_size, args.steps, mask == "1")
+        engine, folder, checkpoint, mask, tokenizer_folder = args.worker  # both engines: our encoder's batches
+        batches = token_batches(Path(tokenizer_folder), args.batch_size, args.steps, mask == "1")
         print(json.dumps(worker(engine, Path(folder), checkpoint == "1", batches)))
         return
     from prepare import prepare
@@ -143,7 +144,7 @@ def main() -> None:
     for suffix, checkpoint, mask in VARIANTS:
         for engine in ("ours", "mlx_lm"):
             cmd = [sys.executable, __file__, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--worker", engine, str(folders[engine]), checkpoint, mask]
+                   "--worker", engine, str(folders[engine]), checkpoint, mask, str(folders["ours"])]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results[f"{engine}{suffix}"] = json.loads(out.strip().splitlines()[-1])
             print(f"{engine}{suffix}: {results[f'{engine}{suffix}']['step_s']:.1f} s per step", flush=True)
