@@ -60,7 +60,7 @@ def validation_loss(model_folder, adapter_path, data: Path) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=str(mlx_gemma3.demo_model()))
+    parser.add_argument("--model", help="the model folder (default: the demo 270M, a 4-bit GGUF import: QLoRA)")
     parser.add_argument("--out", default="finetune_json")
     parser.add_argument("--iters", type=int, default=45)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -68,6 +68,7 @@ def main():
     parser.add_argument("--test-count", type=int, default=20, help="test sentences to generate for the accuracy")
     parser.add_argument("--valid-count", type=int, default=20, help="validation sentences")
     args = parser.parse_args()
+    args.model = args.model or str(mlx_gemma3.demo_model())
     out = Path(args.out)
     data = out / "data"
     write_data(data, {"train": 300, "valid": args.valid_count, "test": 40}, seed=0)
