@@ -15,7 +15,6 @@ from .cli import (
     sampling_options, speculative_options,
 )
 from .distributed.group import rank, share_object, stall_guard
-from .distributed.serving import petting
 from .errors import Gemma3Error
 from .generation.chat import Chat
 from .generation.stream import TEXT_ONLY
@@ -173,7 +172,7 @@ def attach(chat: Chat, path: str, data: bytes | None = None):
 
 
 def reply(chat: Chat, line: str, images: list, guard=None) -> None:
-    turn = {} if guard is None else {"prefill_progress": petting(guard, None)}
+    turn = {} if guard is None else {"prefill_progress": guard.petting()}
     responses = chat.stream(line, images=images or None, **turn)
     try:
         for response in responses:

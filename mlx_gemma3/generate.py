@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         options.update(speculative_options(args))
         guard = stall_guard(args.distributed)
         if guard is not None:
-            options["prefill_progress"] = petting(guard, options.get("prefill_progress"))
+            options["prefill_progress"] = guard.petting(options.get("prefill_progress"))
         options.update(constraint_options(args))
         last, from_draft = None, 0
         with guard or nullcontext():
@@ -90,17 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run(body)
-
-
-def petting(guard, progress):
-    """A prefill progress callback that also tells the stall guard that this rank is still working."""
-
-    def report(done: int, total: int) -> None:
-        guard.pet()
-        if progress is not None:
-            progress(done, total)
-
-    return report
 
 
 def image_prompt(prompt: str, images: list[str]) -> str:

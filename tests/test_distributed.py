@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -49,6 +51,26 @@ def start_ranks(tmp_path: Path, command: list[str], ranks: int = 2, logs: bool =
             source = open(stdin) if isinstance(stdin, Path) else stdin
         processes.append(subprocess.Popen(command, env=variables, stdin=source, stdout=subprocess.PIPE, stderr=err, text=True))
     return processes
+
+
+@contextmanager
+def running_ranks(tmp_path: Path, command: list[str], **options) -> Iterator[list[subprocess.Popen]]:
+    """start_ranks(...), every rank killed on the way out (a failed assertion leaves no process behind)."""
+    processes = start_ranks(tmp_path, command, **options)
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def kill_rank(processes: list[subprocess.Popen], victim: int, timeout: float) -> tuple[int, float]:
+    """SIGKILL rank `victim` of two: (the other rank's exit status, the seconds it took to exit)."""
+    processes[victim].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    code = processes[1 - victim].wait(timeout=timeout)
+    return code, time.monotonic() - killed_at
 
 
 def run_ranks(tmp_path: Path, command: list[str], ranks: int = 2, timeout: int = 120) -> list[str]:
@@ -206,18 +228,9 @@ def test_generate_cli_with_mlx_launch(tiny_chat_model, tmp_path):
 def test_a_killed_rank_ends_the_other(tiny_chat_model, tmp_path, mode, victim):
     """Mid-generation SIGKILL of one rank: the other exits non-zero with one clear line, within seconds (MLX's
     error at once when its send fails, else the stall guard's 20 s)."""
-    processes = start_ranks(tmp_path, generate_command(tiny_chat_model[0], mode, "-m", "-1"))
-    try:
+    with running_ranks(tmp_path, generate_command(tiny_chat_model[0], mode, "-m", "-1")) as processes:
         assert len(processes[0].stdout.read(20)) == 20  # rank 0 is printing the reply
-        processes[victim].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        survivor = processes[1 - victim]
-        code = survivor.wait(timeout=40)
-        waited = time.monotonic() - killed_at
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
+        code, waited = kill_rank(processes, victim, timeout=40)
     err = (tmp_path / f"rank{1 - victim}.err").read_text()
     assert code != 0
     assert "error: another rank stopped" in err or "no progress for 20 s: another rank stopped" in err

@@ -15,14 +15,14 @@ from pathlib import Path
 import openai
 import pytest
 
-from test_distributed import start_ranks
+from test_distributed import kill_rank, running_ranks
 
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-SPREAD = 1.0  # sampled with a seed: each token depends on the logits being right on every rank
+TEMPERATURE = 1.0  # sampled with a seed: each token depends on the logits being right on every rank
 
 
 def lively(folder: Path, reference) -> Path:
@@ -57,9 +57,9 @@ def lively_image_model(tmp_path_factory) -> Path:
 
 def asks() -> list[dict]:
     """Sampled requests (seeded) of different lengths, one with stop strings, and a greedy one."""
-    out = [dict(messages=[{"role": "user", "content": f"Tell me about number {i}."}], max_tokens=n, temperature=SPREAD,
+    out = [dict(messages=[{"role": "user", "content": f"Tell me about number {i}."}], max_tokens=n, temperature=TEMPERATURE,
                 seed=i) for i, n in enumerate((9, 23, 40))]
-    out.append(dict(messages=[{"role": "user", "content": "Count with me."}], max_tokens=30, temperature=SPREAD, seed=7,
+    out.append(dict(messages=[{"role": "user", "content": "Count with me."}], max_tokens=30, temperature=TEMPERATURE, seed=7,
                     stop=["e"]))
     out.append(dict(messages=[{"role": "user", "content": "Pick a word."}], max_tokens=12))
     return out
@@ -68,7 +68,7 @@ def asks() -> list[dict]:
 def second_turn(first: dict, reply: str) -> dict:
     """The first request's conversation, one turn on: the prompt cache can serve its whole previous prompt."""
     messages = [*first["messages"], {"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
-    return dict(messages=messages, max_tokens=15, temperature=SPREAD, seed=3)
+    return dict(messages=messages, max_tokens=15, temperature=TEMPERATURE, seed=3)
 
 
 def reply(client, ask: dict) -> tuple[str, str, int]:
@@ -122,8 +122,7 @@ def test_distributed_server_batches_like_one_process(lively_chat_model, alone, t
     both ranks cleanly."""
     command = [sys.executable, "-m", "mlx_gemma3.server", "--model", str(lively_chat_model), "--port", "0",
                "--distributed", mode]
-    processes = start_ranks(tmp_path, command)
-    try:
+    with running_ranks(tmp_path, command) as processes:
         client = client_for(serving_port(tmp_path / "rank0.err", processes))
         requests = asks()
         results: list = [None] * len(requests)
@@ -145,10 +144,6 @@ def test_distributed_server_batches_like_one_process(lively_chat_model, alone, t
         assert follow_up[2] > 0  # served in part from the prompt cache, on every rank alike
         processes[0].send_signal(signal.SIGINT)
         codes = [process.wait(timeout=60) for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
     log = (tmp_path / "rank0.err").read_text()
     peaks = [int(m) for m in re.findall(r"batch of up to (\d+)", log)]
     assert max(peaks) >= 3, log  # the concurrent requests shared the batch
@@ -160,28 +155,20 @@ def test_distributed_server_ends_when_a_rank_dies(tiny_chat_model, tmp_path):
     and the client's stream ends without a finish reason."""
     command = [sys.executable, "-m", "mlx_gemma3.server", "--model", str(tiny_chat_model[0]), "--port", "0",
                "--distributed", "tensor"]
-    processes = start_ranks(tmp_path, command)
-    try:
+    with running_ranks(tmp_path, command) as processes:
         client = client_for(serving_port(tmp_path / "rank0.err", processes))
         stream = client.chat.completions.create(model="tiny", stream=True, max_tokens=4096,
                                                 messages=[{"role": "user", "content": "Talk for a long time."}])
         chunks = iter(stream)
         for _ in range(5):
             next(chunks)
-        processes[1].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        code = processes[0].wait(timeout=40)
-        waited = time.monotonic() - killed_at
+        code, waited = kill_rank(processes, 1, timeout=40)
         finishes = []
         try:
             finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices]
         except openai.APIError:
             pass
         assert not any(finishes)  # the reply broke off: it never said it had finished
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
     err = (tmp_path / "rank0.err").read_text()
     assert code != 0 and waited < 25, err[-2000:]
     assert "another rank stopped" in err, err[-2000:]
@@ -192,17 +179,9 @@ def test_distributed_server_follower_ends_with_rank_zero(tiny_chat_model, tmp_pa
     then), exits non-zero with one clear line at once instead of waiting forever."""
     command = [sys.executable, "-m", "mlx_gemma3.server", "--model", str(tiny_chat_model[0]), "--port", "0",
                "--distributed", "pipeline"]
-    processes = start_ranks(tmp_path, command)
-    try:
+    with running_ranks(tmp_path, command) as processes:
         serving_port(tmp_path / "rank0.err", processes)
-        processes[0].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        code = processes[1].wait(timeout=40)
-        waited = time.monotonic() - killed_at
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
+        code, waited = kill_rank(processes, 0, timeout=40)
     err = (tmp_path / "rank1.err").read_text()
     assert code == 1 and waited < 10, err[-2000:]
     assert "error: another rank stopped or became unreachable" in err, err[-2000:]
@@ -232,17 +211,12 @@ def test_distributed_chat_replies_like_one_process(lively_chat_model, lively_ima
         folder, image = lively_image_model, tmp_path / "picture.png"
         Image.new("RGB", (40, 30), "teal").save(image)
     script = chat_script(tmp_path, image)
-    command = [sys.executable, "-m", "mlx_gemma3.chat", "--model", str(folder), "--max-tokens", "24", "--temp", str(SPREAD),
+    command = [sys.executable, "-m", "mlx_gemma3.chat", "--model", str(folder), "--max-tokens", "24", "--temp", str(TEMPERATURE),
                "--seed", "5"]
     single = subprocess.run(command, stdin=open(script), capture_output=True, text=True, timeout=300, env=ENV)
     assert single.returncode == 0, single.stderr[-2000:]
-    processes = start_ranks(tmp_path, [*command, "--distributed", mode], stdin=script)
-    try:
+    with running_ranks(tmp_path, [*command, "--distributed", mode], stdin=script) as processes:
         outputs = [process.communicate(timeout=300)[0] for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
     errors = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
     assert [process.returncode for process in processes] == [0, 0], [e[-2000:] for e in errors]
     assert len(set(single.stdout)) > 20 and outputs[0] == single.stdout  # two sampled replies, character for character
@@ -257,21 +231,13 @@ def test_distributed_chat_waits_for_a_person_without_a_limit(lively_chat_model, 
     while a rank killed during the next reply ends the other with one clear line."""
     command = [sys.executable, "-m", "mlx_gemma3.chat", "--model", str(lively_chat_model), "--max-tokens", "-1",
                "--distributed", "tensor"]
-    processes = start_ranks(tmp_path, command, stdin=subprocess.PIPE, env={"MLX_GEMMA3_STALL_TIMEOUT": "4"})
-    try:
+    with running_ranks(tmp_path, command, stdin=subprocess.PIPE, env={"MLX_GEMMA3_STALL_TIMEOUT": "4"}) as processes:
         time.sleep(8)  # nobody types yet
         assert [process.poll() for process in processes] == [None, None], (tmp_path / "rank0.err").read_text()
         processes[0].stdin.write("Hello there.\n")
         processes[0].stdin.flush()
         assert len(processes[0].stdout.read(20)) == 20  # the reply streams
-        processes[0].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        code = processes[1].wait(timeout=30)
-        waited = time.monotonic() - killed_at
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
+        code, waited = kill_rank(processes, 0, timeout=30)
     err = (tmp_path / "rank1.err").read_text()
     assert code != 0 and waited < 10, err[-2000:]
     assert "another rank stopped" in err, err[-2000:]

@@ -89,6 +89,16 @@ class Watchdog:
         self.process.stdin.write(b"p")
         self.process.stdin.flush()
 
+    def petting(self, progress=None):
+        """A prefill progress callback that pets this guard, then calls `progress` (if any)."""
+
+        def report(done: int, total: int) -> None:
+            self.pet()
+            if progress is not None:
+                progress(done, total)
+
+        return report
+
     def __exit__(self, *_) -> None:
         self.process.stdin.close()
         self.process.wait()

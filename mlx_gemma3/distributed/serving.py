@@ -16,11 +16,39 @@ from dataclasses import replace
 from .group import Watchdog, is_peer_failure, peer_failure_message, share_object
 
 
-class Leader:
+class Follower:
+    """A rank > 0's side of its Worker: it only replays, so it sends nothing; a lost rank is raised to the command
+    line. Both sides pause the stall guard while idle and pet it per prefill chunk."""
+
+    def __init__(self, guard: Watchdog):
+        self.guard = guard
+
+    def join(self, job, choice: tuple | None, kept: list) -> None:
+        pass
+
+    def step(self, cancelled: set[int], kept: list) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def idle(self) -> None:
+        self.guard.pause()
+
+    def progress(self, report):
+        return self.guard.petting(report)
+
+    def check(self, error: Exception) -> None:
+        if is_peer_failure(error):
+            raise error
+
+
+class Leader(Follower):
     """Rank 0's side: sends the worker's decisions; a rank that went away ends the whole server."""
 
     def __init__(self, group, guard: Watchdog):
-        self.group, self.guard = group, guard
+        super().__init__(guard)
+        self.group = group
         guard.pause()
 
     def join(self, job, choice: tuple | None, kept: list) -> None:
@@ -47,43 +75,11 @@ class Leader:
             self.check(e)
             raise
 
-    def idle(self) -> None:
-        self.guard.pause()
-
-    def progress(self, report):
-        return petting(self.guard, report)
-
     def check(self, error: Exception) -> None:
         """The worker thread cannot end the process by raising: a lost rank ends it here, with one message."""
         if is_peer_failure(error):
             print(f"error: {peer_failure_message(error)}", file=sys.stderr, flush=True)
             os._exit(1)
-
-
-class Follower:
-    """A rank > 0's side: its worker only replays, so it sends nothing; a lost rank is raised to the command line."""
-
-    def __init__(self, guard: Watchdog):
-        self.guard = guard
-
-    def join(self, job, choice, kept) -> None:
-        pass
-
-    def step(self, cancelled, kept) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def idle(self) -> None:
-        self.guard.pause()
-
-    def progress(self, report):
-        return petting(self.guard, report)
-
-    def check(self, error: Exception) -> None:
-        if is_peer_failure(error):
-            raise error
 
 
 def follow(worker, group, guard: Watchdog) -> None:
@@ -96,13 +92,3 @@ def follow(worker, group, guard: Watchdog) -> None:
             return
         worker.replay(command)
 
-
-def petting(guard: Watchdog, report):
-    """A prefill progress callback that also tells the stall guard this rank is still working."""
-
-    def progress(done: int, total: int) -> None:
-        guard.pet()
-        if report is not None:
-            report(done, total)
-
-    return progress
