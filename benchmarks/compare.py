@@ -34,14 +34,21 @@ from prepare import CONFIGS, converter_stats, gguf_file, prepare  # noqa: E402
 from mlx_gemma3.processing.tokenizer import EOS_IDS  # noqa: E402
 
 FIGURES = ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_gb", "peak_mlx_gb", "load_s")
-ENGINE_NAMES = {"ours": "mlx_gemma3", "mlx_lm": "mlx-lm", "llama_cpp": "llama.cpp", "ours:bfloat16": "mlx_gemma3 bf16 act."}
+ENGINE_NAMES = {
+    "ours": "mlx_gemma3",
+    "mlx_lm": "mlx-lm",
+    "llama_cpp": "llama.cpp",
+    "ours:bfloat16": "mlx_gemma3 bf16 act.",
+}
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/gemma3-bench"), help="where weights are kept")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
-    parser.add_argument("--engines", default="ours,mlx_lm,llama_cpp", help="comma list: ours, mlx_lm, llama_cpp, ours:bfloat16")
+    parser.add_argument(
+        "--engines", default="ours,mlx_lm,llama_cpp", help="comma list: ours, mlx_lm, llama_cpp, ours:bfloat16"
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--generation-tokens", type=int, default=128)
@@ -52,9 +59,22 @@ def parse_args():
 
 def measure(engine: str, model: Path, args) -> dict:
     name, _, dtype = engine.partition(":")
-    cmd = [sys.executable, str(HERE / "worker.py"), "--engine", name, "--model", str(model),
-           "--prompt-tokens", str(args.prompt_tokens), "--generation-tokens", str(args.generation_tokens),
-           "--prefill-step-size", str(args.prefill_step_size), "--suppress", ",".join(map(str, EOS_IDS))]
+    cmd = [
+        sys.executable,
+        str(HERE / "worker.py"),
+        "--engine",
+        name,
+        "--model",
+        str(model),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--generation-tokens",
+        str(args.generation_tokens),
+        "--prefill-step-size",
+        str(args.prefill_step_size),
+        "--suppress",
+        ",".join(map(str, EOS_IDS)),
+    ]
     if dtype:
         cmd += ["--compute-dtype", dtype]
     t0 = time.time()
@@ -89,7 +109,9 @@ def summarise(results: list[dict]) -> dict:
         for key in FIGURES:
             if r.get(key) is not None:
                 row.setdefault(key, []).append(r[key])
-    return {c: {e: {k: statistics.median(v) for k, v in figs.items()} for e, figs in by.items()} for c, by in table.items()}
+    return {
+        c: {e: {k: statistics.median(v) for k, v in figs.items()} for e, figs in by.items()} for c, by in table.items()
+    }
 
 
 def ratios(medians: dict) -> dict:
@@ -97,25 +119,33 @@ def ratios(medians: dict) -> dict:
     out = {}
     for config, by in medians.items():
         if "ours" in by and "mlx_lm" in by:
-            out[config] = {k: by["ours"][k] / by["mlx_lm"][k] for k in FIGURES if by["ours"].get(k) and by["mlx_lm"].get(k)}
+            out[config] = {
+                k: by["ours"][k] / by["mlx_lm"][k] for k in FIGURES if by["ours"].get(k) and by["mlx_lm"].get(k)
+            }
     return out
 
 
 def table(medians: dict, ratio: dict) -> str:
-    lines = ["| config | engine | prefill tok/s | decode tok/s | TTFT from process start (s) | peak RSS (GB) | MLX peak (GB) | load (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | engine | prefill tok/s | decode tok/s | TTFT from process start (s) | peak RSS (GB) | MLX peak (GB) | load (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def fmt(v, digits=2):
         return "–" if v is None else f"{v:.{digits}f}"
 
     for config, by in medians.items():
         for engine, m in by.items():
-            lines.append(f"| {config} | {ENGINE_NAMES.get(engine, engine)} | {fmt(m.get('prefill_tps'))} | {fmt(m.get('decode_tps'))} | "
-                         f"{fmt(m.get('ttft_s'), 1)} | {fmt(m.get('peak_rss_gb'), 3)} | {fmt(m.get('peak_mlx_gb'), 3)} | {fmt(m.get('load_s'), 1)} |")
+            lines.append(
+                f"| {config} | {ENGINE_NAMES.get(engine, engine)} | {fmt(m.get('prefill_tps'))} | {fmt(m.get('decode_tps'))} | "
+                f"{fmt(m.get('ttft_s'), 1)} | {fmt(m.get('peak_rss_gb'), 3)} | {fmt(m.get('peak_mlx_gb'), 3)} | {fmt(m.get('load_s'), 1)} |"
+            )
         if config in ratio:
             r = ratio[config]
-            lines.append(f"| {config} | ours ÷ mlx-lm | {fmt(r.get('prefill_tps'))}× | {fmt(r.get('decode_tps'))}× | "
-                         f"{fmt(r.get('ttft_s'))}× | {fmt(r.get('peak_rss_gb'))}× | {fmt(r.get('peak_mlx_gb'))}× | {fmt(r.get('load_s'))}× |")
+            lines.append(
+                f"| {config} | ours ÷ mlx-lm | {fmt(r.get('prefill_tps'))}× | {fmt(r.get('decode_tps'))}× | "
+                f"{fmt(r.get('ttft_s'))}× | {fmt(r.get('peak_rss_gb'))}× | {fmt(r.get('peak_mlx_gb'))}× | {fmt(r.get('load_s'))}× |"
+            )
     return "\n".join(lines)
 
 
@@ -130,8 +160,13 @@ def machine() -> dict:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         pass
-    return {"os": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem,
-            "python": platform.python_version()}
+    return {
+        "os": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem,
+        "python": platform.python_version(),
+    }
 
 
 def versions() -> dict:
@@ -153,7 +188,9 @@ def main() -> None:
     notes = []
     if "llama_cpp" in engines and importlib.util.find_spec("llama_cpp") is None:
         engines.remove("llama_cpp")
-        notes.append("llama.cpp skipped: llama-cpp-python is not installed (pip install llama-cpp-python builds it from source)")
+        notes.append(
+            "llama.cpp skipped: llama-cpp-python is not installed (pip install llama-cpp-python builds it from source)"
+        )
     if "mlx_lm" in engines and importlib.util.find_spec("mlx_lm") is None:
         engines.remove("mlx_lm")
         notes.append("mlx-lm skipped: not installed (pip install mlx-lm, plus mlx[cpu] on Linux)")
@@ -170,8 +207,14 @@ def main() -> None:
             r = measure(engine, model, args)
             r.update(config=config, round=run)
             results.append(r)
-            shown = r.get("error") or ", ".join(f"{k} {r[k]:.3g}" for k in ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_gb"))
-            print(f"[{time.perf_counter() - tic:6.0f} s] round {run + 1} {config:>11} {engine:<13} {shown}", file=sys.stderr, flush=True)
+            shown = r.get("error") or ", ".join(
+                f"{k} {r[k]:.3g}" for k in ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_gb")
+            )
+            print(
+                f"[{time.perf_counter() - tic:6.0f} s] round {run + 1} {config:>11} {engine:<13} {shown}",
+                file=sys.stderr,
+                flush=True,
+            )
     medians = summarise(results)
     ratio = ratios(medians)
     text = table(medians, ratio)

@@ -30,24 +30,55 @@ def free_port() -> int:
 
 
 def command(model: str, mode: str | None, tokens: int) -> list[str]:
-    generate = [sys.executable, "-m", "mlx_gemma3.generate", "--model", model, "--prompt", PROMPT,
-                "--no-chat-template", "-m", str(tokens)]
+    generate = [
+        sys.executable,
+        "-m",
+        "mlx_gemma3.generate",
+        "--model",
+        model,
+        "--prompt",
+        PROMPT,
+        "--no-chat-template",
+        "-m",
+        str(tokens),
+    ]
     if mode is None:
         return generate
     launcher = str(Path(sys.executable).parent / "mlx.launch")
-    return [launcher, "--backend", "ring", "-n", "2", "--starting-port", str(free_port()), "--",
-            *generate, "--distributed", mode]
+    return [
+        launcher,
+        "--backend",
+        "ring",
+        "-n",
+        "2",
+        "--starting-port",
+        str(free_port()),
+        "--",
+        *generate,
+        "--distributed",
+        mode,
+    ]
 
 
 def measure(model: str, mode: str | None, tokens: int) -> dict:
-    done = subprocess.run(command(model, mode, tokens), capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        command(model, mode, tokens),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     found = STATS.search(done.stderr)
     if done.returncode != 0 or found is None:
         raise SystemExit(f"{mode or 'one process'} failed:\n{done.stderr[-2000:]}")
     held = re.search(r"Text weights held: (.*)", done.stderr)
-    return {"prompt_tokens": int(found[1]), "prefill_tps": float(found[2]), "generated": int(found[3]),
-            "decode_tps": float(found[4]), "weights": held[1] if held else None}
+    return {
+        "prompt_tokens": int(found[1]),
+        "prefill_tps": float(found[2]),
+        "generated": int(found[3]),
+        "decode_tps": float(found[4]),
+        "weights": held[1] if held else None,
+    }
 
 
 def main() -> None:

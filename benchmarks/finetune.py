@@ -33,8 +33,9 @@ def token_batches(folder: Path, batch_size: int, steps: int, mask_prompt: bool, 
     prompt/completion records."""
     import random
 
-    import mlx_gemma3
     from finetune_json import example
+
+    import mlx_gemma3
     from mlx_gemma3.train.data import Encoder
 
     _, processor = mlx_gemma3.load(folder)
@@ -84,13 +85,17 @@ def mlx_lm_step(folder: Path, grad_checkpoint: bool):
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm import load
-    from mlx_lm.tuner.trainer import default_loss, grad_checkpoint as checkpoint_layers
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint_layers
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     model, _ = load(str(folder))
     model.freeze()
-    keys = [f"{block}.{name}" for block, names in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
-            for name in (f"{n}_proj" for n in names)]
+    keys = [
+        f"{block}.{name}"
+        for block, names in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+        for name in (f"{n}_proj" for n in names)
+    ]
     linear_to_lora_layers(model, len(model.layers), {"rank": RANK, "scale": SCALE, "dropout": 0.0, "keys": keys})
     if grad_checkpoint:
         checkpoint_layers(model.layers[0])  # mlx-lm's own switch: it patches the layer class
@@ -119,8 +124,12 @@ def worker(engine: str, folder: Path, grad_checkpoint: bool, batches) -> dict:
         times.append(time.perf_counter() - tic)
         losses.append(loss.item())
     tokens = sum(len(r.ids) for rows in batches[1:] for r in rows)
-    return {"step_s": statistics.median(times[1:]), "tokens_per_s": tokens / sum(times[1:]),
-            "peak_gb": mx.get_peak_memory() / 1e9, "losses": losses}
+    return {
+        "step_s": statistics.median(times[1:]),
+        "tokens_per_s": tokens / sum(times[1:]),
+        "peak_gb": mx.get_peak_memory() / 1e9,
+        "losses": losses,
+    }
 
 
 def main() -> None:
@@ -129,8 +138,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "finetune.json")
-    parser.add_argument("--worker", nargs=5, metavar=("ENGINE", "FOLDER", "CHECKPOINT", "MASK", "TOKENIZER_FOLDER"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker",
+        nargs=5,
+        metavar=("ENGINE", "FOLDER", "CHECKPOINT", "MASK", "TOKENIZER_FOLDER"),
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args()
     if args.worker:
         engine, folder, checkpoint, mask, tokenizer_folder = args.worker  # both engines: our encoder's batches
@@ -143,8 +156,20 @@ def main() -> None:
     results = {}
     for suffix, checkpoint, mask in VARIANTS:
         for engine in ("ours", "mlx_lm"):
-            cmd = [sys.executable, __file__, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--worker", engine, str(folders[engine]), checkpoint, mask, str(folders["ours"])]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--worker",
+                engine,
+                str(folders[engine]),
+                checkpoint,
+                mask,
+                str(folders["ours"]),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results[f"{engine}{suffix}"] = json.loads(out.strip().splitlines()[-1])
             print(f"{engine}{suffix}: {results[f'{engine}{suffix}']['step_s']:.1f} s per step", flush=True)
@@ -153,11 +178,14 @@ def main() -> None:
         print(f"{name:<22}{r['step_s']:>9.3f}{r['tokens_per_s']:>10.1f}{r['peak_gb']:>9.2f}{r['losses'][0]:>12.4f}")
     for suffix, _, _ in VARIANTS:
         ours, theirs = results[f"ours{suffix}"], results[f"mlx_lm{suffix}"]
-        print(f"ours / mlx-lm{suffix}: step time {ours['step_s'] / theirs['step_s']:.2f}x, "
-              f"peak memory {ours['peak_gb'] / theirs['peak_gb']:.2f}x")
+        print(
+            f"ours / mlx-lm{suffix}: step time {ours['step_s'] / theirs['step_s']:.2f}x, "
+            f"peak memory {ours['peak_gb'] / theirs['peak_gb']:.2f}x"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "rank": RANK, "results": results},
-                                    indent=2))
+    args.json.write_text(
+        json.dumps({"steps": args.steps, "batch_size": args.batch_size, "rank": RANK, "results": results}, indent=2)
+    )
 
 
 if __name__ == "__main__":

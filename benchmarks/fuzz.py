@@ -35,20 +35,32 @@ def fuzz(reader: str, seed: int, cases: int, timeout: int) -> dict:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         last = [line for line in result.stderr.splitlines() if line.startswith("case ")][-1:]
-        return {"reader": reader, "seed": seed, "cases": 0, "clean_errors": 0, "accepted": 0,
-                "failures": [f"the fuzzer died (exit {result.returncode}) during {last}"], "seconds": None}
+        return {
+            "reader": reader,
+            "seed": seed,
+            "cases": 0,
+            "clean_errors": 0,
+            "accepted": 0,
+            "failures": [f"the fuzzer died (exit {result.returncode}) during {last}"],
+            "seconds": None,
+        }
     return {**json.loads(result.stdout.splitlines()[-1]), "seed": seed}
 
 
 def main() -> None:
     args = parse_args()
-    tallies = [fuzz(reader, int(seed), args.cases, args.timeout)
-               for reader in args.reader or READERS for seed in args.seeds.split(",")]
+    tallies = [
+        fuzz(reader, int(seed), args.cases, args.timeout)
+        for reader in args.reader or READERS
+        for seed in args.seeds.split(",")
+    ]
     print("| reader | seed | cases | clean errors | accepted | failures | seconds |")
     print("|---|---|---|---|---|---|---|")
     for t in tallies:
-        print(f"| {t['reader']} | {t['seed']} | {t['cases']} | {t['clean_errors']} | {t['accepted']} | "
-              f"{len(t['failures'])} | {t['seconds']} |")
+        print(
+            f"| {t['reader']} | {t['seed']} | {t['cases']} | {t['clean_errors']} | {t['accepted']} | "
+            f"{len(t['failures'])} | {t['seconds']} |"
+        )
     for t in tallies:
         for failure in t["failures"]:
             print(f"FAILURE {t['reader']} seed {t['seed']}: {failure}")

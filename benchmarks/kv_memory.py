@@ -50,8 +50,8 @@ def measured(model, cfg, tokens: int, dtype, kv_bits: int | None) -> dict:
 
 def main() -> None:
     from mlx_gemma3.model.config import load_config
-    from mlx_gemma3.model.load import build_model
     from mlx_gemma3.model.quantize import DEFAULT_GROUP_SIZE, KV_BITS
+    from mlx_gemma3.model.weights import build_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a Gemma 3 folder (only its config.json is read)")
@@ -72,22 +72,32 @@ def main() -> None:
             per_value = size if bits is None else bits / 8 + 2 * size / DEFAULT_GROUP_SIZE
             expect = formula(cfg, tokens, per_value)
             got = measured(model, cfg, tokens, getattr(mx, dtype_name), bits)
-            rows.append({
-                "dtype": dtype_name, "kv_bits": bits, "tokens": tokens, "measured": got, "formula": expect,
-                "ratio": got["total"] / expect["total"],
-                "sliding_share": got["sliding"] / got["total"],
-                "sliding_over_formula": got["sliding"] / expect["sliding"],
-                "saving_vs_all_full": 1 - got["total"] / expect["without_rotating"],
-            })
+            rows.append(
+                {
+                    "dtype": dtype_name,
+                    "kv_bits": bits,
+                    "tokens": tokens,
+                    "measured": got,
+                    "formula": expect,
+                    "ratio": got["total"] / expect["total"],
+                    "sliding_share": got["sliding"] / got["total"],
+                    "sliding_over_formula": got["sliding"] / expect["sliding"],
+                    "saving_vs_all_full": 1 - got["total"] / expect["without_rotating"],
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    lines = ["| KV dtype | tokens | measured MB | formula MB | measured ÷ formula | full layers MB | sliding layers MB | sliding share | saved vs no rotating cache |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| KV dtype | tokens | measured MB | formula MB | measured ÷ formula | full layers MB | sliding layers MB | sliding share | saved vs no rotating cache |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         kind = r["dtype"] if r["kv_bits"] is None else f"{r['kv_bits']}-bit (group {DEFAULT_GROUP_SIZE})"
         m = r["measured"]
-        lines.append(f"| {kind} | {r['tokens']} | {m['total'] / 1e6:.2f} | {r['formula']['total'] / 1e6:.2f} | {r['ratio']:.4f} | "
-                     f"{m['full'] / 1e6:.2f} | {m['sliding'] / 1e6:.3f} | {100 * r['sliding_share']:.1f} % | "
-                     f"{100 * r['saving_vs_all_full']:.1f} % |")
+        lines.append(
+            f"| {kind} | {r['tokens']} | {m['total'] / 1e6:.2f} | {r['formula']['total'] / 1e6:.2f} | {r['ratio']:.4f} | "
+            f"{m['full'] / 1e6:.2f} | {m['sliding'] / 1e6:.3f} | {100 * r['sliding_share']:.1f} % | "
+            f"{100 * r['saving_vs_all_full']:.1f} % |"
+        )
     text = "\n".join(lines)
     print(text)
     checks = []
@@ -95,22 +105,41 @@ def main() -> None:
         mine = [r for r in rows if r["dtype"] == dtype_name and r["kv_bits"] == bits]
         at_32k = [r for r in mine if r["tokens"] == 32768]
         capped = {r["measured"]["sliding"] for r in mine if r["tokens"] >= cfg.sliding_window}
-        checks.append({
-            "dtype": dtype_name, "kv_bits": bits,
-            "within_5pct_at_32k": None if not at_32k else abs(at_32k[0]["ratio"] - 1) <= 0.05,
-            "ratio_at_32k": None if not at_32k else at_32k[0]["ratio"],
-            "sliding_bytes_constant_from_window_on": len(capped) == 1,
-            "sliding_bytes": sorted(capped),
-        })
+        checks.append(
+            {
+                "dtype": dtype_name,
+                "kv_bits": bits,
+                "within_5pct_at_32k": None if not at_32k else abs(at_32k[0]["ratio"] - 1) <= 0.05,
+                "ratio_at_32k": None if not at_32k else at_32k[0]["ratio"],
+                "sliding_bytes_constant_from_window_on": len(capped) == 1,
+                "sliding_bytes": sorted(capped),
+            }
+        )
     for c in checks:
         kind = c["dtype"] if c["kv_bits"] is None else f"{c['kv_bits']}-bit"
-        print(f"\n{kind}: measured/formula at 32K = "
-              f"{c['ratio_at_32k']:.4f} (within 5 %: {c['within_5pct_at_32k']}); sliding layers' bytes constant for "
-              f"every context ≥ W: {c['sliding_bytes_constant_from_window_on']} ({', '.join(f'{b / 1e6:.3f} MB' for b in c['sliding_bytes'])})")
+        print(
+            f"\n{kind}: measured/formula at 32K = "
+            f"{c['ratio_at_32k']:.4f} (within 5 %: {c['within_5pct_at_32k']}); sliding layers' bytes constant for "
+            f"every context ≥ W: {c['sliding_bytes_constant_from_window_on']} ({', '.join(f'{b / 1e6:.3f} MB' for b in c['sliding_bytes'])})"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"model": args.model, "config": {
-        "layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-        "window": cfg.sliding_window}, "rows": rows, "checks": checks, "table_markdown": text}, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "config": {
+                    "layers": cfg.num_hidden_layers,
+                    "kv_heads": cfg.num_key_value_heads,
+                    "head_dim": cfg.head_dim,
+                    "window": cfg.sliding_window,
+                },
+                "rows": rows,
+                "checks": checks,
+                "table_markdown": text,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {args.json}", file=sys.stderr)
 
 

@@ -19,10 +19,14 @@ from pathlib import Path
 CONFIGS = {
     "float32": (["--dtype", "float32"], dict(dtype="float32")),
     "bf16": (["--dtype", "bfloat16"], dict(dtype="bfloat16")),
-    "8bit": (["-q", "--q-bits", "8", "--q-group-size", "64", "--dtype", "bfloat16"],
-             dict(quantize=True, q_bits=8, q_group_size=64, dtype="bfloat16")),
-    "4bit": (["-q", "--q-bits", "4", "--q-group-size", "64", "--dtype", "bfloat16"],
-             dict(quantize=True, q_bits=4, q_group_size=64, dtype="bfloat16")),
+    "8bit": (
+        ["-q", "--q-bits", "8", "--q-group-size", "64", "--dtype", "bfloat16"],
+        dict(quantize=True, q_bits=8, q_group_size=64, dtype="bfloat16"),
+    ),
+    "4bit": (
+        ["-q", "--q-bits", "4", "--q-group-size", "64", "--dtype", "bfloat16"],
+        dict(quantize=True, q_bits=4, q_group_size=64, dtype="bfloat16"),
+    ),
 }
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 STATS = "convert-stats.json"
@@ -52,8 +56,18 @@ def float_hf_folder(work: Path) -> Path:
 
     imported = work / "gguf-mlx"
     if not (imported / "config.json").is_file():
-        run([sys.executable, "-m", "mlx_gemma3.convert", "--gguf", str(gguf_file(work)), "--mlx-path", str(imported),
-             "--force"])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "mlx_gemma3.convert",
+                "--gguf",
+                str(gguf_file(work)),
+                "--mlx-path",
+                str(imported),
+                "--force",
+            ]
+        )
     config = json.loads((imported / "config.json").read_text())
     quant = config.pop("quantization", {}) or {}
     config.pop("quantization_config", None)
@@ -103,7 +117,17 @@ def converted(work: Path, engine: str, config: str) -> Path:
     source = float_hf_folder(work)
     ours, theirs = CONFIGS[config]
     if engine == "ours":
-        cmd = [sys.executable, "-m", "mlx_gemma3.convert", "--hf-path", str(source), "--mlx-path", str(out), "--force", *ours]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlx_gemma3.convert",
+            "--hf-path",
+            str(source),
+            "--mlx-path",
+            str(out),
+            "--force",
+            *ours,
+        ]
     else:
         code = (
             "import sys, json; from mlx_lm.convert import convert; "

@@ -31,8 +31,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 HERE = Path(__file__).resolve().parent
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 CHUNK = 4096
 REPEATS = 15
 
@@ -85,7 +92,11 @@ def step_times(model, cache, steps: int) -> dict:
             builds.append(built - tic)
             evals.append(done - built)
             totals.append(done - tic)
-    return {"step_s": statistics.median(totals), "build_s": statistics.median(builds), "eval_s": statistics.median(evals)}
+    return {
+        "step_s": statistics.median(totals),
+        "build_s": statistics.median(builds),
+        "eval_s": statistics.median(evals),
+    }
 
 
 def pipelined_time(model, cache, steps: int) -> float:
@@ -107,7 +118,9 @@ def floor(model, dtype) -> dict:
         modules = [_module(layer, name) for layer in layers]
         inputs = [mx.random.normal((1, 1, _in_features(m))).astype(dtype) for m in modules]
         mx.eval(inputs)
-        out[name.split(".")[-1]] = timed(lambda: mx.eval([m(x) for m, x in zip(modules, inputs)]))
+        out[name.split(".")[-1]] = timed(
+            lambda modules=modules, inputs=inputs: mx.eval([m(x) for m, x in zip(modules, inputs)])
+        )
     hidden = mx.random.normal((1, 1, model.config.text.hidden_size)).astype(dtype)
     mx.eval(hidden)
     out["head"] = timed(lambda: mx.eval(head(model, hidden)))
@@ -123,8 +136,11 @@ def attention_products(model, cache, dtype) -> float:
     keys = [mx.random.normal((1, kv, n, hd)).astype(dtype) for n in counts]
     weights = [mx.softmax(mx.random.normal((1, kv, per_kv, n)), axis=-1).astype(dtype) for n in counts]
     mx.eval(queries, keys, weights)
-    return timed(lambda: mx.eval([q @ k.swapaxes(-1, -2) for q, k in zip(queries, keys)]
-                                 + [w @ v for w, v in zip(weights, keys)]))
+    return timed(
+        lambda: mx.eval(
+            [q @ k.swapaxes(-1, -2) for q, k in zip(queries, keys)] + [w @ v for w, v in zip(weights, keys)]
+        )
+    )
 
 
 def head(model, h):
@@ -156,24 +172,31 @@ def pieces(model, cache, dtype) -> dict:
     mx.eval(x, q)
     # attention over as many keys as each layer's cache hands attention for the next token
     fetched, masks = [], []
-    for layer, c in zip(layers, cache):
+    for c in cache[: len(layers)]:
         keys, values = c.fetch() if c.window is None else (c.store.decode(c.keys), c.store.decode(c.values))
         n = c.key_positions(1)[0].size
         fetched.append((keys[:, :, :n], values[:, :, :n]))
         masks.append(c.make_mask(1))
     mx.eval([a for kv_pair in fetched for a in kv_pair], [m for m in masks if m is not None])
     scale = cfg.query_pre_attn_scalar**-0.5
-    out["attention"] = timed(lambda: mx.eval([
-        mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=m) for (k, v), m in zip(fetched, masks)]))
+    out["attention"] = timed(
+        lambda: mx.eval(
+            [mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=m) for (k, v), m in zip(fetched, masks)]
+        )
+    )
     windows = [c.window for c in cache]
-    out["attention_keys"] = {"full": fetched[windows.index(None)][0].shape[2],
-                             "sliding": fetched[[w is not None for w in windows].index(True)][0].shape[2]}
+    out["attention_keys"] = {
+        "full": fetched[windows.index(None)][0].shape[2],
+        "sliding": fetched[[w is not None for w in windows].index(True)][0].shape[2],
+    }
     norms = [RMSNorm(hidden, cfg.rms_norm_eps) for _ in range(4 * len(layers) + 1)]
     qk_norms = [RMSNorm(hd, cfg.rms_norm_eps) for _ in range(2 * len(layers))]
     kx = mx.random.normal((1, 1, kv, hd)).astype(dtype)
     qx = mx.random.normal((1, 1, heads, hd)).astype(dtype)
     mx.eval(kx, qx, [n.parameters() for n in norms + qk_norms])
-    out["norms"] = timed(lambda: mx.eval([n(x) for n in norms] + [n(qx if i % 2 else kx) for i, n in enumerate(qk_norms)]))
+    out["norms"] = timed(
+        lambda: mx.eval([n(x) for n in norms] + [n(qx if i % 2 else kx) for i, n in enumerate(qk_norms)])
+    )
     ropes = [layer.self_attn.rope for layer in layers]
     kk = mx.random.normal((1, kv, 1, hd)).astype(dtype)
     mx.eval(kk)
@@ -211,7 +234,12 @@ def profile_ours(folder: str, context: int, steps: int, compute_dtype) -> dict:
     model, _ = mlx_gemma3.load(folder, compute_dtype=compute_dtype)
     cfg = model.config.text
     dtype = model.model.norm.weight.dtype
-    result = {"model": folder, "engine": "mlx_gemma3", "context": context, "compute_dtype": str(dtype).removeprefix("mlx.core.")}
+    result = {
+        "model": folder,
+        "engine": "mlx_gemma3",
+        "context": context,
+        "compute_dtype": str(dtype).removeprefix("mlx.core."),
+    }
     cache = model.make_cache()
     fill(cache, context, cfg.num_key_value_heads, cfg.head_dim, dtype)
     result.update(step_times(model, cache, steps))
@@ -228,8 +256,12 @@ def profile_ours(folder: str, context: int, steps: int, compute_dtype) -> dict:
     result["pieces"]["cache_write"] = cache_write_time(model, context, dtype)
     result["overhead_s"] = result["step_s"] - result["floor_s"]
     result["overhead_pct"] = 100 * result["overhead_s"] / result["step_s"]
-    result["overhead_vs_projections_pct"] = 100 * (result["step_s"] - result["projections_and_head_s"]) / result["step_s"]
-    result["pipelined_overhead_pct"] = 100 * (result["pipelined_token_s"] - result["floor_s"]) / result["pipelined_token_s"]
+    result["overhead_vs_projections_pct"] = (
+        100 * (result["step_s"] - result["projections_and_head_s"]) / result["step_s"]
+    )
+    result["pipelined_overhead_pct"] = (
+        100 * (result["pipelined_token_s"] - result["floor_s"]) / result["pipelined_token_s"]
+    )
     return result
 
 
@@ -242,26 +274,34 @@ def profile_mlx_lm(folder: str, context: int, steps: int) -> dict:
     dtype = model.model.norm.weight.dtype
     cache = make_prompt_cache(model)
     fill(cache, context, args.num_key_value_heads, args.head_dim, dtype)
-    result = {"model": folder, "engine": "mlx-lm", "context": context, "compute_dtype": str(dtype).removeprefix("mlx.core.")}
+    result = {
+        "model": folder,
+        "engine": "mlx-lm",
+        "context": context,
+        "compute_dtype": str(dtype).removeprefix("mlx.core."),
+    }
     result.update(step_times(model, cache, steps))
     return result
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["| engine | model | dtype | context | step (sync) ms | graph build ms | pipelined token ms | projections ms | "
-             "head ms | attention products ms | floor ms | overhead | overhead beyond projections + head | "
-             "whole attention ms | keys full/sliding |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| engine | model | dtype | context | step (sync) ms | graph build ms | pipelined token ms | projections ms | "
+        "head ms | attention products ms | floor ms | overhead | overhead beyond projections + head | "
+        "whole attention ms | keys full/sliding |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ms = lambda v: "–" if v is None else f"{1000 * v:.1f}"  # noqa: E731
-        pct = lambda key: "–" if key not in r else f"{r[key]:.1f} %"  # noqa: E731
+        pct = lambda key, r=r: "–" if key not in r else f"{r[key]:.1f} %"  # noqa: E731
         p, kinds = r.get("pieces", {}), r.get("floor_by_kind", {})
         keys = p.get("attention_keys")
         held = "–" if not keys else f"{keys['full']}/{keys['sliding']}"
         lines.append(
             f"| {r['engine']} | {Path(r['model']).name} | {r['compute_dtype']} | {r['context']} | {ms(r['step_s'])} | {ms(r['build_s'])} | "
             f"{ms(r.get('pipelined_token_s'))} | {ms(r.get('matmuls_s'))} | {ms(kinds.get('head'))} | {ms(kinds.get('attention_products'))} | "
-            f"{ms(r.get('floor_s'))} | {pct('overhead_pct')} | {pct('overhead_vs_projections_pct')} | {ms(p.get('attention'))} | {held} |")
+            f"{ms(r.get('floor_s'))} | {pct('overhead_pct')} | {pct('overhead_vs_projections_pct')} | {ms(p.get('attention'))} | {held} |"
+        )
     return "\n".join(lines)
 
 
@@ -293,8 +333,11 @@ def main() -> None:
             kinds = ", ".join(f"{k} {1000 * v:.1f}" for k, v in r["floor_by_kind"].items())
             print(f"\n{Path(r['model']).name} @ {r['context']}: floor by kind (ms): {kinds}\n  other pieces: {parts}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows, "table_markdown": text, "mlx": mx.__version__,
-                                     "device": str(mx.default_device())}, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {"rows": rows, "table_markdown": text, "mlx": mx.__version__, "device": str(mx.default_device())}, indent=2
+        )
+    )
     print(f"\nwrote {args.json}", file=sys.stderr)
 
 

@@ -33,8 +33,10 @@ import openai
 import mlx_gemma3
 from mlx_gemma3.model.sources import model_folder
 
-WORDS = ("river mountain quiet engine silver garden letter window market harbor winter lantern orchard signal "
-         "copper meadow canvas thunder pocket ribbon compass marble velvet harvest anchor").split()
+WORDS = (
+    "river mountain quiet engine silver garden letter window market harbor winter lantern orchard signal "
+    "copper meadow canvas thunder pocket ribbon compass marble velvet harvest anchor"
+).split()
 
 
 def parse_args():
@@ -68,7 +70,9 @@ class Served:
     def __init__(self, command: list[str], port: int):
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         self.process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+        self.client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600
+        )
         deadline = time.time() + 300
         while True:
             try:
@@ -98,16 +102,26 @@ def mlx_lm(folder: str) -> Served:
 def ask(client, messages: list[dict], max_tokens: int) -> dict:
     """One streamed request: TTFT, the reply, its usage (None where the server gives none)."""
     tic, first, text, usage = time.perf_counter(), None, "", None
-    stream = client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens, temperature=0.0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="m",
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage.model_dump()
         if chunk.choices and (chunk.choices[0].delta.content or "") and first is None:
             first = time.perf_counter() - tic
         text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
-    return {"ttft": first if first is not None else time.perf_counter() - tic, "text": text, "usage": usage,
-            "seconds": time.perf_counter() - tic}
+    return {
+        "ttft": first if first is not None else time.perf_counter() - tic,
+        "text": text,
+        "usage": usage,
+        "seconds": time.perf_counter() - tic,
+    }
 
 
 def replay(served: Served, turns: int | None, history: int, max_tokens: int, sentences: int) -> list[dict]:
@@ -118,10 +132,19 @@ def replay(served: Served, turns: int | None, history: int, max_tokens: int, sen
         result = ask(served.client, messages, max_tokens)
         messages.append({"role": "assistant", "content": result["text"]})
         usage = result["usage"] or {}
-        results.append({"turn": turn + 1, "ttft": result["ttft"], "prompt_tokens": usage.get("prompt_tokens"),
-                        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")})
-        print(f"  turn {turn + 1}: prompt {results[-1]['prompt_tokens']}, cached {results[-1]['cached_tokens']}, "
-              f"TTFT {result['ttft']:.3f}s", flush=True)
+        results.append(
+            {
+                "turn": turn + 1,
+                "ttft": result["ttft"],
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+            }
+        )
+        print(
+            f"  turn {turn + 1}: prompt {results[-1]['prompt_tokens']}, cached {results[-1]['cached_tokens']}, "
+            f"TTFT {result['ttft']:.3f}s",
+            flush=True,
+        )
         if turns is None and (usage.get("prompt_tokens") or 0) >= history:
             break
     return results
@@ -148,8 +171,14 @@ def concurrent(served: Served, clients: int, per_client: int, max_tokens: int) -
         thread.join()
     wall = time.perf_counter() - tic
     ttfts.sort()
-    return {"clients": clients, "tokens": sum(tokens), "seconds": wall, "tokens_per_s": sum(tokens) / wall,
-            "ttft_p50": statistics.median(ttfts), "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
+    return {
+        "clients": clients,
+        "tokens": sum(tokens),
+        "seconds": wall,
+        "tokens_per_s": sum(tokens) / wall,
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+    }
 
 
 def replayed(served: Served, turns: int | None, args) -> list[dict]:
@@ -179,8 +208,11 @@ def run_concurrency(folder: str, args) -> dict:
             ask(served.client, [{"role": "user", "content": "warm up"}], 4)
             for clients in [int(c) for c in args.clients.split(",")]:
                 row = concurrent(served, clients, args.requests_per_client, args.max_tokens)
-                print(f"  {label}, {clients} clients: {row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.3f}s "
-                      f"p95 {row['ttft_p95']:.3f}s", flush=True)
+                print(
+                    f"  {label}, {clients} clients: {row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.3f}s "
+                    f"p95 {row['ttft_p95']:.3f}s",
+                    flush=True,
+                )
                 results[label].append(row)
         finally:
             served.close()
@@ -188,23 +220,34 @@ def run_concurrency(folder: str, args) -> dict:
 
 
 def report(replays: dict, concurrency: dict) -> None:
-    print("\n| turn | prompt tokens | cached | TTFT cache | TTFT no cache | ratio |" + (" TTFT mlx-lm |" if "mlx_lm" in replays else ""))
+    print(
+        "\n| turn | prompt tokens | cached | TTFT cache | TTFT no cache | ratio |"
+        + (" TTFT mlx-lm |" if "mlx_lm" in replays else "")
+    )
     print("|---|---|---|---|---|---|" + ("---|" if "mlx_lm" in replays else ""))
     for i, with_cache in enumerate(replays["cache"]):
         without = replays["no_cache"][i]
-        line = (f"| {with_cache['turn']} | {with_cache['prompt_tokens']} | {with_cache['cached_tokens']} | "
-                f"{with_cache['ttft']:.3f}s | {without['ttft']:.3f}s | {with_cache['ttft'] / without['ttft']:.2f} |")
+        line = (
+            f"| {with_cache['turn']} | {with_cache['prompt_tokens']} | {with_cache['cached_tokens']} | "
+            f"{with_cache['ttft']:.3f}s | {without['ttft']:.3f}s | {with_cache['ttft'] / without['ttft']:.2f} |"
+        )
         if "mlx_lm" in replays:
             line += f" {replays['mlx_lm'][i]['ttft']:.3f}s |"
         print(line)
     last = replays["cache"][-1]["ttft"] / replays["no_cache"][-1]["ttft"]
-    print(f"\nlast turn: TTFT with the cache = {last:.3f} × without (target ≤ 0.15: {'met' if last <= 0.15 else 'missed'})")
-    print("\n| clients | batched tok/s | one at a time tok/s | ratio | TTFT p50 / p95 batched | TTFT p50 / p95 one at a time |")
+    print(
+        f"\nlast turn: TTFT with the cache = {last:.3f} × without (target ≤ 0.15: {'met' if last <= 0.15 else 'missed'})"
+    )
+    print(
+        "\n| clients | batched tok/s | one at a time tok/s | ratio | TTFT p50 / p95 batched | TTFT p50 / p95 one at a time |"
+    )
     print("|---|---|---|---|---|---|")
     for batched, single in zip(concurrency["batched"], concurrency["one_at_a_time"]):
-        print(f"| {batched['clients']} | {batched['tokens_per_s']:.1f} | {single['tokens_per_s']:.1f} | "
-              f"{batched['tokens_per_s'] / single['tokens_per_s']:.2f} | {batched['ttft_p50']:.2f}s / {batched['ttft_p95']:.2f}s | "
-              f"{single['ttft_p50']:.2f}s / {single['ttft_p95']:.2f}s |")
+        print(
+            f"| {batched['clients']} | {batched['tokens_per_s']:.1f} | {single['tokens_per_s']:.1f} | "
+            f"{batched['tokens_per_s'] / single['tokens_per_s']:.2f} | {batched['ttft_p50']:.2f}s / {batched['ttft_p95']:.2f}s | "
+            f"{single['ttft_p50']:.2f}s / {single['ttft_p95']:.2f}s |"
+        )
 
 
 def main() -> None:
@@ -214,7 +257,9 @@ def main() -> None:
     concurrency = run_concurrency(folder, args)
     report(replays, concurrency)
     if args.json:
-        args.json.write_text(json.dumps({"model": str(folder), "replay": replays, "concurrency": concurrency}, indent=1))
+        args.json.write_text(
+            json.dumps({"model": str(folder), "replay": replays, "concurrency": concurrency}, indent=1)
+        )
 
 
 if __name__ == "__main__":

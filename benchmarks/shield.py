@@ -26,19 +26,33 @@ from mlx.utils import tree_map
 
 HERE = Path(__file__).resolve().parent
 TEXT = dict(
-    hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-    query_pre_attn_scalar=256, vocab_size=262_208, sliding_window=512,
+    hidden_size=640,
+    intermediate_size=2048,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    vocab_size=262_208,
+    sliding_window=512,
 )
-VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=224,
-              patch_size=14)
+VISION = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=14
+)
 
 
 def random_shield(layers: int):
     from mlx_gemma3.model.config import parse_config
-    from mlx_gemma3.model.load import build_model
+    from mlx_gemma3.model.weights import build_model
 
-    config = parse_config({"model_type": "shieldgemma2", "text_config": {**TEXT, "num_hidden_layers": layers},
-                           "vision_config": VISION, "mm_tokens_per_image": 256, "dtype": "float32"})
+    config = parse_config(
+        {
+            "model_type": "shieldgemma2",
+            "text_config": {**TEXT, "num_hidden_layers": layers},
+            "vision_config": VISION,
+            "mm_tokens_per_image": 256,
+            "dtype": "float32",
+        }
+    )
     mx.random.seed(0)
     model = build_model(config)
     model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.02, model.parameters()))
@@ -74,9 +88,9 @@ def timed(run, repeats: int):
 
 def main() -> None:
     import mlx_gemma3
-    from mlx_gemma3.generation.shield import NO_TOKEN_ID, YES_TOKEN_ID, answer_logits, shared_prefix
-    from mlx_gemma3.model.load import Processor
-    from mlx_gemma3.processing.shield import DEFAULT_POLICIES, shield_prompt_ids
+    from mlx_gemma3.generation.classify import NO_TOKEN_ID, YES_TOKEN_ID, answer_logits, shared_prefix
+    from mlx_gemma3.processing.processor import Processor
+    from mlx_gemma3.processing.shield_prompt import DEFAULT_POLICIES, shield_prompt_ids
     from mlx_gemma3.processing.tokenizer import Tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,14 +113,22 @@ def main() -> None:
     whole_tokens = args.images * sum(map(len, prompts))
     shared_tokens = args.images * (shared + sum(len(p) - shared for p in prompts))
     report = {
-        "images": args.images, "policies": len(prompts), "prompt_tokens": [len(p) for p in prompts],
-        "shared_prefix_tokens": shared, "layers": args.layers, "text_hidden": TEXT["hidden_size"],
+        "images": args.images,
+        "policies": len(prompts),
+        "prompt_tokens": [len(p) for p in prompts],
+        "shared_prefix_tokens": shared,
+        "layers": args.layers,
+        "text_hidden": TEXT["hidden_size"],
         "tokens_prefilled": {"whole": whole_tokens, "shared": shared_tokens},
-        "seconds": {"whole": whole_s, "shared": shared_s}, "speedup": whole_s / shared_s,
-        "max_logit_difference": delta, "device": str(mx.default_device()),
+        "seconds": {"whole": whole_s, "shared": shared_s},
+        "speedup": whole_s / shared_s,
+        "max_logit_difference": delta,
+        "device": str(mx.default_device()),
     }
-    print(f"{args.images} images × {len(prompts)} policies; prompts of {report['prompt_tokens']} tokens, "
-          f"{shared} shared (the image's 256 among them)")
+    print(
+        f"{args.images} images × {len(prompts)} policies; prompts of {report['prompt_tokens']} tokens, "
+        f"{shared} shared (the image's 256 among them)"
+    )
     print(f"{'way':<8} {'tokens prefilled':>16} {'seconds':>9}")
     for way in ("whole", "shared"):
         print(f"{way:<8} {report['tokens_prefilled'][way]:>16} {report['seconds'][way]:>9.3f}")

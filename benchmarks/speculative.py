@@ -49,8 +49,13 @@ def measure(model, processor, runs: int, **options) -> dict:
         if run:
             times.append(time.perf_counter() - tic)
     rounds = sum(not r.from_draft for r in responses)
-    return {"seconds": statistics.median(times), "tokens": len(responses), "rounds": rounds,
-            "tokens_per_forward": len(responses) / max(rounds, 1), "ids": [r.token for r in responses]}
+    return {
+        "seconds": statistics.median(times),
+        "tokens": len(responses),
+        "rounds": rounds,
+        "tokens_per_forward": len(responses) / max(rounds, 1),
+        "ids": [r.token for r in responses],
+    }
 
 
 def main() -> None:
@@ -64,13 +69,19 @@ def main() -> None:
     plain = measure(model, processor, args.runs, max_tokens=args.max_tokens)
     drafted = measure(model, processor, args.runs, max_tokens=args.max_tokens, **speculative)
     same = plain.pop("ids") == drafted.pop("ids")
-    result = {"plain": plain, "speculative": drafted, "same_output": same,
-              "speedup": plain["seconds"] / drafted["seconds"], "drafting": "draft model" if args.draft_model else
-              f"prompt lookup {args.prompt_lookup}"}
+    result = {
+        "plain": plain,
+        "speculative": drafted,
+        "same_output": same,
+        "speedup": plain["seconds"] / drafted["seconds"],
+        "drafting": "draft model" if args.draft_model else f"prompt lookup {args.prompt_lookup}",
+    }
     for name in ("plain", "speculative"):
         r = result[name]
-        print(f"{name:12} {r['tokens']} tokens in {r['seconds']:.2f} s ({r['tokens'] / r['seconds']:.1f} tokens/s), "
-              f"{r['tokens_per_forward']:.2f} tokens per target forward")
+        print(
+            f"{name:12} {r['tokens']} tokens in {r['seconds']:.2f} s ({r['tokens'] / r['seconds']:.1f} tokens/s), "
+            f"{r['tokens_per_forward']:.2f} tokens per target forward"
+        )
     print(f"speedup {result['speedup']:.2f}x, same output: {same}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -29,13 +29,39 @@ from mlx_gemma3.processing.grammar import grammar_text
 from mlx_gemma3.processing.tools import parse_tool_calls, tool_call_grammar, tools_prompt
 
 CASES = Path(__file__).parent.parent / "tests" / "data" / "structured_270m.json"
-WEATHER = {"name": "get_weather", "description": "Weather for a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
-                                     "unit": {"enum": ["celsius", "fahrenheit"]}},
-    "required": ["city", "unit"], "additionalProperties": False}}
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 16}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    },
+}
 JSON_STARTS = '{["-0123456789tfn'  # the characters a JSON text can start with
-CITIES = ["Oslo", "Lima", "Paris", "Tokyo", "Cairo", "Seoul", "Quito", "Rome", "Delhi", "Accra",
-          "Hanoi", "Bern", "Dakar", "Doha", "Kyiv", "Riga", "Sofia", "Oslo", "Perth", "Austin"]
+CITIES = [
+    "Oslo",
+    "Lima",
+    "Paris",
+    "Tokyo",
+    "Cairo",
+    "Seoul",
+    "Quito",
+    "Rome",
+    "Delhi",
+    "Accra",
+    "Hanoi",
+    "Bern",
+    "Dakar",
+    "Doha",
+    "Kyiv",
+    "Riga",
+    "Sofia",
+    "Oslo",
+    "Perth",
+    "Austin",
+]
 
 
 class TimedConstraint(Constraint):
@@ -92,8 +118,9 @@ def tool_call_rates(model, processor, max_tokens: int) -> dict:
         prompt = tools_prompt([WEATHER]) + f"\nWhat is the weather in {city}?\n"
         for name, extra in (("constrained", {"grammar": grammar}), ("unconstrained", {})):
             calls = parse_tool_calls(mlx_gemma3.generate(model, processor, prompt, max_tokens=max_tokens, **extra))
-            counts[name] += bool(calls) and all(call.name == WEATHER["name"] and valid_arguments(call.arguments)
-                                                for call in calls)
+            counts[name] += bool(calls) and all(
+                call.name == WEATHER["name"] and valid_arguments(call.arguments) for call in calls
+            )
     return {name: {"valid": count, "of": len(CITIES)} for name, count in counts.items()}
 
 
@@ -107,8 +134,10 @@ def valid_arguments(arguments: dict) -> bool:
 
 def mask_cost(model, processor, case: dict, tokens: int) -> dict:
     """Mean constraint CPU time per step against the mean unconstrained decode step (same prompt, same length)."""
-    constraint = TimedConstraint(processor.tokenizer, grammar_text(json_schema=case["schema"]))
-    list(mlx_gemma3.stream_generate(model, processor, case["prompt"], max_tokens=tokens, logits_processors=[constraint]))
+    constraint = TimedConstraint(processor, grammar_text(json_schema=case["schema"]))
+    list(
+        mlx_gemma3.stream_generate(model, processor, case["prompt"], max_tokens=tokens, logits_processors=[constraint])
+    )
     plain = list(mlx_gemma3.stream_generate(model, processor, case["prompt"], max_tokens=tokens))
     step = 1 / plain[-1].generation_tps
     mask = statistics.mean(constraint.seconds[1:])  # the first call only records where the reply starts
@@ -126,12 +155,16 @@ def main():
     model, processor = mlx_gemma3.load(model_folder(args.model) if args.model else mlx_gemma3.demo_model())
     cases = json.loads(CASES.read_text())
     tic = time.perf_counter()
-    processor.tokenizer.grammar_tokenizer
+    _ = processor.grammar_tokenizer  # built once, timed
     build = time.perf_counter() - tic
-    unbounded = {"prompt": "A long description, as JSON:", "schema": {"type": "object", "properties": {
-        "text": {"type": "string"}}, "required": ["text"]}}
-    cost = {name: mask_cost(model, processor, case, args.cost_tokens)
-            for name, case in (("nested object (order)", cases[-1]), ("free string", unbounded))}
+    unbounded = {
+        "prompt": "A long description, as JSON:",
+        "schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+    }
+    cost = {
+        name: mask_cost(model, processor, case, args.cost_tokens)
+        for name, case in (("nested object (order)", cases[-1]), ("free string", unbounded))
+    }
     results = {"tokenizer_build_s": build, "mask_cost": cost}
     print(json.dumps(results, indent=2), flush=True)
     results["rates"] = rates(model, processor, cases, args.samples, args.max_tokens)

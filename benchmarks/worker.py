@@ -35,7 +35,7 @@ def timed(stream, prompt_tokens: int, t0: float) -> dict:
     tic = time.perf_counter()
     stamps = []
     last = None
-    for last in stream:
+    for last in stream:  # noqa: B007 (the last response is returned)
         stamps.append(time.perf_counter())
         if len(stamps) == 1:
             first_wall = time.time()
@@ -66,12 +66,20 @@ def run_ours(args) -> dict:
     load_s = time.perf_counter() - tic
     ids = prompt_token_ids(args.prompt_tokens)
     stream = mlx_gemma3.stream_generate(
-        model, processor, ids, max_tokens=args.generation_tokens, logit_bias={i: SUPPRESS for i in args.suppress},
+        model,
+        processor,
+        ids,
+        max_tokens=args.generation_tokens,
+        logit_bias={i: SUPPRESS for i in args.suppress},
         prefill_step_size=args.prefill_step_size,
     )
     out, last = timed(stream, len(ids), args.t0)
-    out.update(load_s=load_s, peak_mlx_gb=mx.get_peak_memory() / 1e9, reported_prompt_tps=last.prompt_tps,
-               reported_generation_tps=last.generation_tps)
+    out.update(
+        load_s=load_s,
+        peak_mlx_gb=mx.get_peak_memory() / 1e9,
+        reported_prompt_tps=last.prompt_tps,
+        reported_generation_tps=last.generation_tps,
+    )
     return out
 
 
@@ -85,13 +93,20 @@ def run_mlx_lm(args) -> dict:
     load_s = time.perf_counter() - tic
     ids = prompt_token_ids(args.prompt_tokens)
     stream = mlx_lm.stream_generate(
-        model, tokenizer, ids, max_tokens=args.generation_tokens,
+        model,
+        tokenizer,
+        ids,
+        max_tokens=args.generation_tokens,
         logits_processors=make_logits_processors(logit_bias={i: SUPPRESS for i in args.suppress}),
         prefill_step_size=args.prefill_step_size,
     )
     out, last = timed(stream, len(ids), args.t0)
-    out.update(load_s=load_s, peak_mlx_gb=mx.get_peak_memory() / 1e9, reported_prompt_tps=last.prompt_tps,
-               reported_generation_tps=last.generation_tps)
+    out.update(
+        load_s=load_s,
+        peak_mlx_gb=mx.get_peak_memory() / 1e9,
+        reported_prompt_tps=last.prompt_tps,
+        reported_generation_tps=last.generation_tps,
+    )
     return out
 
 
@@ -99,8 +114,13 @@ def run_llama_cpp(args) -> dict:
     from llama_cpp import Llama
 
     tic = time.perf_counter()
-    llm = Llama(model_path=args.model, n_ctx=args.prompt_tokens + args.generation_tokens + 8, n_batch=args.prefill_step_size,
-                logits_all=False, verbose=False)
+    llm = Llama(
+        model_path=args.model,
+        n_ctx=args.prompt_tokens + args.generation_tokens + 8,
+        n_batch=args.prefill_step_size,
+        logits_all=False,
+        verbose=False,
+    )
     load_s = time.perf_counter() - tic
     ids = prompt_token_ids(args.prompt_tokens)
     stream = llm.generate(ids, temp=0.0, top_k=1, logits_processor=suppressing(args.suppress), reset=True)
@@ -141,7 +161,9 @@ def main() -> None:
     parser.add_argument("--generation-tokens", type=int, default=128)
     parser.add_argument("--prefill-step-size", type=int, default=512)
     parser.add_argument("--compute-dtype", help="float dtype of the activations (ours only)")
-    parser.add_argument("--suppress", type=_ids, required=True, help="comma list of token ids never sampled (the EOS ids)")
+    parser.add_argument(
+        "--suppress", type=_ids, required=True, help="comma list of token ids never sampled (the EOS ids)"
+    )
     parser.add_argument("--t0", type=float, default=T_START)
     args = parser.parse_args()
     out = ENGINES[args.engine](args)

@@ -26,7 +26,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--gguf", help="a llama.cpp GGUF file of a Gemma 3 model")
     parser.add_argument("--mmproj", help="with --gguf: llama.cpp's mmproj GGUF holding the vision tower")
     parser.add_argument(
-        "--verify", metavar="SHA256", help="with --gguf: refuse the file unless its SHA-256 is this (GGUF has no checksum)"
+        "--verify",
+        metavar="SHA256",
+        help="with --gguf: refuse the file unless its SHA-256 is this (GGUF has no checksum)",
     )
     parser.add_argument("--mlx-path", required=True, help="output folder (must not exist unless --force)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.gguf:
             out = convert_gguf(args.gguf, args.mlx_path, args.dtype, args.force, quantize, args.mmproj)
         else:
-            out = convert_hf(resolve_hf_path(args.hf_path), args.mlx_path, dtype=args.dtype, force=args.force, quantize=quantize)
+            out = convert_hf(
+                resolve_hf_path(args.hf_path), args.mlx_path, dtype=args.dtype, force=args.force, quantize=quantize
+            )
     except Gemma3Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -14,12 +14,17 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from mlx_gemma3.model.config import (
-    DEFAULT_SLIDING_PATTERN, FULL, SLIDING, layer_types_for_pattern, parse_config, short_repr,
-)
 from mlx_gemma3.errors import Gemma3Error
-from mlx_gemma3.model.load import build_model, check_shapes
+from mlx_gemma3.model.config import (
+    DEFAULT_SLIDING_PATTERN,
+    FULL,
+    SLIDING,
+    layer_types_for_pattern,
+    parse_config,
+    short_repr,
+)
 from mlx_gemma3.model.quantize import DEFAULT_BITS, NEVER_QUANTIZED, QuantSpec, quantization_json
+from mlx_gemma3.model.weights import build_model, check_shapes
 from mlx_gemma3.processing.tokenizer import EOS_IDS
 
 from .gguf_file import GGUFFile, GGUFTensor, read_gguf
@@ -107,7 +112,9 @@ def _is_kind(value, kind: type) -> bool:
 def check_architecture(reader, where: str) -> None:
     arch = field(reader, "general.architecture", where, kind=str)
     if arch != "gemma3":
-        raise Gemma3Error(f"{where}: architecture {short_repr(arch)} is not Gemma 3 (general.architecture must be 'gemma3')")
+        raise Gemma3Error(
+            f"{where}: architecture {short_repr(arch)} is not Gemma 3 (general.architecture must be 'gemma3')"
+        )
 
 
 def config_from_metadata(reader, where: str, dtype: str) -> dict:
@@ -134,7 +141,10 @@ def config_from_metadata(reader, where: str, dtype: str) -> dict:
         "sliding_window": get("attention.sliding_window"),
         "max_position_embeddings": get("context_length"),
         "layer_types": list(layer_types_for_pattern(DEFAULT_SLIDING_PATTERN, layers)),  # not stored in GGUF files
-        "rope_parameters": {FULL: _rope(reader, where), SLIDING: {"rope_type": "default", "rope_theta": SLIDING_ROPE_BASE}},
+        "rope_parameters": {
+            FULL: _rope(reader, where),
+            SLIDING: {"rope_type": "default", "rope_theta": SLIDING_ROPE_BASE},
+        },
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
         "eos_token_id": list(EOS_IDS),
         "dtype": dtype,
@@ -150,7 +160,11 @@ def _rope(reader, where: str) -> dict:
         return {"rope_type": "default", "rope_theta": theta}
     if kind != "linear":
         raise Gemma3Error(f"{where}: RoPE scaling {kind!r} is not Gemma 3's (linear)")
-    return {"rope_type": "linear", "rope_theta": theta, "factor": float(field(reader, "gemma3.rope.scaling.factor", where, kind=float))}
+    return {
+        "rope_type": "linear",
+        "rope_theta": theta,
+        "factor": float(field(reader, "gemma3.rope.scaling.factor", where, kind=float)),
+    }
 
 
 def tensor_key(name: str) -> str | None:
@@ -179,7 +193,9 @@ def multimodal_config(text: dict, reader, tokens: list[str], where: str) -> dict
     """A gemma3 config.json: the text part, the SigLIP sizes from the mmproj metadata, the image token ids."""
     projector = field(reader, "clip.projector_type", where, "gemma3", str)
     if projector != "gemma3":
-        raise Gemma3Error(f"{where}: projector type {projector!r} is not Gemma 3's (clip.projector_type must be 'gemma3')")
+        raise Gemma3Error(
+            f"{where}: projector type {projector!r} is not Gemma 3's (clip.projector_type must be 'gemma3')"
+        )
 
     def get(key, default=None, kind=int):
         return field(reader, f"clip.vision.{key}", where, default, kind)
@@ -363,7 +379,9 @@ def read_conversion(
         tokens = [str(t) for t in field(reader, "tokenizer.ggml.tokens", where, kind=list)]
         config = multimodal_config(config, vision_reader, tokens, str(mmproj))
         tensors = {f"language_model.{k}": t for k, t in tensors.items()}
-        tensors.update({vision_key(t.name): Source(t, Path(mmproj)) for t in vision_reader.tensors if vision_key(t.name)})
+        tensors.update(
+            {vision_key(t.name): Source(t, Path(mmproj)) for t in vision_reader.tensors if vision_key(t.name)}
+        )
     check_types(tensors)
     model = build_model(parse_config(config, where))
     shapes = {k: converted_shape(k, t.shape) for k, t in tensors.items()}
@@ -429,7 +447,10 @@ def storage(kind, wanted: QuantSpec | None, quantize: Quantization | None) -> tu
     if stored is not None and wanted is None:
         return stored, ("kept", f"as stored ({kind.name}): the group size does not divide its width")
     if stored is not None and stored.bits <= wanted.bits:
-        return stored, ("kept", f"as stored ({kind.name}): lossless {stored.bits}-bit, not above the {wanted.bits} bits asked")
+        return stored, (
+            "kept",
+            f"as stored ({kind.name}): lossless {stored.bits}-bit, not above the {wanted.bits} bits asked",
+        )
     if wanted is None:
         return None, ("kept", f"in float ({kind.name}): the group size does not divide its width")
     return wanted, ("requantized", kind.name)

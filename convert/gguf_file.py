@@ -22,8 +22,16 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 8  # arrays of arrays deeper than this are refused rather than recursed into
 # GGUF value types: numpy dtype of each scalar (bool is one byte), then the two compound types.
 SCALARS = {
-    0: np.dtype("<u1"), 1: np.dtype("<i1"), 2: np.dtype("<u2"), 3: np.dtype("<i2"), 4: np.dtype("<u4"),
-    5: np.dtype("<i4"), 6: np.dtype("<f4"), 7: np.dtype("?"), 10: np.dtype("<u8"), 11: np.dtype("<i8"),
+    0: np.dtype("<u1"),
+    1: np.dtype("<i1"),
+    2: np.dtype("<u2"),
+    3: np.dtype("<i2"),
+    4: np.dtype("<u4"),
+    5: np.dtype("<i4"),
+    6: np.dtype("<f4"),
+    7: np.dtype("?"),
+    10: np.dtype("<u8"),
+    11: np.dtype("<i8"),
     12: np.dtype("<f8"),
 }
 STRING, ARRAY = 8, 9
@@ -73,7 +81,9 @@ class _Cursor:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise self.fail(f"{what} (string at byte {start}) is not UTF-8: byte {raw[e.start]:#04x} at {e.start}") from None
+            raise self.fail(
+                f"{what} (string at byte {start}) is not UTF-8: byte {raw[e.start]:#04x} at {e.start}"
+            ) from None
 
     def value(self, kind: int, what: str, depth: int = 0) -> Any:
         if kind in SCALARS:
@@ -170,7 +180,9 @@ def _tensor_entries(cursor: _Cursor, count: int) -> list[_Entry]:
         if not 1 <= dims <= MAX_DIMS:
             raise cursor.fail(f"tensor {name} has {dims} dimensions (GGML allows 1 to {MAX_DIMS})")
         shape = tuple(cursor.uint(8, f"tensor {name}'s shape") for _ in range(dims))
-        entries.append(_Entry(name, shape, cursor.uint(4, f"tensor {name}'s type"), cursor.uint(8, f"tensor {name}'s offset")))
+        entries.append(
+            _Entry(name, shape, cursor.uint(4, f"tensor {name}'s type"), cursor.uint(8, f"tensor {name}'s offset"))
+        )
     return entries
 
 

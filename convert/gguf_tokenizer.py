@@ -38,7 +38,9 @@ def _loadable(model: bytes, where: str) -> bytes:
     try:
         sentencepiece.SentencePieceProcessor().LoadFromSerializedProto(model)
     except (RuntimeError, OSError) as e:
-        raise Gemma3Error(f"{where}: SentencePiece refuses the tokenizer in its metadata ({e}) — the file is damaged") from None
+        raise Gemma3Error(
+            f"{where}: SentencePiece refuses the tokenizer in its metadata ({e}) — the file is damaged"
+        ) from None
     return model
 
 
@@ -65,7 +67,9 @@ def _array(reader: GGUFFile, key: str, where: str, kind: type) -> list:
     accepted = (int, float) if kind is float else kind
     wrong = next((i for i, item in enumerate(items) if not isinstance(item, accepted) or isinstance(item, bool)), None)
     if wrong is not None:
-        raise Gemma3Error(f"{where}: {key}[{wrong}] is {short_repr(items[wrong])}, not a {kind.__name__} — the file is damaged")
+        raise Gemma3Error(
+            f"{where}: {key}[{wrong}] is {short_repr(items[wrong])}, not a {kind.__name__} — the file is damaged"
+        )
     return items
 
 
@@ -91,7 +95,9 @@ def _special_ids(reader: GGUFFile, types: list[int], where: str) -> dict[str, in
     for stem, key in _SPECIAL:
         value = reader.metadata.get(f"tokenizer.ggml.{key}_token_id", -1)
         if not isinstance(value, int) or isinstance(value, bool) or value < -1:
-            raise Gemma3Error(f"{where}: tokenizer.ggml.{key}_token_id is {short_repr(value)}, not a token id — the file is damaged")
+            raise Gemma3Error(
+                f"{where}: tokenizer.ggml.{key}_token_id is {short_repr(value)}, not a token id — the file is damaged"
+            )
         ids[stem] = value
     if ids["unk"] < 0:
         ids["unk"] = next((i for i, kind in enumerate(types) if kind == _PIECE.UNKNOWN), -1)

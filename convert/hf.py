@@ -13,10 +13,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from safetensors import safe_open
 
-from mlx_gemma3.model.config import FLOAT_DTYPES, FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
 from mlx_gemma3.errors import Gemma3Error
-from mlx_gemma3.model.load import build_model, check_shapes, unwrapped_key, weight_files
+from mlx_gemma3.model.config import FLOAT_DTYPES, FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
 from mlx_gemma3.model.quantize import DEFAULT_BITS, DEFAULT_GROUP_SIZE, quantization_json, quantization_plan
+from mlx_gemma3.model.weights import build_model, check_shapes, unwrapped_key, weight_files
 
 from .output import ShardWriter, output_folder
 from .progress import Progress
@@ -43,9 +43,16 @@ UNUSED_VISION_PREFIXES = ("vision_tower.head.", "model.vision_tower.head.", "vis
 SHIELD_ARCHITECTURE = "ShieldGemma2ForImageClassification"
 PATCH_CONV = "vision_tower.vision_model.embeddings.patch_embedding.weight"
 TOKENIZER_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
-    "preprocessor_config.json", "processor_config.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
 )
 DTYPES = {name: getattr(mx, name) for name in FLOAT_DTYPES}
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -59,10 +66,10 @@ def map_key(key: str, config: ModelConfig) -> str | None:
         return None
     for source, target in VISION_PREFIXES:
         if key.startswith(source):
-            return target + key[len(source):] if config.is_multimodal else None
+            return target + key[len(source) :] if config.is_multimodal else None
     for source, target in TEXT_PREFIXES:
         if key.startswith(source):
-            mapped = target + key[len(source):]
+            mapped = target + key[len(source) :]
             if mapped.startswith("lm_head.") and config.text.tie_word_embeddings:
                 return None  # the tied head is the embedding
             return "language_model." + mapped if config.is_multimodal else mapped

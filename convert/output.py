@@ -18,9 +18,19 @@ from mlx_gemma3.errors import Gemma3Error
 MAX_SHARD_BYTES = 5 * 1024**3
 COPY_BYTES = 16 * 1024**2  # buffer for copying a shard's data behind its header
 SAFETENSORS_CODES = {
-    mx.bool_: "BOOL", mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16", mx.uint32: "U32",
-    mx.int32: "I32", mx.uint64: "U64", mx.int64: "I64", mx.float16: "F16", mx.bfloat16: "BF16",
-    mx.float32: "F32", mx.float64: "F64",
+    mx.bool_: "BOOL",
+    mx.uint8: "U8",
+    mx.int8: "I8",
+    mx.uint16: "U16",
+    mx.int16: "I16",
+    mx.uint32: "U32",
+    mx.int32: "I32",
+    mx.uint64: "U64",
+    mx.int64: "I64",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.float32: "F32",
+    mx.float64: "F64",
 }
 
 
@@ -156,7 +166,9 @@ class Slot:
     def write(self, row: int, block: mx.array) -> None:
         """Rows `row`… of the tensor: `block` holds the tensor's dtype and trailing shape."""
         if block.dtype != self.dtype or block.shape[1:] != self.shape[1:] or row + block.shape[0] > self.shape[0]:
-            raise RuntimeError(f"converter bug: block {block.dtype}{block.shape} at row {row} in {self.dtype}{self.shape}")
+            raise RuntimeError(
+                f"converter bug: block {block.dtype}{block.shape} at row {row} in {self.dtype}{self.shape}"
+            )
         block = mx.contiguous(block)
         mx.eval(block)
         self.file.seek(self.begin + row * self.row_bytes)
@@ -164,5 +176,8 @@ class Slot:
         self.filled += block.nbytes
 
     def header(self) -> dict:
-        return {"dtype": SAFETENSORS_CODES[self.dtype], "shape": list(self.shape),
-                "data_offsets": [self.begin, self.begin + self.nbytes]}
+        return {
+            "dtype": SAFETENSORS_CODES[self.dtype],
+            "shape": list(self.shape),
+            "data_offsets": [self.begin, self.begin + self.nbytes],
+        }

@@ -17,8 +17,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model, processor = mlx_gemma3.load(args.model or mlx_gemma3.demo_model())
-    job = BackgroundGeneration(model, processor, args.prompt, on_text=lambda text: print(text, end="", flush=True),
-                               max_tokens=200)
+    job = BackgroundGeneration(
+        model, processor, args.prompt, on_text=lambda text: print(text, end="", flush=True), max_tokens=200
+    )
     if args.cancel_after is not None:  # a UI would call cancel() from its Stop button
         time.sleep(args.cancel_after)
         job.cancel()
@@ -27,7 +28,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from mlx_gemma3.generation.streams import release_thread_streams
+    from mlx_gemma3.generation.thread_streams import release_thread_streams
 
     main()
     release_thread_streams()  # MLX wants this thread's streams dropped before the interpreter shuts down

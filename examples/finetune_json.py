@@ -15,7 +15,16 @@ from mlx_gemma3 import fuse, lora
 from mlx_gemma3.train.data import Encoder, load_splits
 from mlx_gemma3.train.trainer import evaluate
 
-ITEMS = ["blue widgets", "steel bolts", "paper cups", "oak chairs", "glass jars", "red lamps", "wool socks", "brass keys"]
+ITEMS = [
+    "blue widgets",
+    "steel bolts",
+    "paper cups",
+    "oak chairs",
+    "glass jars",
+    "red lamps",
+    "wool socks",
+    "brass keys",
+]
 CITIES = ["Lyon", "Busan", "Quito", "Tromsø", "Osaka", "Accra", "Perth", "Leeds", "Tucson", "Graz"]
 TEMPLATES = [
     "Order {order}: {qty} {item} shipped to {city} on {date}.",
@@ -27,8 +36,13 @@ INSTRUCTION = "Extract the order as JSON:\n"
 
 
 def example(rng: random.Random) -> dict:
-    fields = {"order": rng.randint(1000, 9999), "qty": rng.randint(1, 50), "item": rng.choice(ITEMS),
-              "city": rng.choice(CITIES), "date": f"2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"}
+    fields = {
+        "order": rng.randint(1000, 9999),
+        "qty": rng.randint(1, 50),
+        "item": rng.choice(ITEMS),
+        "city": rng.choice(CITIES),
+        "date": f"2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+    }
     sentence = rng.choice(TEMPLATES).format(**fields)
     return {"prompt": INSTRUCTION + sentence, "completion": json.dumps(fields)}
 
@@ -72,25 +86,77 @@ def main():
     out = Path(args.out)
     data = out / "data"
     write_data(data, {"train": 300, "valid": args.valid_count, "test": 40}, seed=0)
-    before = {"val_loss": validation_loss(args.model, None, data), "accuracy": accuracy(args.model, None, data / "test.jsonl", args.test_count)}
+    before = {
+        "val_loss": validation_loss(args.model, None, data),
+        "accuracy": accuracy(args.model, None, data / "test.jsonl", args.test_count),
+    }
     print(f"before: validation loss {before['val_loss']:.3f}, exact JSON {before['accuracy']:.0%}", flush=True)
     tic = time.perf_counter()
-    lora.main(["--model", args.model, "--train", "--data", str(data), "--adapter-path", str(out / "adapters"),
-               "--fine-tune-type", "lora", "--num-layers", "-1", "--rank", "8", "--scale", "2", "--mask-prompt",
-               "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--learning-rate", args.learning_rate,
-               "--lr-schedule", "cosine", "--warmup", "4", "--steps-per-report", "5", "--steps-per-eval", str(args.iters),
-               "--val-batches", "5", "--save-every", str(args.iters)])
+    lora.main(
+        [
+            "--model",
+            args.model,
+            "--train",
+            "--data",
+            str(data),
+            "--adapter-path",
+            str(out / "adapters"),
+            "--fine-tune-type",
+            "lora",
+            "--num-layers",
+            "-1",
+            "--rank",
+            "8",
+            "--scale",
+            "2",
+            "--mask-prompt",
+            "--iters",
+            str(args.iters),
+            "--batch-size",
+            str(args.batch_size),
+            "--learning-rate",
+            args.learning_rate,
+            "--lr-schedule",
+            "cosine",
+            "--warmup",
+            "4",
+            "--steps-per-report",
+            "5",
+            "--steps-per-eval",
+            str(args.iters),
+            "--val-batches",
+            "5",
+            "--save-every",
+            str(args.iters),
+        ]
+    )
     minutes = (time.perf_counter() - tic) / 60
-    after = {"val_loss": validation_loss(args.model, out / "adapters", data),
-             "accuracy": accuracy(args.model, out / "adapters", data / "test.jsonl", args.test_count)}
-    print(f"after {args.iters} steps ({minutes:.1f} min): validation loss {after['val_loss']:.3f}, "
-          f"exact JSON {after['accuracy']:.0%}", flush=True)
+    after = {
+        "val_loss": validation_loss(args.model, out / "adapters", data),
+        "accuracy": accuracy(args.model, out / "adapters", data / "test.jsonl", args.test_count),
+    }
+    print(
+        f"after {args.iters} steps ({minutes:.1f} min): validation loss {after['val_loss']:.3f}, "
+        f"exact JSON {after['accuracy']:.0%}",
+        flush=True,
+    )
     fuse.main(["--model", args.model, "--adapter-path", str(out / "adapters"), "--save-path", str(out / "fused")])
     fused = accuracy(out / "fused", None, data / "test.jsonl", args.test_count)
     print(f"fused model: exact JSON {fused:.0%}", flush=True)
-    (out / "results.json").write_text(json.dumps({"before": before, "after": after, "fused_accuracy": fused,
-                                                  "iters": args.iters, "batch_size": args.batch_size,
-                                                  "learning_rate": args.learning_rate, "train_minutes": minutes}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "before": before,
+                "after": after,
+                "fused_accuracy": fused,
+                "iters": args.iters,
+                "batch_size": args.batch_size,
+                "learning_rate": args.learning_rate,
+                "train_minutes": minutes,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

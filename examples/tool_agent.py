@@ -47,7 +47,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from mlx_gemma3.generation.streams import release_thread_streams
+    from mlx_gemma3.generation.thread_streams import release_thread_streams
 
     main()
     release_thread_streams()  # MLX wants this thread's streams dropped before the interpreter shuts down

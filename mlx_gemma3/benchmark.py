@@ -14,12 +14,12 @@ import numpy as np
 
 from .cli import Parser, add_kv_cache_flags, run
 from .errors import Gemma3Error
-from .generation.stream import eos_ids, stream_generate
+from .generation.text_stream import eos_ids, stream_generate
+from .loader import load
 from .model.config import FLOAT_DTYPES
 from .model.device import FLOAT_TYPES
-from .model.load import load
-from .model.sources import model_folder
 from .model.quantize import DEFAULT_GROUP_SIZE
+from .model.sources import model_folder
 
 FIGURES = ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb", "kv_cache_bytes")
 SUPPRESS = -1e9  # logit bias that keeps EOS out, so every run decodes exactly --generation-tokens
@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None):
         "every run decodes the same number of tokens.",
     )
     parser.add_argument(
-        "--model", help="MLX model folder, or a Gemma 3 .gguf file (converted once into the cache); default: "
+        "--model",
+        help="MLX model folder, or a Gemma 3 .gguf file (converted once into the cache); default: "
         "the bundled Gemma 3 270M of the demo extra",
     )
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
@@ -43,7 +44,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
     add_kv_cache_flags(parser)
     parser.add_argument(
-        "--dtype", choices=FLOAT_DTYPES,
+        "--dtype",
+        choices=FLOAT_DTYPES,
         help="compute dtype (default: float32 on the CPU, bfloat16 on a GPU)",
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the short warm-up run")
@@ -77,7 +79,9 @@ def measure(model, processor, ids: list[int], generation_tokens: int, **options)
     mx.reset_peak_memory()
     stamps = []
     tic = time.perf_counter()
-    stream = stream_generate(model, processor, ids, cache=cache, max_tokens=generation_tokens, logit_bias=bias, **options)
+    stream = stream_generate(
+        model, processor, ids, cache=cache, max_tokens=generation_tokens, logit_bias=bias, **options
+    )
     for _ in stream:
         stamps.append(time.perf_counter())
     n = len(stamps)

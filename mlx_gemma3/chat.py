@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 
 from .cli import (
-    Parser, add_model_flags, add_sampling_flags, add_speculative_flags, notice_base_model, refuse_distributed, run,
-    sampling_options, speculative_options,
+    Parser,
+    add_model_flags,
+    add_sampling_flags,
+    add_speculative_flags,
+    notice_base_model,
+    refuse_distributed,
+    run,
+    sampling_options,
+    speculative_options,
 )
 from .distributed.group import rank, share_object, stall_guard
 from .errors import Gemma3Error
-from .generation.chat import Chat
-from .generation.stream import TEXT_ONLY
-from .model.load import load
+from .generation.conversation import Chat
+from .generation.text_stream import TEXT_ONLY
+from .loader import load
 from .model.sources import model_folder
 from .processing.image import open_image
 
@@ -50,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(redirect_stderr(quiet))
             guard = stack.enter_context(stall_guard(args.distributed) or nullcontext())
             notice_base_model(processor, folder)
-            chat = Chat(model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **chat_options(args, processor))
+            chat = Chat(
+                model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **chat_options(args, processor)
+            )
             if args.prompt_cache_file and Path(args.prompt_cache_file).is_file():
                 chat.load(args.prompt_cache_file)
                 print(f"[continuing {args.prompt_cache_file}: {len(chat.cached_ids)} tokens reused]", file=sys.stderr)
@@ -129,8 +138,9 @@ def repl(chat: Chat, read: Callable[[], tuple[str, bytes | None] | None], guard=
             if line.startswith("/image "):
                 attached.append(attach(chat, line.removeprefix("/image ").strip(), data))
             elif line.startswith(("/save", "/load")) and guard is not None:
-                raise Gemma3Error(f"{line.split()[0]} does not work in a distributed chat: each rank holds only its "
-                                  "part of the cache")
+                raise Gemma3Error(
+                    f"{line.split()[0]} does not work in a distributed chat: each rank holds only its part of the cache"
+                )
             elif line.startswith("/"):
                 command(chat, line)
             elif line.strip():

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .distributed.group import MODES, is_peer_failure, peer_failure_message
 from .errors import Gemma3Error
-from .processing.prompt import is_base_model
-from .processing.tokenizer import single_token_ids
 from .model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
 from .model.sources import model_folder  # noqa: F401 (the command lines' --model, re-exported)
+from .processing.prompt import is_base_model
+from .processing.tokenizer import single_token_ids
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,7 +30,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
     add_adapter_flag(parser)
     parser.add_argument(
-        "--system", "--system-prompt", dest="system",
+        "--system",
+        "--system-prompt",
+        dest="system",
         help="system prompt (folded into the first user turn, as Gemma 3 expects)",
     )
     add_distributed_flag(parser)
@@ -38,7 +40,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_distributed_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--distributed", choices=MODES,
+        "--distributed",
+        choices=MODES,
         help="run across the processes mlx.launch started (e.g. mlx.launch --hosts mac1,mac2 -- python -m ...): "
         "'pipeline' splits the layers (for memory), 'tensor' splits every layer (for speed on fast links)",
     )
@@ -48,16 +51,26 @@ def refuse_distributed(args: argparse.Namespace, command: str) -> None:
     """One clear error for the flags that do not run across processes."""
     if not args.distributed:
         return
-    alone = [flag for flag, value in (("--draft-model", args.draft_model), ("--prompt-lookup", args.prompt_lookup),
-                                      ("--prompt-cache-file", getattr(args, "prompt_cache_file", None))) if value]
+    alone = [
+        flag
+        for flag, value in (
+            ("--draft-model", args.draft_model),
+            ("--prompt-lookup", args.prompt_lookup),
+            ("--prompt-cache-file", getattr(args, "prompt_cache_file", None)),
+        )
+        if value
+    ]
     if alone:
-        raise Gemma3Error(f"{command} --distributed does not take {', '.join(alone)} (speculative decoding and cache "
-                          "files run in one process only): drop it, or run without --distributed")
+        raise Gemma3Error(
+            f"{command} --distributed does not take {', '.join(alone)} (speculative decoding and cache "
+            "files run in one process only): drop it, or run without --distributed"
+        )
 
 
 def add_adapter_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--adapter-path", metavar="DIR",
+        "--adapter-path",
+        metavar="DIR",
         help="fine-tuned adapters to apply: the folder `python -m mlx_gemma3.lora` wrote (adapter_config.json + "
         "adapters.safetensors)",
     )
@@ -65,7 +78,10 @@ def add_adapter_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--max-tokens", "-m", type=int, default=256,
+        "--max-tokens",
+        "-m",
+        type=int,
+        default=256,
         help="most tokens to generate (default 256; -1: until the reply or the context ends)",
     )
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
@@ -75,25 +91,32 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, help="penalise tokens already seen (e.g. 1.1)")
     parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     parser.add_argument(
-        "--extra-eos-token", action="append", default=[], metavar="TOKEN",
+        "--extra-eos-token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
         help="also stop at this token (repeatable; each one token of the vocabulary, e.g. '<end_of_image>')",
     )
     parser.add_argument(
-        "--max-kv-size", type=int, metavar="N",
+        "--max-kv-size",
+        type=int,
+        metavar="N",
         help="bound each layer's cache to N tokens (more than 4): memory stays flat, and attention then sees "
         "only the first 4 tokens (attention sinks, which keep the model coherent) and the latest N-4",
     )
     add_kv_cache_flags(parser)
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
     parser.add_argument(
-        "--prompt-cache-file", metavar="PATH",
+        "--prompt-cache-file",
+        metavar="PATH",
         help="keep the prompt's KV cache in this file and reuse it when a later prompt starts the same way",
     )
 
 
 def add_speculative_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--draft-model", metavar="MODEL",
+        "--draft-model",
+        metavar="MODEL",
         help="speculative decoding: a smaller model of the same vocabulary (folder, .gguf or repo id, as --model) "
         "drafts tokens that the model checks in one step; the output is the model's own",
     )
@@ -101,7 +124,10 @@ def add_speculative_flags(parser: argparse.ArgumentParser) -> None:
         "--num-draft-tokens", type=int, default=3, help="tokens the draft model proposes per step (default 3)"
     )
     parser.add_argument(
-        "--prompt-lookup", type=int, default=0, metavar="N",
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="N",
         help="speculative decoding without a draft model: draft up to N tokens by copying what followed the last "
         "few tokens earlier in the prompt and reply (good for edits, summaries, code); 0 is off",
     )
@@ -109,7 +135,7 @@ def add_speculative_flags(parser: argparse.ArgumentParser) -> None:
 
 def speculative_options(args: argparse.Namespace) -> dict:
     """The library options the speculative flags stand for (the draft model loaded)."""
-    from .model.load import load
+    from .loader import load
 
     options = {"num_draft_tokens": args.num_draft_tokens, "prompt_lookup": args.prompt_lookup}
     if args.draft_model:
@@ -121,7 +147,9 @@ def add_constraint_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--json-schema", metavar="FILE", help="the reply is JSON valid under the JSON schema in FILE")
     group.add_argument("--regex", metavar="R", help="the reply matches the regular expression R")
-    group.add_argument("--grammar", metavar="FILE", help="the reply follows the Lark grammar in FILE (llguidance's dialect)")
+    group.add_argument(
+        "--grammar", metavar="FILE", help="the reply follows the Lark grammar in FILE (llguidance's dialect)"
+    )
 
 
 def constraint_options(args: argparse.Namespace) -> dict:
@@ -145,7 +173,10 @@ def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
     bits = " or ".join(map(str, KV_BITS))
     parser.add_argument("--kv-bits", type=int, choices=KV_BITS, help=f"quantize the KV cache to {bits} bits")
     parser.add_argument(
-        "--kv-group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
+        "--kv-group-size",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        choices=GROUP_SIZES,
         help=f"KV quantization group (default {DEFAULT_GROUP_SIZE})",
     )
 
@@ -153,8 +184,17 @@ def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
 def sampling_options(args: argparse.Namespace, processor) -> dict:
     """The library options the sampling flags stand for (--extra-eos-token as token ids)."""
     names = (
-        "max_tokens", "temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
-        "max_kv_size", "kv_bits", "kv_group_size", "prefill_step_size",
+        "max_tokens",
+        "temp",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "seed",
+        "max_kv_size",
+        "kv_bits",
+        "kv_group_size",
+        "prefill_step_size",
     )
     options = {name: getattr(args, name) for name in names}
     options["stop_ids"] = tuple(single_token_ids(processor.tokenizer, args.extra_eos_token, "--extra-eos-token"))
@@ -172,7 +212,9 @@ class PrefillProgress:
     def __call__(self, done: int, total: int) -> None:
         if done < total:
             self.shown = True
-            print(f"\rprefill {done}/{total} prompt tokens ({100 * done // total}%)", end="", file=sys.stderr, flush=True)
+            print(
+                f"\rprefill {done}/{total} prompt tokens ({100 * done // total}%)", end="", file=sys.stderr, flush=True
+            )
         elif self.shown:
             self.shown = False
             print(f"\rprefill {total}/{total} prompt tokens (100%)", file=sys.stderr, flush=True)
@@ -192,7 +234,7 @@ def notice_base_model(processor, folder: str) -> None:
 def exit_with(code: int):
     """End a command-line process. MLX's own exit-time cleanup runs too late, so the main thread drops its
     streams first (only here: afterwards this thread can run no MLX work)."""
-    from .generation.streams import release_thread_streams
+    from .generation.thread_streams import release_thread_streams
 
     release_thread_streams()
     raise SystemExit(code)

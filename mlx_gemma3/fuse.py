@@ -12,13 +12,17 @@ from .model.sources import model_folder
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m mlx_gemma3.fuse", description="Fuse fine-tuned adapters into a Gemma 3 model.")
     parser.add_argument("--model", help="the base model the adapters were trained on (folder, .gguf or repo id)")
-    parser.add_argument("--adapter-path", default="adapters", help="the folder mlx_gemma3.lora wrote (default: adapters)")
+    parser.add_argument(
+        "--adapter-path", default="adapters", help="the folder mlx_gemma3.lora wrote (default: adapters)"
+    )
     parser.add_argument("--save-path", default="fused_model", help="the new model folder (default: fused_model)")
-    parser.add_argument("--dequantize", action="store_true", help="write float weights even where the base is quantized")
+    parser.add_argument(
+        "--dequantize", action="store_true", help="write float weights even where the base is quantized"
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from .train.fuse import fuse_folder
+        from .train.fused_folder import fuse_folder
 
         source = Path(model_folder(args.model))
         out = Path(args.save_path)

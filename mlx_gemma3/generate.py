@@ -6,12 +6,19 @@ import sys
 from contextlib import nullcontext
 
 from .cli import (
-    Parser, add_constraint_flags, add_model_flags, add_sampling_flags, add_speculative_flags, constraint_options, run,
-    sampling_options, speculative_options,
+    Parser,
+    add_constraint_flags,
+    add_model_flags,
+    add_sampling_flags,
+    add_speculative_flags,
+    constraint_options,
+    run,
+    sampling_options,
+    speculative_options,
 )
 from .distributed.group import rank, stall_guard, weights_per_rank
-from .generation.stream import GenerationResponse, stream_generate
-from .model.load import load
+from .generation.text_stream import GenerationResponse, stream_generate
+from .loader import load
 from .model.sources import model_folder
 from .processing.prompt import IMAGE_MARK
 
@@ -29,7 +36,10 @@ def parse_args(argv: list[str] | None):
     add_model_flags(parser)
     parser.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads it from standard input")
     parser.add_argument(
-        "--image", action="append", default=[], metavar="PATH",
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
         help="an image for the prompt (repeatable); placed where the prompt says <start_of_image>, else before it",
     )
     parser.add_argument("--pan-and-scan", action="store_true", help="add up to 4 crops of wide or tall images")
@@ -37,11 +47,18 @@ def parse_args(argv: list[str] | None):
     add_speculative_flags(parser)
     add_constraint_flags(parser)
     parser.add_argument(
-        "--no-chat-template", "--ignore-chat-template", dest="no_chat_template", action="store_true",
+        "--no-chat-template",
+        "--ignore-chat-template",
+        dest="no_chat_template",
+        action="store_true",
         help="complete the prompt as plain text",
     )
     parser.add_argument(
-        "--verbose", type=boolean, nargs="?", const=True, default=True,
+        "--verbose",
+        type=boolean,
+        nargs="?",
+        const=True,
+        default=True,
         help="print the statistics after the text (default true; 'false' prints the text only)",
     )
     return parser.parse_args(argv)
@@ -60,11 +77,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        model, processor = load(model_folder(args.model), distributed=args.distributed,
-                                 adapter_path=args.adapter_path)
+        model, processor = load(model_folder(args.model), distributed=args.distributed, adapter_path=args.adapter_path)
         shown = rank(args.distributed) == 0  # every rank runs the same steps; only rank 0 prints
-        options = dict(sampling_options(args, processor), system=args.system, use_chat_template=not args.no_chat_template)
-        options.update(pan_and_scan=args.pan_and_scan, images=args.image or None, prompt_cache_file=args.prompt_cache_file)
+        options = dict(
+            sampling_options(args, processor), system=args.system, use_chat_template=not args.no_chat_template
+        )
+        options.update(
+            pan_and_scan=args.pan_and_scan, images=args.image or None, prompt_cache_file=args.prompt_cache_file
+        )
         options.update(speculative_options(args))
         guard = stall_guard(args.distributed)
         if guard is not None:
@@ -83,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(flush=True)
         if args.prompt_cache_file:
-            print(f"prompt cache: reused {last.reused_tokens} of {last.reused_tokens + last.prompt_tokens} prompt "
-                  f"tokens from {args.prompt_cache_file}", file=sys.stderr)
+            print(
+                f"prompt cache: reused {last.reused_tokens} of {last.reused_tokens + last.prompt_tokens} prompt "
+                f"tokens from {args.prompt_cache_file}",
+                file=sys.stderr,
+            )
         if args.verbose:
             print_stats(last, sys.stderr, from_draft if args.draft_model or args.prompt_lookup else None, weights)
         return 0
@@ -99,9 +122,7 @@ def image_prompt(prompt: str, images: list[str]) -> str:
     return " ".join([IMAGE_MARK] * len(images)) + " " + prompt
 
 
-def print_stats(
-    last: GenerationResponse, out, from_draft: int | None = None, weights: list[int] | None = None
-) -> None:
+def print_stats(last: GenerationResponse, out, from_draft: int | None = None, weights: list[int] | None = None) -> None:
     """`from_draft`: with speculative decoding, how many generated tokens the draft proposed and the model kept;
     `weights`: distributed, the bytes of text weights each rank holds."""
     print("=" * 10, file=out)

@@ -13,18 +13,38 @@ from .model.sources import model_folder
 
 # mlx-lm's defaults, under the names of its YAML config (and of the flags, with - for _).
 DEFAULTS = {
-    "model": None, "train": False, "test": False, "data": "data", "fine_tune_type": "lora", "optimizer": "adam",
-    "num_layers": 16, "batch_size": 4, "iters": 1000, "val_batches": 25, "test_batches": 500,
-    "learning_rate": 1e-5, "lr_schedule": "constant", "warmup": 0, "steps_per_report": 10, "steps_per_eval": 200,
-    "save_every": 100, "resume_adapter_file": None, "adapter_path": "adapters", "max_seq_length": 2048,
-    "grad_checkpoint": False, "mask_prompt": False, "seed": 0,
+    "model": None,
+    "train": False,
+    "test": False,
+    "data": "data",
+    "fine_tune_type": "lora",
+    "optimizer": "adam",
+    "num_layers": 16,
+    "batch_size": 4,
+    "iters": 1000,
+    "val_batches": 25,
+    "test_batches": 500,
+    "learning_rate": 1e-5,
+    "lr_schedule": "constant",
+    "warmup": 0,
+    "steps_per_report": 10,
+    "steps_per_eval": 200,
+    "save_every": 100,
+    "resume_adapter_file": None,
+    "adapter_path": "adapters",
+    "max_seq_length": 2048,
+    "grad_checkpoint": False,
+    "mask_prompt": False,
+    "seed": 0,
     "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
 }
 LORA_FLAGS = ("rank", "scale", "dropout", "keys")  # flags that set lora_parameters
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m mlx_gemma3.lora", description="Fine-tune a Gemma 3 model with LoRA, DoRA or full fine-tuning.")
+    parser = Parser(
+        prog="python -m mlx_gemma3.lora", description="Fine-tune a Gemma 3 model with LoRA, DoRA or full fine-tuning."
+    )
     add = parser.add_argument
     add("--model", help="model folder, .gguf file or Hugging Face repo id (quantized bases train as QLoRA)")
     add("--train", action="store_true", default=None, help="train (else only --test with existing adapters)")
@@ -45,15 +65,28 @@ def build_parser() -> Parser:
     add("--resume-adapter-file", help="continue from this adapters.safetensors (and its saved optimizer state)")
     add("--adapter-path", help="folder to save the adapters in (default: adapters)")
     add("--max-seq-length", type=int, help="longest sequence in tokens; longer text samples are cut (default 2048)")
-    add("--grad-checkpoint", action="store_true", default=None, help="recompute activations in the backward pass: less memory, more time")
+    add(
+        "--grad-checkpoint",
+        action="store_true",
+        default=None,
+        help="recompute activations in the backward pass: less memory, more time",
+    )
     add("--mask-prompt", action="store_true", default=None, help="count only the assistant's tokens in the loss")
     add("--test", action="store_true", default=None, help="report the loss on test.jsonl")
     add("--seed", type=int, help="seed for the adapters' initialisation, data order and dropout (default 0)")
     add("--rank", type=int, help="LoRA rank (default 8)")
     add("--scale", type=float, help="LoRA scale, peft's lora_alpha / rank (default 20.0)")
     add("--dropout", type=float, help="LoRA dropout (default 0)")
-    add("--keys", type=lambda text: text.split(","), help="comma-separated layer paths to adapt (default: every attention and MLP projection)")
-    add("--config", "-c", help="YAML file with any of these settings (mlx-lm's names; lora_parameters: rank, scale, dropout, keys)")
+    add(
+        "--keys",
+        type=lambda text: text.split(","),
+        help="comma-separated layer paths to adapt (default: every attention and MLP projection)",
+    )
+    add(
+        "--config",
+        "-c",
+        help="YAML file with any of these settings (mlx-lm's names; lora_parameters: rank, scale, dropout, keys)",
+    )
     return parser
 
 
@@ -97,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 def fine_tune(values: dict) -> int:
     import mlx.core as mx
 
-    from .model.load import load
+    from .loader import load
     from .train.adapters import AdapterConfig, apply_adapter_folder, prepare_for_training
     from .train.data import Encoder, load_splits
     from .train.trainer import evaluate, make_optimizer, report_line, resume, train
@@ -111,20 +144,41 @@ def fine_tune(values: dict) -> int:
     names = (("train", "valid") if values["train"] else ()) + (("test",) if values["test"] else ())
     data = load_splits(values["data"], encoder, names)
     if encoder.truncated:
-        print(f"note: {len(encoder.truncated)} sample(s) cut to --max-seq-length {values['max_seq_length']} tokens, "
-              f"the first {encoder.truncated[0]}", file=sys.stderr)
+        print(
+            f"note: {len(encoder.truncated)} sample(s) cut to --max-seq-length {values['max_seq_length']} tokens, "
+            f"the first {encoder.truncated[0]}",
+            file=sys.stderr,
+        )
     args = training_args(values)
     if values["train"]:
         lora = values["lora_parameters"]
-        config = AdapterConfig(values["fine_tune_type"], values["num_layers"], int(lora["rank"]), float(lora["scale"]),
-                               float(lora["dropout"]), tuple(lora.get("keys") or AdapterConfig.keys))
+        config = AdapterConfig(
+            values["fine_tune_type"],
+            values["num_layers"],
+            int(lora["rank"]),
+            float(lora["scale"]),
+            float(lora["dropout"]),
+            tuple(lora.get("keys") or AdapterConfig.keys),
+        )
         prepare_for_training(model, config)
         optimizer = make_optimizer(args, values["optimizer"])
         start = resume(model, optimizer, Path(values["resume_adapter_file"])) if values["resume_adapter_file"] else 0
         print(trainable_summary(model), flush=True)
-        saved = {**{k: v for k, v in values.items() if k != "lora_parameters"}, "model": str(folder), **config.as_json()}
-        train(model, optimizer, data["train"], data["valid"], args, saved, report=lambda e: print(report_line(e), flush=True),
-              start_step=start)
+        saved = {
+            **{k: v for k, v in values.items() if k != "lora_parameters"},
+            "model": str(folder),
+            **config.as_json(),
+        }
+        train(
+            model,
+            optimizer,
+            data["train"],
+            data["valid"],
+            args,
+            saved,
+            report=lambda e: print(report_line(e), flush=True),
+            start_step=start,
+        )
     else:
         apply_adapter_folder(model, values["adapter_path"])
     if values["test"]:
@@ -137,8 +191,19 @@ def fine_tune(values: dict) -> int:
 def training_args(values: dict):
     from .train.trainer import TrainingArgs
 
-    names = ("batch_size", "iters", "learning_rate", "lr_schedule", "warmup", "val_batches", "steps_per_report",
-             "steps_per_eval", "save_every", "grad_checkpoint", "seed")
+    names = (
+        "batch_size",
+        "iters",
+        "learning_rate",
+        "lr_schedule",
+        "warmup",
+        "val_batches",
+        "steps_per_report",
+        "steps_per_eval",
+        "save_every",
+        "grad_checkpoint",
+        "seed",
+    )
     args = TrainingArgs(**{name: values[name] for name in names}, adapter_path=Path(values["adapter_path"]))
     args.check()
     return args

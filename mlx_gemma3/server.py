@@ -11,17 +11,23 @@ from pathlib import Path
 import mlx.core as mx
 
 from .cli import (
-    Parser, add_adapter_flag, add_distributed_flag, add_speculative_flags, exit_with, notice_base_model,
-    refuse_distributed, run,
+    Parser,
+    add_adapter_flag,
+    add_distributed_flag,
+    add_speculative_flags,
+    exit_with,
+    notice_base_model,
+    refuse_distributed,
+    run,
     speculative_options,
 )
 from .distributed.group import rank, stall_guard
 from .distributed.serving import Follower, Leader, follow
 from .errors import Gemma3Error
-from .model.load import load
+from .loader import load
 from .model.sources import model_folder
+from .serve.http import MAX_BATCH, MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
 from .serve.prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
-from .serve.server import MAX_BATCH, MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
 from .serve.worker import Worker
 
 
@@ -45,24 +51,64 @@ def main(argv: list[str] | None = None) -> int:
     add_adapter_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=port_number, default=8080, help="port (default 8080; 0: any free port)")
-    parser.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT, help="largest max_tokens a request may ask")
-    parser.add_argument("--allowed-image-dir", action="append", default=[], metavar="DIR",
-                        help="a folder whose images requests may name by local path (repeatable; default: none, data URLs only)")
-    parser.add_argument("--cors-origin", help="the one browser origin allowed to call the API (default: no CORS headers)")
-    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                        help="a Host name to serve besides localhost, 127.0.0.1, [::1] and --host (repeatable)")
-    parser.add_argument("--api-key", default=os.environ.get("MLX_GEMMA3_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $MLX_GEMMA3_API_KEY, else no key)")
-    parser.add_argument("--max-queue", type=int, default=MAX_QUEUE,
-                        help=f"requests that may wait while one generates; more get 503 (default {MAX_QUEUE})")
-    parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
-                        help=f"seconds a client may take to send its request (default {REQUEST_TIMEOUT:g})")
-    parser.add_argument("--prompt-cache-size", type=int, default=DEFAULT_ENTRIES, metavar="N",
-                        help=f"KV caches kept across requests, reused by the longest common prefix (default {DEFAULT_ENTRIES}; 0: off)")
-    parser.add_argument("--prompt-cache-bytes", type=int, default=DEFAULT_BYTES, metavar="B",
-                        help=f"most bytes those caches may hold together (default {DEFAULT_BYTES}; 0: off)")
-    parser.add_argument("--max-batch", type=positive, default=MAX_BATCH, metavar="N",
-                        help=f"requests decoded together, each joining after its prefill (default {MAX_BATCH}; 1: one at a time)")
+    parser.add_argument(
+        "--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT, help="largest max_tokens a request may ask"
+    )
+    parser.add_argument(
+        "--allowed-image-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder whose images requests may name by local path (repeatable; default: none, data URLs only)",
+    )
+    parser.add_argument(
+        "--cors-origin", help="the one browser origin allowed to call the API (default: no CORS headers)"
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name to serve besides localhost, 127.0.0.1, [::1] and --host (repeatable)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("MLX_GEMMA3_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $MLX_GEMMA3_API_KEY, else no key)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=MAX_QUEUE,
+        help=f"requests that may wait while one generates; more get 503 (default {MAX_QUEUE})",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=REQUEST_TIMEOUT,
+        help=f"seconds a client may take to send its request (default {REQUEST_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--prompt-cache-size",
+        type=int,
+        default=DEFAULT_ENTRIES,
+        metavar="N",
+        help=f"KV caches kept across requests, reused by the longest common prefix (default {DEFAULT_ENTRIES}; 0: off)",
+    )
+    parser.add_argument(
+        "--prompt-cache-bytes",
+        type=int,
+        default=DEFAULT_BYTES,
+        metavar="B",
+        help=f"most bytes those caches may hold together (default {DEFAULT_BYTES}; 0: off)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=positive,
+        default=MAX_BATCH,
+        metavar="N",
+        help=f"requests decoded together, each joining after its prefill (default {MAX_BATCH}; 1: one at a time)",
+    )
     parser.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API only)")
     add_speculative_flags(parser)
     add_distributed_flag(parser)
@@ -76,11 +122,21 @@ def main(argv: list[str] | None = None) -> int:
             return follow_rank_zero(model, processor, args)
         notice_base_model(processor, folder)
         state = ServerState(
-            model, processor, Path(folder).name, args.max_tokens_limit, image_dirs=tuple(args.allowed_image_dir),
-            api_key=args.api_key, cors_origin=args.cors_origin, allowed_hosts=tuple(args.allowed_host),
-            max_queue=args.max_queue, request_timeout=args.request_timeout, extra_options=speculative_options(args),
-            prompt_cache_size=args.prompt_cache_size, prompt_cache_bytes=args.prompt_cache_bytes,
-            max_batch=args.max_batch, web=not args.no_web,
+            model,
+            processor,
+            Path(folder).name,
+            args.max_tokens_limit,
+            image_dirs=tuple(args.allowed_image_dir),
+            api_key=args.api_key,
+            cors_origin=args.cors_origin,
+            allowed_hosts=tuple(args.allowed_host),
+            max_queue=args.max_queue,
+            request_timeout=args.request_timeout,
+            extra_options=speculative_options(args),
+            prompt_cache_size=args.prompt_cache_size,
+            prompt_cache_bytes=args.prompt_cache_bytes,
+            max_batch=args.max_batch,
+            web=not args.no_web,
         )
         with stall_guard(args.distributed) or nullcontext() as guard:
             if guard is not None:

@@ -7,10 +7,10 @@ import json
 import sys
 
 from .cli import Parser, exit_with, run
-from .generation.shield import PolicyScore, classify
-from .model.load import load
+from .generation.classify import PolicyScore, classify
+from .loader import load
 from .model.sources import model_folder
-from .processing.shield import DEFAULT_POLICIES
+from .processing.shield_prompt import DEFAULT_POLICIES
 
 __all__ = ["DEFAULT_POLICIES", "PolicyScore", "classify", "main"]
 DEFAULT_THRESHOLD = 0.5
@@ -36,17 +36,36 @@ def custom_policy(text: str) -> tuple[str, str]:
 
 def parser() -> Parser:
     built_in = ", ".join(DEFAULT_POLICIES)
-    parser = Parser(prog="python -m mlx_gemma3.shield",
-                    description="Score images against safety policies with a ShieldGemma 2 model.")
+    parser = Parser(
+        prog="python -m mlx_gemma3.shield",
+        description="Score images against safety policies with a ShieldGemma 2 model.",
+    )
     parser.add_argument("--model", required=True, help="a ShieldGemma 2 MLX folder (or Hugging Face repo id)")
-    parser.add_argument("--image", action="append", required=True, metavar="FILE", help="an image to check (repeatable)")
-    parser.add_argument("--policy", action="append", metavar="NAME",
-                        help=f"a policy to check (repeatable; default: all — built in: {built_in}, plus custom ones)")
-    parser.add_argument("--custom-policy", action="append", type=custom_policy, default=[], metavar="NAME=TEXT",
-                        help="define a policy (repeatable); a built-in name gets this text instead")
+    parser.add_argument(
+        "--image", action="append", required=True, metavar="FILE", help="an image to check (repeatable)"
+    )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        metavar="NAME",
+        help=f"a policy to check (repeatable; default: all — built in: {built_in}, plus custom ones)",
+    )
+    parser.add_argument(
+        "--custom-policy",
+        action="append",
+        type=custom_policy,
+        default=[],
+        metavar="NAME=TEXT",
+        help="define a policy (repeatable); a built-in name gets this text instead",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--threshold", type=probability, default=DEFAULT_THRESHOLD, metavar="P",
-                        help=f"exit {FLAGGED_EXIT} when a probability of violation reaches P (default {DEFAULT_THRESHOLD})")
+    parser.add_argument(
+        "--threshold",
+        type=probability,
+        default=DEFAULT_THRESHOLD,
+        metavar="P",
+        help=f"exit {FLAGGED_EXIT} when a probability of violation reaches P (default {DEFAULT_THRESHOLD})",
+    )
     return parser
 
 
@@ -57,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load(model_folder(args.model))
         scores = classify(model, processor, args.image, args.policy, dict(args.custom_policy))
         flagged = any(score.yes_probability >= args.threshold for score in scores)
-        print(as_json(scores, args.image, args.threshold, flagged) if args.json else table(scores, args.image, args.threshold))
+        print(
+            as_json(scores, args.image, args.threshold, flagged)
+            if args.json
+            else table(scores, args.image, args.threshold)
+        )
         return FLAGGED_EXIT if flagged else 0
 
     return run(body)
@@ -69,15 +92,23 @@ def table(scores: list[PolicyScore], images: list[str], threshold: float) -> str
     lines = [f"{'image':<{width}}  {'policy':<{policy_width}}  P(violates)  verdict"]
     for score in scores:
         verdict = "VIOLATES" if score.yes_probability >= threshold else "ok"
-        lines.append(f"{images[score.image]:<{width}}  {score.policy:<{policy_width}}  {score.yes_probability:11.4f}  {verdict}")
+        lines.append(
+            f"{images[score.image]:<{width}}  {score.policy:<{policy_width}}  {score.yes_probability:11.4f}  {verdict}"
+        )
     return "\n".join(lines)
 
 
 def as_json(scores: list[PolicyScore], images: list[str], threshold: float, flagged: bool) -> str:
     results = [
-        {"image": images[s.image], "policy": s.policy, "yes_probability": s.yes_probability,
-         "no_probability": s.no_probability, "yes_logit": s.yes_logit, "no_logit": s.no_logit,
-         "violates": s.yes_probability >= threshold}
+        {
+            "image": images[s.image],
+            "policy": s.policy,
+            "yes_probability": s.yes_probability,
+            "no_probability": s.no_probability,
+            "yes_logit": s.yes_logit,
+            "no_logit": s.no_logit,
+            "violates": s.yes_probability >= threshold,
+        }
         for s in scores
     ]
     return json.dumps({"threshold": threshold, "flagged": flagged, "results": results}, indent=2)

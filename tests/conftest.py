@@ -101,8 +101,13 @@ def greedy_fixture(folder: Path, seed: int, prompt_length: int, new_tokens: int,
     prompt = random_ids(prompt_length, seed=prompt_seed)
     with torch.no_grad():
         out = reference.generate(
-            torch.tensor(prompt), max_new_tokens=new_tokens, do_sample=False, output_logits=True,
-            return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
+            torch.tensor(prompt),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=None,
+            pad_token_id=0,
         )
     tokens = out.sequences[0, prompt.shape[1] :].tolist()
     return model, processor, prompt[0].tolist(), tokens, log_softmax(torch.stack(out.logits, dim=1)[0].float().numpy())
@@ -183,7 +188,9 @@ def pytest_terminal_summary(terminalreporter, config):
     if not tallies:
         return
     terminalreporter.section("fuzzing: cases per reader")
-    terminalreporter.write_line(f"{'reader':<12} {'cases':>6} {'clean errors':>13} {'accepted':>9} {'failures':>9} {'seconds':>8}")
+    terminalreporter.write_line(
+        f"{'reader':<12} {'cases':>6} {'clean errors':>13} {'accepted':>9} {'failures':>9} {'seconds':>8}"
+    )
     for t in sorted(tallies, key=lambda t: t["reader"]):
         terminalreporter.write_line(
             f"{t['reader']:<12} {t['cases']:>6} {t['clean_errors']:>13} {t['accepted']:>9} {len(t['failures']):>9} {t['seconds']:>8}"
@@ -192,7 +199,7 @@ def pytest_terminal_summary(terminalreporter, config):
 
 def pytest_unconfigure(config):
     """After the last test: MLX's own exit-time cleanup runs too late, so drop this thread's streams now."""
-    from mlx_gemma3.generation.streams import release_thread_streams
+    from mlx_gemma3.generation.thread_streams import release_thread_streams
 
     release_thread_streams()
 

@@ -12,7 +12,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 import mlx_gemma3
-from mlx_gemma3.generation.stream import generate_ids, Options
+from mlx_gemma3.generation.text_stream import Options, generate_ids
 
 
 def main(model_dir: str, mode: str, out: str, prompt_json: str, new_tokens: str, image: str | None = None) -> None:
@@ -30,8 +30,7 @@ def main(model_dir: str, mode: str, out: str, prompt_json: str, new_tokens: str,
     logits = np.array(logits.astype(mx.float32))  # now: every rank runs the exchanges in the same order
     opts = Options.of({"max_tokens": int(new_tokens)})
     tokens = [r.token for r in generate_ids(model, processor, prompt, None, opts, features)]
-    np.savez(f"{out}.rank{rank}.npz", logits=logits, tokens=np.array(tokens),
-             held=held, active=active)
+    np.savez(f"{out}.rank{rank}.npz", logits=logits, tokens=np.array(tokens), held=held, active=active)
     print(f"rank {rank}: weights held {held} bytes, active memory after load {active} bytes", flush=True)
 
 

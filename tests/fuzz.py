@@ -20,8 +20,9 @@ import signal
 import struct
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
@@ -184,10 +185,17 @@ def tiny_gguf(path: Path, work: Path, extra=None) -> Path:
     t = TINY
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(path, "gemma3")
-    sizes = {"context_length": t["context"], "embedding_length": t["hidden"], "block_count": t["layers"],
-             "feed_forward_length": t["intermediate"], "attention.head_count": t["heads"],
-             "attention.head_count_kv": t["kv_heads"], "attention.key_length": t["head_dim"],
-             "attention.value_length": t["head_dim"], "attention.sliding_window": t["window"]}
+    sizes = {
+        "context_length": t["context"],
+        "embedding_length": t["hidden"],
+        "block_count": t["layers"],
+        "feed_forward_length": t["intermediate"],
+        "attention.head_count": t["heads"],
+        "attention.head_count_kv": t["kv_heads"],
+        "attention.key_length": t["head_dim"],
+        "attention.value_length": t["head_dim"],
+        "attention.sliding_window": t["window"],
+    }
     for key, value in sizes.items():
         writer.add_uint32(f"gemma3.{key}", value)
     writer.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
@@ -209,16 +217,34 @@ def tiny_gguf(path: Path, work: Path, extra=None) -> Path:
     vocab, h, hd, inter = len(proto.pieces), t["hidden"], t["head_dim"], t["intermediate"]
     shapes = {"token_embd": (vocab, h), "output_norm": (h,)}
     for n in range(t["layers"]):
-        shapes.update({f"blk.{n}.{k}": s for k, s in {
-            "attn_norm": (h,), "attn_q": (t["heads"] * hd, h), "attn_k": (t["kv_heads"] * hd, h),
-            "attn_v": (t["kv_heads"] * hd, h), "attn_output": (h, t["heads"] * hd), "attn_q_norm": (hd,),
-            "attn_k_norm": (hd,), "post_attention_norm": (h,), "ffn_norm": (h,), "post_ffw_norm": (h,),
-            "ffn_gate": (inter, h), "ffn_up": (inter, h), "ffn_down": (h, inter)}.items()})
+        shapes.update(
+            {
+                f"blk.{n}.{k}": s
+                for k, s in {
+                    "attn_norm": (h,),
+                    "attn_q": (t["heads"] * hd, h),
+                    "attn_k": (t["kv_heads"] * hd, h),
+                    "attn_v": (t["kv_heads"] * hd, h),
+                    "attn_output": (h, t["heads"] * hd),
+                    "attn_q_norm": (hd,),
+                    "attn_k_norm": (hd,),
+                    "post_attention_norm": (h,),
+                    "ffn_norm": (h,),
+                    "post_ffw_norm": (h,),
+                    "ffn_gate": (inter, h),
+                    "ffn_up": (inter, h),
+                    "ffn_down": (h, inter),
+                }.items()
+            }
+        )
     for name, shape in shapes.items():
         values = rng.standard_normal(shape).astype(np.float32) * 0.3 + (1.0 if len(shape) == 1 else 0.0)
         if name.endswith(("attn_q", "ffn_up")):
-            writer.add_tensor(f"{name}.weight", gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(
+                f"{name}.weight",
+                gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
         else:
             writer.add_tensor(f"{name}.weight", values)
     writer.write_header_to_file()
@@ -353,8 +379,10 @@ def gguf_real_cases(rng: random.Random, count: int, work: Path) -> Iterator[Case
     head, end, size = real_head()
     for index in BROKEN_TOKENS:
         index, at = long_token(head, index)
-        yield Case(f"token {index} byte 3 = 0x9a", _read_real(work, head[: at + 3] + b"\x9a" + head[at + 4 :], size), end)
-    for n in range(count):
+        yield Case(
+            f"token {index} byte 3 = 0x9a", _read_real(work, head[: at + 3] + b"\x9a" + head[at + 4 :], size), end
+        )
+    for _ in range(count):
         name, damaged = mutate(head, rng, 0, end)
         yield Case(name, _read_real(work, damaged, size), end)
 
@@ -467,8 +495,14 @@ def config_cases(rng: random.Random, count: int, work: Path) -> Iterator[Case]:
         ("vocab 10^12", {"vocab_size": 10**12}),
         ("hidden 10^12", {"hidden_size": 10**12}),
         ("layers 10^9", {"num_hidden_layers": 10**9}),
-        ("both generations", {"rope_theta": 10_000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
-                              "sliding_window_pattern": 2}),
+        (
+            "both generations",
+            {
+                "rope_theta": 10_000.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                "sliding_window_pattern": 2,
+            },
+        ),
         ("legacy rope_scaling a string", {"rope_scaling": "linear"}),
         ("rope_parameters a list", {"rope_parameters": [1, 2]}),
         ("linear rope without factor", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}),
@@ -522,16 +556,21 @@ def tokenizer_cases(rng: random.Random, count: int, work: Path) -> Iterator[Case
     seed = converted_tiny(work)
     model = (seed / "tokenizer.model").read_bytes()
     for name, template in TEMPLATES.items():
+
         def damage(folder: Path, template=template):
             path = folder / "chat_template.jinja"
             path.write_bytes(b"{{ '\xff' }}" if template is None else template.encode())
 
         yield template_case(seed, work, f"template {name}", damage)
-    yield template_case(seed, work, "tokenizer random bytes", lambda f: (f / "tokenizer.model").write_bytes(rng.randbytes(4096)))
+    yield template_case(
+        seed, work, "tokenizer random bytes", lambda f: (f / "tokenizer.model").write_bytes(rng.randbytes(4096))
+    )
     yield template_case(seed, work, "tokenizer empty", lambda f: (f / "tokenizer.model").write_bytes(b""))
-    for n in range(count):
+    for _ in range(count):
         name, damaged = mutate(model, rng, 0, len(model))
-        yield template_case(seed, work, f"tokenizer {name}", lambda f, d=damaged: (f / "tokenizer.model").write_bytes(d))
+        yield template_case(
+            seed, work, f"tokenizer {name}", lambda f, d=damaged: (f / "tokenizer.model").write_bytes(d)
+        )
 
 
 def template_case(seed: Path, work: Path, name: str, damage: Callable[[Path], None]) -> Case:
@@ -586,20 +625,28 @@ def png_with_size(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def image_cases(rng: random.Random, count: int, work: Path) -> Iterator[Case]:
     """Truncated and damaged files, decompression bombs, CMYK/16-bit/palette/animated images, zero-size images:
     opened and preprocessed as the model's processor does."""
     seeds = image_seeds()
-    fixed = {**seeds, "bomb 100000x100000": png_with_size(100_000, 100_000),
-             "bomb 2^31 wide": png_with_size(2**31 - 1, 1), "zero width": png_with_size(0, 10),
-             "zero size": png_with_size(0, 0), "empty": b"", "random bytes": rng.randbytes(2000)}
+    fixed = {
+        **seeds,
+        "bomb 100000x100000": png_with_size(100_000, 100_000),
+        "bomb 2^31 wide": png_with_size(2**31 - 1, 1),
+        "zero width": png_with_size(0, 10),
+        "zero size": png_with_size(0, 0),
+        "empty": b"",
+        "random bytes": rng.randbytes(2000),
+    }
     for name, data in fixed.items():
         yield Case(name, _image_run(data), len(data))
     names = sorted(seeds)
-    for n in range(count):
+    for _ in range(count):
         seed = rng.choice(names)
         name, damaged = mutate(seeds[seed], rng, 0, len(seeds[seed]))
         yield Case(f"{seed} {name}", _image_run(damaged), len(damaged))
@@ -627,8 +674,19 @@ def served(folder: Path):
     """A real server process (`python -m mlx_gemma3.server`) on a free port of 127.0.0.1; yields the port."""
     import subprocess
 
-    command = [sys.executable, "-m", "mlx_gemma3.server", "--model", str(folder), "--port", "0",
-               "--request-timeout", str(REQUEST_TIMEOUT), "--max-tokens-limit", "8"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_gemma3.server",
+        "--model",
+        str(folder),
+        "--port",
+        "0",
+        "--request-timeout",
+        str(REQUEST_TIMEOUT),
+        "--max-tokens-limit",
+        "8",
+    ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
@@ -643,8 +701,12 @@ def served(folder: Path):
 
 
 def http_request(body: bytes, headers: dict | None = None, path: str = "/v1/chat/completions") -> bytes:
-    base = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body)),
-            "Connection": "close"}
+    base = {
+        "Host": "127.0.0.1",
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+        "Connection": "close",
+    }
     lines = [f"POST {path} HTTP/1.1", *(f"{k}: {v}" for k, v in {**base, **(headers or {})}.items() if v is not None)]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
@@ -707,9 +769,18 @@ def server_cases(rng: random.Random, count: int, work: Path) -> Iterator[Case]:
         "valid": [http_request(valid)],
         "valid streamed": [http_request(json.dumps({**VALID_CHAT, "stream": True}).encode())],
         "deep nesting": [http_request(deep(100_000))],
-        "deep content": [http_request(json.dumps({**VALID_CHAT, "messages": [{"role": "user", "content": []}]})
-                                      .encode().replace(b"[]", b"[" * 5000 + b"]" * 5000))],
-        "huge string": [http_request(json.dumps({**VALID_CHAT, "messages": [{"role": "user", "content": "ab " * 300_000}]}).encode())],
+        "deep content": [
+            http_request(
+                json.dumps({**VALID_CHAT, "messages": [{"role": "user", "content": []}]})
+                .encode()
+                .replace(b"[]", b"[" * 5000 + b"]" * 5000)
+            )
+        ],
+        "huge string": [
+            http_request(
+                json.dumps({**VALID_CHAT, "messages": [{"role": "user", "content": "ab " * 300_000}]}).encode()
+            )
+        ],
         "huge model name": [http_request(json.dumps({**VALID_CHAT, "model": "m" * 1_000_000}).encode())],
         "invalid UTF-8": [http_request(valid.replace(b"Hello", b"He\xffllo"))],
         "lone surrogate": [http_request(valid.replace(b"Hello", b"\\ud800"))],
@@ -751,8 +822,24 @@ REQUEST_VALUES = [None, "", "x" * 10_000, -1, 0, 10**20, 1.5, True, [], {}, [{}]
 
 def edit_request(rng: random.Random) -> tuple[str, dict]:
     body = json.loads(json.dumps(VALID_CHAT))
-    key = rng.choice(["model", "messages", "max_tokens", "temperature", "top_p", "stop", "stream", "logprobs",
-                      "tools", "seed", "n", "response_format", "stream_options", "top_logprobs"])
+    key = rng.choice(
+        [
+            "model",
+            "messages",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "stop",
+            "stream",
+            "logprobs",
+            "tools",
+            "seed",
+            "n",
+            "response_format",
+            "stream_options",
+            "top_logprobs",
+        ]
+    )
     value = rng.choice(REQUEST_VALUES)
     if key == "messages" and rng.random() < 0.5:
         field = rng.choice(["role", "content"])

@@ -6,9 +6,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import TINY_TEXT, random_ids, run_cli
 
 import mlx_gemma3
-from conftest import TINY_TEXT, random_ids
 from mlx_gemma3.processing.prompt import is_base_model
 from mlx_gemma3.processing.tokenizer import single_token_ids
 
@@ -58,9 +58,19 @@ def test_a_bad_option_names_itself_and_its_range(tiny, name, value, allowed):
 
 
 BAD_TYPES = [
-    dict(temp="hot"), dict(max_tokens=2.5), dict(top_k=1.5), dict(seed="x"), dict(logit_bias=[1]),
-    dict(logit_bias={"a": 1.0}), dict(logits_processors=[1]), dict(stop_ids="<eos>"), dict(system=3),
-    dict(use_chat_template="no"), dict(prefill_progress=5), dict(prompt_cache_file=3), dict(max_tokens=True),
+    dict(temp="hot"),
+    dict(max_tokens=2.5),
+    dict(top_k=1.5),
+    dict(seed="x"),
+    dict(logit_bias=[1]),
+    dict(logit_bias={"a": 1.0}),
+    dict(logits_processors=[1]),
+    dict(stop_ids="<eos>"),
+    dict(system=3),
+    dict(use_chat_template="no"),
+    dict(prefill_progress=5),
+    dict(prompt_cache_file=3),
+    dict(max_tokens=True),
 ]
 
 
@@ -92,7 +102,9 @@ def test_an_unknown_option_lists_the_valid_ones(tiny):
 @pytest.mark.parametrize("prompt", [5, None, 2.5, {"role": "user"}])
 def test_a_prompt_of_the_wrong_type(tiny, prompt):
     model, processor = tiny
-    with pytest.raises(mlx_gemma3.Gemma3Error, match="a prompt is a string, a list of chat messages or a list of token ids"):
+    with pytest.raises(
+        mlx_gemma3.Gemma3Error, match="a prompt is a string, a list of chat messages or a list of token ids"
+    ):
         mlx_gemma3.generate(model, processor, prompt)
 
 
@@ -127,16 +139,28 @@ def test_prefill_progress_reports_each_chunk(tiny):
     model, processor = tiny
     prompt = random_ids(100, seed=4)[0].tolist()
     calls = []
-    mlx_gemma3.generate(model, processor, prompt, max_tokens=1, prefill_step_size=32,
-                        prefill_progress=lambda done, total: calls.append((done, total)))
+    mlx_gemma3.generate(
+        model,
+        processor,
+        prompt,
+        max_tokens=1,
+        prefill_step_size=32,
+        prefill_progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls == [(32, 99), (64, 99), (96, 99), (99, 99)]  # the last prompt token is fed by the first step
 
 
 def test_generate_step_progress(tiny):
     model, _ = tiny
     calls = []
-    steps = mlx_gemma3.generate_step(model, list(range(3, 53)), model.make_cache(), prefill_step_size=20,
-                                     max_tokens=1, progress=lambda done, total: calls.append((done, total)))
+    steps = mlx_gemma3.generate_step(
+        model,
+        list(range(3, 53)),
+        model.make_cache(),
+        prefill_step_size=20,
+        max_tokens=1,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     list(steps)
     assert calls == [(20, 49), (40, 49), (49, 49)]
 
@@ -148,13 +172,19 @@ def test_prompt_cache_file_reuses_a_matching_prefix(tiny, tmp_path):
     question = random_ids(8, seed=6)[0].tolist()
     first = list(mlx_gemma3.stream_generate(model, processor, document, max_tokens=4, prompt_cache_file=path))
     assert first[-1].reused_tokens == 0 and path.is_file()
-    second = list(mlx_gemma3.stream_generate(model, processor, document + question, max_tokens=6, prompt_cache_file=path))
+    second = list(
+        mlx_gemma3.stream_generate(model, processor, document + question, max_tokens=6, prompt_cache_file=path)
+    )
     assert second[-1].reused_tokens == len(document) - 1 and second[-1].prompt_tokens == len(question) + 1
     fresh = list(mlx_gemma3.stream_generate(model, processor, document + question, max_tokens=6))
     assert [r.token for r in second] == [r.token for r in fresh]
-    other = list(mlx_gemma3.stream_generate(model, processor, question + document, max_tokens=2, prompt_cache_file=path))
+    other = list(
+        mlx_gemma3.stream_generate(model, processor, question + document, max_tokens=2, prompt_cache_file=path)
+    )
     assert other[-1].reused_tokens == 0  # not a prefix: prefilled afresh, and the file now holds this prompt
-    again = list(mlx_gemma3.stream_generate(model, processor, question + document, max_tokens=2, prompt_cache_file=path))
+    again = list(
+        mlx_gemma3.stream_generate(model, processor, question + document, max_tokens=2, prompt_cache_file=path)
+    )
     assert again[-1].reused_tokens == len(question + document) - 1
 
 
@@ -179,3 +209,16 @@ def test_base_model_rule_and_its_system_prompt_message(tiny, base_folder):
     with pytest.raises(mlx_gemma3.Gemma3Error, match="no chat template") as error:
         mlx_gemma3.generate(model, processor, "Hi", system="Be brief.")
     assert "--no-chat-template" not in str(error.value)
+
+
+def test_generate_stays_the_function_after_the_command_line_module_is_imported():
+    """`import mlx_gemma3.generate` (the command line) used to rebind the package's `generate` to that module."""
+    code = (
+        "import mlx_gemma3.generate, mlx_gemma3\n"
+        "from mlx_gemma3 import generate\n"
+        "import sys\n"
+        "print(mlx_gemma3.generate is generate, generate.__module__, sys.modules['mlx_gemma3.generate'].main.__name__)"
+    )
+    result = run_cli("-c", code, module=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "mlx_gemma3.generation.text_stream", "main"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY_TEXT, convert, random_ids, tiny_text_model
 
 import mlx_gemma3
-from conftest import TINY_TEXT, convert, random_ids, tiny_text_model
 from mlx_gemma3.model.cache import (
     batch_cache,
     extract_cache,
@@ -68,7 +68,9 @@ def assert_rows_match(tokens, seen, singles, steps: slice = slice(None)) -> None
         assert delta <= 1e-4, (row, delta)
 
 
-@pytest.mark.parametrize("name, bits, chunk", [("tiny", None, 64), ("tiny", None, 7), ("wide", None, 64), ("wide", 8, 7)])
+@pytest.mark.parametrize(
+    "name, bits, chunk", [("tiny", None, 64), ("tiny", None, 7), ("wide", None, 64), ("wide", 8, 7)]
+)
 def test_a_batch_of_prompts_decodes_each_row_as_alone(models, name, bits, chunk):
     model = models[name]
     batch = prompts(LENGTHS)
@@ -138,7 +140,9 @@ def test_a_row_that_slid_and_was_trimmed_joins_exactly(models):
         assert all(layer.trim(trimmed) == trimmed for layer in cache)
         logits.append(model(mx.array([[prompt[-trimmed]]]), cache=cache)[:, -1])
         caches.append(cache)
-    singles = [decode(model, [layer.copy() for layer in cache], row_logits, 6)[:2] for cache, row_logits in zip(caches, logits)]
+    singles = [
+        decode(model, [layer.copy() for layer in cache], row_logits, 6)[:2] for cache, row_logits in zip(caches, logits)
+    ]
     singles = [(tokens[0], seen[0]) for tokens, seen in singles]
     batch = merge_caches(caches)
     assert [layer.trimmable() for layer in batch] == [min(a.trimmable(), b.trimmable()) for a, b in zip(*caches)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TINY_TEXT, convert, random_ids, tiny_text_model
 
 import mlx_gemma3
-from conftest import TINY_TEXT, convert, random_ids, tiny_text_model
 from mlx_gemma3.generation.batch import BatchGenerator
 from mlx_gemma3.generation.sample import Sampler, repetition_penalty
 
@@ -51,8 +51,9 @@ REQUESTS = [
 
 
 def alone(model, prompt, steps, sampling, processors):
-    out = mlx_gemma3.generate_step(model, prompt, model.make_cache(), sampler=Sampler(**sampling),
-                                   logits_processors=processors, max_tokens=steps)
+    out = mlx_gemma3.generate_step(
+        model, prompt, model.make_cache(), sampler=Sampler(**sampling), logits_processors=processors, max_tokens=steps
+    )
     got = list(out)
     return [token for token, _ in got], np.stack([np.array(lp) for _, lp in got])
 
@@ -68,8 +69,9 @@ def test_rows_joining_and_leaving_decode_as_alone_in_one_forward_per_step(model)
     while len(rows) < len(REQUESTS) or len(batch):
         for i, (_, _, sampling, procs, join_at) in enumerate(REQUESTS):
             if join_at == step and i not in rows:
-                rows[i] = batch.add(prompts[i], model.make_cache(), sampler=Sampler(**sampling), processors=procs,
-                                    prefill_step_size=7)
+                rows[i] = batch.add(
+                    prompts[i], model.make_cache(), sampler=Sampler(**sampling), processors=procs, prefill_step_size=7
+                )
         before = counted.calls
         handed = batch.step()
         assert counted.calls - before == (1 if handed else 0)  # one forward per step, whatever the batch size

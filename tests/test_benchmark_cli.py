@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import convert, run_cli, tiny_text_model
 
 FIGURES = ("Prefill:", "Decode:", "Time to first token:", "Peak memory:", "KV cache:")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY_TEXT, convert, random_ids, reference_logits
 
 import mlx_gemma3
-from conftest import TINY_TEXT, convert, random_ids, reference_logits
 from mlx_gemma3.model.cache import SINK_TOKENS, BoundedKVCache, KVCache, SlidingKVCache
 
 WINDOW = TINY_TEXT["sliding_window"]
@@ -49,10 +49,12 @@ def record_fetches(cache) -> list[tuple[str, int]]:
     """Wrap every layer cache so each call's fetched key count is recorded as (kind, keys)."""
     seen = []
     for layer_cache in cache:
-        def update(keys, values, original=layer_cache.update_and_fetch, kind=type(layer_cache).__name__):
+
+        def update(keys, values, original=layer_cache.update_and_fetch, kind=type(layer_cache).__name__):  # noqa: B008
             out = original(keys, values)
             seen.append((kind, keys.shape[2], out[0].shape[2]))
             return out
+
         layer_cache.update_and_fetch = update
     return seen
 
@@ -304,7 +306,9 @@ def test_a_bounded_cache_is_refused_by_batching(hf_text, tmp_path):
 
     hf_dir, _ = hf_text
     model, _ = mlx_gemma3.load(convert(hf_dir, tmp_path / "mlx"))
-    for build in (lambda: batch_cache(model.make_cache(max_kv_size=24), [0, 2]),
-                  lambda: merge_caches([model.make_cache(max_kv_size=24), model.make_cache(max_kv_size=24)])):
+    for build in (
+        lambda: batch_cache(model.make_cache(max_kv_size=24), [0, 2]),
+        lambda: merge_caches([model.make_cache(max_kv_size=24), model.make_cache(max_kv_size=24)]),
+    ):
         with pytest.raises(mlx_gemma3.Gemma3Error, match="bounded by max_kv_size cannot be batched"):
             build()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import torch
+from conftest import log_softmax
 
 import mlx_gemma3
-from conftest import log_softmax
 from mlx_gemma3.processing.prompt import prompt_ids
 
 
@@ -39,7 +39,9 @@ def test_second_turn_equals_a_single_pass_over_the_conversation(tiny_chat_model)
     assert chat.messages[-1]["content"] == "Fine, thanks."
     second = list(chat.stream("Tell me about 안녕하세요 and 123."))
     turn_two = prompt_ids(processor, chat.conversation()[:-1])
-    new_turn = processor.tokenizer.encode("\n<start_of_turn>user\nTell me about 안녕하세요 and 123.<end_of_turn>\n<start_of_turn>model\n", add_bos=False)
+    new_turn = processor.tokenizer.encode(
+        "\n<start_of_turn>user\nTell me about 안녕하세요 and 123.<end_of_turn>\n<start_of_turn>model\n", add_bos=False
+    )
     assert second[-1].prompt_tokens == len(new_turn)  # only the new turn was prefilled
     generated = [r.token for r in second]
     expected = reference_step_logits(reference, turn_two + generated, len(turn_two))
@@ -59,7 +61,9 @@ def test_a_saved_chat_continues_identically(tiny_chat_model, tmp_path):
     assert resumed.messages == chat.messages
     ours, theirs = list(chat.stream("Second?")), list(resumed.stream("Second?"))
     assert [r.token for r in ours] == [r.token for r in theirs]
-    assert np.array_equal(np.stack([np.array(r.logprobs) for r in ours]), np.stack([np.array(r.logprobs) for r in theirs]))
+    assert np.array_equal(
+        np.stack([np.array(r.logprobs) for r in ours]), np.stack([np.array(r.logprobs) for r in theirs])
+    )
     assert theirs[-1].prompt_tokens == ours[-1].prompt_tokens
 
 
@@ -101,8 +105,14 @@ def test_repetition_penalty_sees_the_whole_conversation(tiny_chat_model):
     assert second[-1].prompt_tokens < len(turn_two) // 2  # the first turn came from the cache
     with torch.no_grad():
         out = reference.generate(
-            torch.tensor([turn_two]), max_new_tokens=12, do_sample=False, repetition_penalty=1.5, output_scores=True,
-            return_dict_in_generate=True, eos_token_id=[1, 106], pad_token_id=0,
+            torch.tensor([turn_two]),
+            max_new_tokens=12,
+            do_sample=False,
+            repetition_penalty=1.5,
+            output_scores=True,
+            return_dict_in_generate=True,
+            eos_token_id=[1, 106],
+            pad_token_id=0,
         )
     expected_tokens = out.sequences[0, len(turn_two) :].tolist()
     expected = log_softmax(torch.stack(out.scores, dim=1)[0].float().numpy())

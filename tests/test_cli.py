@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_cli
 
 import mlx_gemma3
-from conftest import run_cli
 from mlx_gemma3.processing.prompt import prompt_ids
 
 
@@ -96,7 +96,10 @@ def test_chat_cli_ctrl_c_stops_a_reply_and_keeps_the_chat(tiny_chat_model):
     folder, _, _ = tiny_chat_model
     chat = subprocess.Popen(
         [sys.executable, "-m", "mlx_gemma3.chat", "--model", str(folder), "--max-tokens", "1000"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
     )
     chat.stdin.write("Tell me a long story\n")

@@ -54,8 +54,17 @@ def transformers_text_config(raw: dict):
 def test_matches_transformers_reading(raw):
     ours = parse_config(raw).text
     ref = transformers_text_config(raw)
-    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "vocab_size", "sliding_window", "max_position_embeddings"):
+    for field in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "sliding_window",
+        "max_position_embeddings",
+    ):
         assert getattr(ours, field) == getattr(ref, field), field
     assert ours.query_pre_attn_scalar == ref.query_pre_attn_scalar
     assert ours.rms_norm_eps == ref.rms_norm_eps
@@ -73,10 +82,13 @@ def test_multimodal_defaults_and_metadata():
 
 
 def test_transformers5_rope_parameters_win_over_legacy_keys():
-    raw = dict(HUB_27B_TEXT, rope_parameters={
-        "full_attention": {"rope_type": "default", "rope_theta": 123.0},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 45.0},
-    })
+    raw = dict(
+        HUB_27B_TEXT,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 123.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 45.0},
+        },
+    )
     raw.pop("rope_scaling")
     text = parse_config(raw).text
     assert (text.rope_full.theta, text.rope_full.factor, text.rope_sliding.theta) == (123.0, 1.0, 45.0)
@@ -106,7 +118,8 @@ BAD_LAYER_PATTERNS = {
     "private_pattern_zero": ({"_sliding_window_pattern": 0}, "_sliding_window_pattern must be a positive integer"),
     "layer_types_too_short": ({"layer_types": ["sliding_attention"] * 61}, "layer_types must list 62 entries"),
     "layer_types_unknown": (
-        {"layer_types": ["sliding_attention"] * 61 + ["chunked_attention"]}, "unknown entry 'chunked_attention'"
+        {"layer_types": ["sliding_attention"] * 61 + ["chunked_attention"]},
+        "unknown entry 'chunked_attention'",
     ),
     "layer_types_not_a_list": ({"layer_types": "sliding_attention"}, "layer_types must list 62 entries"),
 }

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
-from safetensors.torch import load_file, save_file
-
 from conftest import convert, edit_config, run_cli
+from safetensors.torch import load_file, save_file
 
 
 def run_convert(hf_dir, mlx_dir, *extra):
@@ -55,21 +53,24 @@ def corrupt_header(hf_dir):
 def index_names_missing_shard(hf_dir):
     import json
 
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
-    ))
+    (hf_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})
+    )
 
 
 def index_names_shard_outside(hf_dir):
     import json
 
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"model.norm.weight": "../elsewhere/model.safetensors"}}
-    ))
+    (hf_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"model.norm.weight": "../elsewhere/model.safetensors"}})
+    )
 
 
 BAD_INPUTS = {
-    "index_names_shard_outside": (index_names_shard_outside, "names shard(s) outside its folder ('../elsewhere/model.safetensors')"),
+    "index_names_shard_outside": (
+        index_names_shard_outside,
+        "names shard(s) outside its folder ('../elsewhere/model.safetensors')",
+    ),
     "corrupt_header": (corrupt_header, "truncated or not safetensors"),
     "index_names_missing_shard": (index_names_missing_shard, "names missing shard(s) model-00002-of-00002.safetensors"),
     "missing_config": (lambda d: (d / "config.json").unlink(), "no config.json in"),
@@ -157,8 +158,9 @@ def test_group_size_that_divides_no_layer(tmp_path):
     assert not out.exists() and leftovers(out) == []
 
 
-@pytest.mark.parametrize("umask,folder_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)],
-                         ids=["umask 022", "umask 027"])
+@pytest.mark.parametrize(
+    "umask,folder_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)], ids=["umask 022", "umask 027"]
+)
 def test_output_permissions_follow_the_umask(hf_text, tmp_path, umask, folder_mode, file_mode):
     import os
     import stat
@@ -171,4 +173,6 @@ def test_output_permissions_follow_the_umask(hf_text, tmp_path, umask, folder_mo
         os.umask(previous)
     assert stat.S_IMODE(out.stat().st_mode) == folder_mode
     files = list(out.iterdir())
-    assert files and all(stat.S_IMODE(f.stat().st_mode) == file_mode for f in files), [(f.name, oct(f.stat().st_mode)) for f in files]
+    assert files and all(stat.S_IMODE(f.stat().st_mode) == file_mode for f in files), [
+        (f.name, oct(f.stat().st_mode)) for f in files
+    ]

@@ -11,13 +11,20 @@ import time
 
 import numpy as np
 import pytest
+from conftest import TINY_TEXT
 from safetensors.numpy import save_file
 
-from conftest import TINY_TEXT
-
-WIDE = {**TINY_TEXT, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4,
-        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128, "query_pre_attn_scalar": 128,
-        "vocab_size": 4096}
+WIDE = {
+    **TINY_TEXT,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "query_pre_attn_scalar": 128,
+    "vocab_size": 4096,
+}
 MARGIN = 32 * 2**20  # allocator slack and the converter's own bookkeeping
 
 
@@ -33,7 +40,9 @@ def wide_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wide")
     config.save_pretrained(folder)
     rng = np.random.default_rng(0)
-    shards = [{k: s for k, s in shapes.items() if f"layers.{i}." in k or (i == 0 and "layers." not in k)} for i in range(4)]
+    shards = [
+        {k: s for k, s in shapes.items() if f"layers.{i}." in k or (i == 0 and "layers." not in k)} for i in range(4)
+    ]
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-00004.safetensors"
@@ -64,7 +73,9 @@ def test_peak_memory_stays_near_the_largest_shard(wide_checkpoint, tmp_path, ext
     before, after = map(int, result.stdout.split("PEAK")[1].split())
     grown = max(after - before, 0)
     total = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    print(f"{extra}: peak grew {grown / 2**20:.0f} MiB; largest shard {largest / 2**20:.0f} MiB, all {total / 2**20:.0f} MiB")
+    print(
+        f"{extra}: peak grew {grown / 2**20:.0f} MiB; largest shard {largest / 2**20:.0f} MiB, all {total / 2**20:.0f} MiB"
+    )
     assert grown <= 1.5 * largest + MARGIN
 
 
@@ -99,7 +110,7 @@ def test_shard_writer_streams_row_blocks_into_valid_safetensors(tmp_path):
     writer = ShardWriter(tmp_path, max_bytes=128)
     slot = writer.reserve("a.weight", mx.uint32, (6, 4))
     for start in (4, 0, 2):  # blocks of rows, in any order
-        slot.write(start, tensors["a.weight"][start:start + 2])
+        slot.write(start, tensors["a.weight"][start : start + 2])
     for key in ("b.scales", "c.conv", "d.norm"):
         writer.add(key, tensors[key])
     files = writer.close()

@@ -9,16 +9,23 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
-
 from conftest import (
-    TINY_IMAGE_TOKENS, TINY_TEXT, TINY_VISION, convert, log_softmax, random_ids, reference_logits, reference_torch,
-    tiny_multimodal_model, tiny_text_model,
+    TINY_IMAGE_TOKENS,
+    TINY_TEXT,
+    TINY_VISION,
+    convert,
+    log_softmax,
+    random_ids,
+    reference_logits,
+    reference_torch,
+    tiny_multimodal_model,
+    tiny_text_model,
 )
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
@@ -36,20 +43,34 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_ranks(tmp_path: Path, command: list[str], ranks: int = 2, logs: bool = False,
-                stdin: Path | int | None = None, env: dict | None = None) -> list[subprocess.Popen]:
+def start_ranks(
+    tmp_path: Path,
+    command: list[str],
+    ranks: int = 2,
+    logs: bool = False,
+    stdin: Path | int | None = None,
+    env: dict | None = None,
+) -> list[subprocess.Popen]:
     """`command` started once per rank with a ring hostfile on 127.0.0.1, as mlx.launch would start it; rank 0
     reads `stdin` (a file, or subprocess.PIPE) when given; `env`: more environment variables."""
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(ranks)]))
     processes = []
     for rank in range(ranks):
-        variables = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)}
+        variables = {
+            **os.environ,
+            **(env or {}),
+            "OMP_NUM_THREADS": "1",
+            "MLX_HOSTFILE": str(hostfile),
+            "MLX_RANK": str(rank),
+        }
         err = open(tmp_path / f"rank{rank}.err", "w")  # a file: MLX's ring may write many lines when a peer dies
         source = subprocess.DEVNULL
         if stdin is not None and rank == 0:
             source = open(stdin) if isinstance(stdin, Path) else stdin
-        processes.append(subprocess.Popen(command, env=variables, stdin=source, stdout=subprocess.PIPE, stderr=err, text=True))
+        processes.append(
+            subprocess.Popen(command, env=variables, stdin=source, stdout=subprocess.PIPE, stderr=err, text=True)
+        )
     return processes
 
 
@@ -87,7 +108,9 @@ def run_ranks(tmp_path: Path, command: list[str], ranks: int = 2, timeout: int =
 def run_worker(tmp_path: Path, model: Path, mode: str, prompt: list[int], image: Path | None = None) -> list[dict]:
     out = tmp_path / f"{mode}"
     extra = [str(image)] if image is not None else []
-    run_ranks(tmp_path, [sys.executable, str(WORKER), str(model), mode, str(out), json.dumps(prompt), str(NEW_TOKENS), *extra])
+    run_ranks(
+        tmp_path, [sys.executable, str(WORKER), str(model), mode, str(out), json.dumps(prompt), str(NEW_TOKENS), *extra]
+    )
     return [dict(np.load(f"{out}.rank{rank}.npz")) for rank in range(2)]
 
 
@@ -96,13 +119,15 @@ def single_process(model_dir: Path, prompt: list[int], features_from: Path | Non
     import mlx.core as mx
 
     import mlx_gemma3
-    from mlx_gemma3.generation.stream import Options, generate_ids
+    from mlx_gemma3.generation.text_stream import Options, generate_ids
 
     model, processor = mlx_gemma3.load(model_dir)
     features = None if features_from is None else model.encode_images(mx.array(np.load(features_from)))
     logits = model(mx.array([prompt]), image_features=features) if features is not None else model(mx.array([prompt]))
     logits = np.array(logits.astype(mx.float32))
-    tokens = [r.token for r in generate_ids(model, processor, prompt, None, Options.of({"max_tokens": NEW_TOKENS}), features)]
+    tokens = [
+        r.token for r in generate_ids(model, processor, prompt, None, Options.of({"max_tokens": NEW_TOKENS}), features)
+    ]
     return logits, tokens
 
 
@@ -116,8 +141,9 @@ def text_models(tmp_path_factory):
     reference.save_pretrained(folder / "hf")
     prompt = random_ids(PROMPT_LENGTH, seed=7)
     with torch.no_grad():
-        out = reference.generate(torch.tensor(prompt), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
+        out = reference.generate(
+            torch.tensor(prompt), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
     return {
         "float": convert(folder / "hf", folder / "float"),
         "4bit": convert(folder / "hf", folder / "q4", "--q-bits", "4", "--q-group-size", "32"),
@@ -148,8 +174,10 @@ def test_two_ranks_match_one_process(tmp_path, text_models, mode, weights):
         np.testing.assert_allclose(result["logits"], logits, atol=1e-4, err_msg=f"rank {rank}")
         assert result["tokens"].tolist() == tokens, f"rank {rank}"
         share = int(result["held"]) / total
-        print(f"{mode} {weights} rank {rank}: {int(result['held'])} of {total} weight bytes ({share:.0%}); "
-              f"active memory after load {int(result['active'])} bytes")
+        print(
+            f"{mode} {weights} rank {rank}: {int(result['held'])} of {total} weight bytes ({share:.0%}); "
+            f"active memory after load {int(result['active'])} bytes"
+        )
         assert 0.4 < share < 0.6
         assert int(result["active"]) < 1.05 * int(result["held"]) + 4096  # nothing else resident after loading
     if mode == "pipeline":
@@ -165,8 +193,9 @@ def test_tensor_with_one_kv_head(tmp_path):
     folder = convert(tmp_path / "hf", tmp_path / "mlx")
     prompt = random_ids(PROMPT_LENGTH, seed=4)
     with torch.no_grad():
-        out = reference.generate(torch.tensor(prompt), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
+        out = reference.generate(
+            torch.tensor(prompt), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
     expected = log_softmax(reference_logits(reference, prompt)[0])
     for rank, result in enumerate(run_worker(tmp_path, folder, "tensor", prompt[0].tolist())):
         np.testing.assert_allclose(log_softmax(result["logits"][0]), expected, atol=1e-4, err_msg=f"rank {rank}")
@@ -182,16 +211,22 @@ def test_pipeline_with_an_image(tmp_path):
     pixels = tmp_path / "pixels.npy"
     size = TINY_VISION["image_size"]
     np.save(pixels, np.random.RandomState(1).uniform(-1, 1, (1, size, size, 3)).astype(np.float32))
-    image = [TINY_IMAGE_TOKENS["boi_token_index"], *[TINY_IMAGE_TOKENS["image_token_index"]] * 4,
-             TINY_IMAGE_TOKENS["eoi_token_index"]]
+    image = [
+        TINY_IMAGE_TOKENS["boi_token_index"],
+        *[TINY_IMAGE_TOKENS["image_token_index"]] * 4,
+        TINY_IMAGE_TOKENS["eoi_token_index"],
+    ]
     prompt = [2, *random_ids(6, vocab=500, seed=2)[0].tolist(), *image, *random_ids(20, vocab=500, seed=3)[0].tolist()]
     ranks = run_worker(tmp_path, folder, "pipeline", prompt, pixels)
     logits, tokens = single_process(folder, prompt, pixels)
     torch = reference_torch()
     with torch.no_grad():  # the one-process run against transformers, images included
         image_tokens = torch.tensor([[int(t == TINY_IMAGE_TOKENS["image_token_index"]) for t in prompt]])
-        expected = hf(input_ids=torch.tensor([prompt]), pixel_values=torch.tensor(np.load(pixels)).permute(0, 3, 1, 2),
-                      token_type_ids=image_tokens).logits
+        expected = hf(
+            input_ids=torch.tensor([prompt]),
+            pixel_values=torch.tensor(np.load(pixels)).permute(0, 3, 1, 2),
+            token_type_ids=image_tokens,
+        ).logits
     np.testing.assert_allclose(log_softmax(logits[0]), log_softmax(expected[0].float().numpy()), atol=1e-4)
     for rank, result in enumerate(ranks):
         np.testing.assert_allclose(result["logits"], logits, atol=1e-4, err_msg=f"rank {rank}")
@@ -199,23 +234,63 @@ def test_pipeline_with_an_image(tmp_path):
 
 
 def generate_command(folder: Path, mode: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mlx_gemma3.generate", "--model", str(folder), "--prompt", "hello there",
-            "--no-chat-template", "--distributed", mode, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mlx_gemma3.generate",
+        "--model",
+        str(folder),
+        "--prompt",
+        "hello there",
+        "--no-chat-template",
+        "--distributed",
+        mode,
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_generate_cli_with_mlx_launch(tiny_chat_model, tmp_path):
     """The command users run: only rank 0 prints, the text is the one-process text, each rank's bytes are shown."""
     folder = tiny_chat_model[0]
-    single = subprocess.run([sys.executable, "-m", "mlx_gemma3.generate", "--model", str(folder), "--prompt",
-                             "hello there", "--no-chat-template", "-m", "30", "--verbose", "false"],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_gemma3.generate",
+            "--model",
+            str(folder),
+            "--prompt",
+            "hello there",
+            "--no-chat-template",
+            "-m",
+            "30",
+            "--verbose",
+            "false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert single.returncode == 0, single.stderr
     port = free_ports(1)[0]
     launched = subprocess.run(
-        [str(Path(sys.executable).parent / "mlx.launch"), "--backend", "ring", "-n", "2", "--starting-port", str(port),
-         "--", *generate_command(folder, "tensor", "-m", "30")],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            str(Path(sys.executable).parent / "mlx.launch"),
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            "--starting-port",
+            str(port),
+            "--",
+            *generate_command(folder, "tensor", "-m", "30"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert single.stdout.strip() and launched.stdout == single.stdout  # rank 0's text, printed once
@@ -246,17 +321,22 @@ def test_stages_hold_about_the_same_bytes():
 
 
 def test_bad_distributed_requests_are_one_clear_error(tmp_path):
+    from types import SimpleNamespace
+
     import mlx_gemma3
     from mlx_gemma3 import Gemma3Error
     from mlx_gemma3.distributed.pipeline import stage_bounds
     from mlx_gemma3.distributed.tensor import check_divisible
-    from types import SimpleNamespace
 
     with pytest.raises(Gemma3Error, match="splits 2 decoder layers across 3 ranks"):
         stage_bounds([1, 1], 1, 3)
     tiny = SimpleNamespace(**TINY_TEXT)
     with pytest.raises(Gemma3Error, match="the 2 key/value heads to split across 3 ranks"):
-        check_divisible(SimpleNamespace(**{**TINY_TEXT, "num_attention_heads": 6, "intermediate_size": 126, "vocab_size": 513}), 3, None)
+        check_divisible(
+            SimpleNamespace(**{**TINY_TEXT, "num_attention_heads": 6, "intermediate_size": 126, "vocab_size": 513}),
+            3,
+            None,
+        )
     with pytest.raises(Gemma3Error, match="the 4 attention heads across 3 ranks"):
         check_divisible(tiny, 3, None)
     with pytest.raises(Gemma3Error, match="not a multiple of the quantization group 64"):

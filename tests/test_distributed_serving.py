@@ -14,7 +14,6 @@ from pathlib import Path
 
 import openai
 import pytest
-
 from test_distributed import kill_rank, running_ranks
 
 pytestmark = pytest.mark.slow
@@ -57,10 +56,24 @@ def lively_image_model(tmp_path_factory) -> Path:
 
 def asks() -> list[dict]:
     """Sampled requests (seeded) of different lengths, one with stop strings, and a greedy one."""
-    out = [dict(messages=[{"role": "user", "content": f"Tell me about number {i}."}], max_tokens=n, temperature=TEMPERATURE,
-                seed=i) for i, n in enumerate((9, 23, 40))]
-    out.append(dict(messages=[{"role": "user", "content": "Count with me."}], max_tokens=30, temperature=TEMPERATURE, seed=7,
-                    stop=["e"]))
+    out = [
+        dict(
+            messages=[{"role": "user", "content": f"Tell me about number {i}."}],
+            max_tokens=n,
+            temperature=TEMPERATURE,
+            seed=i,
+        )
+        for i, n in enumerate((9, 23, 40))
+    ]
+    out.append(
+        dict(
+            messages=[{"role": "user", "content": "Count with me."}],
+            max_tokens=30,
+            temperature=TEMPERATURE,
+            seed=7,
+            stop=["e"],
+        )
+    )
     out.append(dict(messages=[{"role": "user", "content": "Pick a word."}], max_tokens=12))
     return out
 
@@ -75,7 +88,11 @@ def reply(client, ask: dict) -> tuple[str, str, int]:
     """(text, finish reason, prompt tokens served from the prompt cache)."""
     response = client.chat.completions.create(model="tiny", **ask)
     details = response.usage.prompt_tokens_details
-    return response.choices[0].message.content, response.choices[0].finish_reason, (details.cached_tokens or 0) if details else 0
+    return (
+        response.choices[0].message.content,
+        response.choices[0].finish_reason,
+        (details.cached_tokens or 0) if details else 0,
+    )
 
 
 def client_for(port: int):
@@ -90,15 +107,21 @@ def serving_port(err: Path, processes, timeout: float = 120) -> int:
         if match := re.search(r"serving \S+ on http://127\.0\.0\.1:(\d+)/v1", text):
             return int(match.group(1))
         for rank, process in enumerate(processes):
-            assert process.poll() is None, f"rank {rank} ended:\n{err.parent.joinpath(f'rank{rank}.err').read_text()[-3000:]}"
+            assert process.poll() is None, (
+                f"rank {rank} ended:\n{err.parent.joinpath(f'rank{rank}.err').read_text()[-3000:]}"
+            )
         time.sleep(0.2)
     raise AssertionError(f"rank 0 did not start serving:\n{err.read_text()[-3000:]}")
 
 
 def one_process_replies(folder: Path) -> list[tuple[str, str, int]]:
     """Each request alone on a one-process server, then the first one's second turn."""
-    process = subprocess.Popen([sys.executable, "-m", "mlx_gemma3.server", "--model", str(folder), "--port", "0"],
-                               stderr=subprocess.PIPE, text=True, env=ENV)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_gemma3.server", "--model", str(folder), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         line = process.stderr.readline()
         assert line.startswith("serving"), line
@@ -120,8 +143,17 @@ def test_distributed_server_batches_like_one_process(lively_chat_model, alone, t
     """Concurrent requests to the 2-rank server decode in one batch and each gets its one-process reply (greedy,
     seeded sampling, stop strings); the next turn reuses the prompt cache on every rank; Ctrl-C on rank 0 stops
     both ranks cleanly."""
-    command = [sys.executable, "-m", "mlx_gemma3.server", "--model", str(lively_chat_model), "--port", "0",
-               "--distributed", mode]
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_gemma3.server",
+        "--model",
+        str(lively_chat_model),
+        "--port",
+        "0",
+        "--distributed",
+        mode,
+    ]
     with running_ranks(tmp_path, command) as processes:
         client = client_for(serving_port(tmp_path / "rank0.err", processes))
         requests = asks()
@@ -153,12 +185,22 @@ def test_distributed_server_batches_like_one_process(lively_chat_model, alone, t
 def test_distributed_server_ends_when_a_rank_dies(tiny_chat_model, tmp_path):
     """Rank 1 killed while rank 0 streams a long reply: rank 0 exits non-zero with one clear line within seconds,
     and the client's stream ends without a finish reason."""
-    command = [sys.executable, "-m", "mlx_gemma3.server", "--model", str(tiny_chat_model[0]), "--port", "0",
-               "--distributed", "tensor"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_gemma3.server",
+        "--model",
+        str(tiny_chat_model[0]),
+        "--port",
+        "0",
+        "--distributed",
+        "tensor",
+    ]
     with running_ranks(tmp_path, command) as processes:
         client = client_for(serving_port(tmp_path / "rank0.err", processes))
-        stream = client.chat.completions.create(model="tiny", stream=True, max_tokens=4096,
-                                                messages=[{"role": "user", "content": "Talk for a long time."}])
+        stream = client.chat.completions.create(
+            model="tiny", stream=True, max_tokens=4096, messages=[{"role": "user", "content": "Talk for a long time."}]
+        )
         chunks = iter(stream)
         for _ in range(5):
             next(chunks)
@@ -177,8 +219,17 @@ def test_distributed_server_ends_when_a_rank_dies(tiny_chat_model, tmp_path):
 def test_distributed_server_follower_ends_with_rank_zero(tiny_chat_model, tmp_path):
     """Rank 0 killed while the server is idle: rank 1, waiting for rank 0's next decision (no stall limit
     then), exits non-zero with one clear line at once instead of waiting forever."""
-    command = [sys.executable, "-m", "mlx_gemma3.server", "--model", str(tiny_chat_model[0]), "--port", "0",
-               "--distributed", "pipeline"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_gemma3.server",
+        "--model",
+        str(tiny_chat_model[0]),
+        "--port",
+        "0",
+        "--distributed",
+        "pipeline",
+    ]
     with running_ranks(tmp_path, command) as processes:
         serving_port(tmp_path / "rank0.err", processes)
         code, waited = kill_rank(processes, 0, timeout=40)
@@ -211,8 +262,19 @@ def test_distributed_chat_replies_like_one_process(lively_chat_model, lively_ima
         folder, image = lively_image_model, tmp_path / "picture.png"
         Image.new("RGB", (40, 30), "teal").save(image)
     script = chat_script(tmp_path, image)
-    command = [sys.executable, "-m", "mlx_gemma3.chat", "--model", str(folder), "--max-tokens", "24", "--temp", str(TEMPERATURE),
-               "--seed", "5"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_gemma3.chat",
+        "--model",
+        str(folder),
+        "--max-tokens",
+        "24",
+        "--temp",
+        str(TEMPERATURE),
+        "--seed",
+        "5",
+    ]
     single = subprocess.run(command, stdin=open(script), capture_output=True, text=True, timeout=300, env=ENV)
     assert single.returncode == 0, single.stderr[-2000:]
     with running_ranks(tmp_path, [*command, "--distributed", mode], stdin=script) as processes:
@@ -229,8 +291,17 @@ def test_distributed_chat_replies_like_one_process(lively_chat_model, lively_ima
 def test_distributed_chat_waits_for_a_person_without_a_limit(lively_chat_model, tmp_path):
     """The stall guard (here 4 s) counts only while the ranks work: a person taking longer to type ends nothing,
     while a rank killed during the next reply ends the other with one clear line."""
-    command = [sys.executable, "-m", "mlx_gemma3.chat", "--model", str(lively_chat_model), "--max-tokens", "-1",
-               "--distributed", "tensor"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_gemma3.chat",
+        "--model",
+        str(lively_chat_model),
+        "--max-tokens",
+        "-1",
+        "--distributed",
+        "tensor",
+    ]
     with running_ranks(tmp_path, command, stdin=subprocess.PIPE, env={"MLX_GEMMA3_STALL_TIMEOUT": "4"}) as processes:
         time.sleep(8)  # nobody types yet
         assert [process.poll() for process in processes] == [None, None], (tmp_path / "rank0.err").read_text()

@@ -12,12 +12,12 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import torch
-
-import mlx_gemma3
 from conftest import StepCounter as Counter
 from conftest import log_softmax, random_ids, tiny_text_model
+
+import mlx_gemma3
 from mlx_gemma3.generation.background import BackgroundGeneration
-from mlx_gemma3.generation.streams import release_thread_streams
+from mlx_gemma3.generation.thread_streams import release_thread_streams
 from mlx_gemma3.processing.prompt import prompt_ids
 from mlx_gemma3.processing.tools import run_tools
 
@@ -27,17 +27,19 @@ ROOT = Path(__file__).parent.parent
 def reference_text(reference, processor, prompt, max_tokens: int) -> str:
     ids = prompt_ids(processor, prompt)
     with torch.no_grad():
-        out = reference.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
-                                 eos_token_id=[1, 106], pad_token_id=0)
-    return processor.tokenizer.decode([t for t in out[0, len(ids):].tolist() if t not in (1, 106)])
+        out = reference.generate(
+            torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=[1, 106], pad_token_id=0
+        )
+    return processor.tokenizer.decode([t for t in out[0, len(ids) :].tolist() if t not in (1, 106)])
 
 
 def test_worker_thread_cancel_stops_within_a_few_tokens(tiny_chat_model):
     folder, _, reference = tiny_chat_model
     model, processor = mlx_gemma3.load(folder)
     counter, chunks = Counter(), []
-    job = BackgroundGeneration(model, processor, "Tell me a story", on_text=chunks.append,
-                               max_tokens=900, logits_processors=[counter])
+    job = BackgroundGeneration(
+        model, processor, "Tell me a story", on_text=chunks.append, max_tokens=900, logits_processors=[counter]
+    )
     while counter.steps < 5:
         time.sleep(0.005)
     job.cancel()
@@ -45,15 +47,17 @@ def test_worker_thread_cancel_stops_within_a_few_tokens(tiny_chat_model):
     job.wait(timeout=60)
     assert job.done and job.finish_reason == "cancelled" and counter.steps <= at_cancel + 3
     assert "".join(chunks) == job.text
-    assert mlx_gemma3.generate(model, processor, "Hello", max_tokens=10) == reference_text(reference, processor, "Hello", 10)
+    assert mlx_gemma3.generate(model, processor, "Hello", max_tokens=10) == reference_text(
+        reference, processor, "Hello", 10
+    )
 
 
 def test_two_models_side_by_side_in_threads(tiny_chat_model, tmp_path):
     import numpy as np
+    from conftest import convert
     from spm_fixture import train_tokenizer
 
-    from conftest import convert
-    from mlx_gemma3.generation.stream import stream_generate
+    from mlx_gemma3.generation.text_stream import stream_generate
 
     folder, _, reference = tiny_chat_model
     other_reference = tiny_text_model(seed=21)
@@ -74,8 +78,15 @@ def test_two_models_side_by_side_in_threads(tiny_chat_model, tmp_path):
         thread.join(timeout=120)
     for i, hf in enumerate((reference, other_reference)):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+            out = hf.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=6,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
         expected = log_softmax(torch.stack(out.logits, dim=1)[0].float().numpy())
         assert np.abs(results[i] - expected).max() <= 1e-4 and np.abs(results[i + 2] - expected).max() <= 1e-4
     assert np.abs(results[0] - results[1]).max() > 1  # two different models
@@ -87,7 +98,7 @@ def test_import_changes_nothing_global():
         "from PIL import Image, ImageFile\n"
         "before = (str(mx.default_device()), str(mx.default_stream(mx.default_device())), list(warnings.filters),"
         " Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES, logging.getLogger().handlers[:], sys.getrecursionlimit())\n"
-        "import mlx_gemma3, mlx_gemma3.serve.server, mlx_gemma3.processing.tools, mlx_gemma3.processing.image, mlx_gemma3.generation.background\n"
+        "import mlx_gemma3, mlx_gemma3.serve.http, mlx_gemma3.processing.tools, mlx_gemma3.processing.image, mlx_gemma3.generation.background\n"
         "after = (str(mx.default_device()), str(mx.default_stream(mx.default_device())), list(warnings.filters),"
         " Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES, logging.getLogger().handlers[:], sys.getrecursionlimit())\n"
         "print(before == after)\n"
@@ -129,8 +140,12 @@ def test_run_tools_loop(tiny_chat_model):
     assert seen == ["Seoul"] and run.reply == "It is clear." and not run.exhausted and len(run.rounds) == 1
     assert "```tool_output" in chat.messages[2]["content"] and '"get_weather"' in chat.messages[0]["content"]
     looping = Script(processor.tokenizer, ['[get_weather(city="Paris")]'])
-    run = run_tools(mlx_gemma3.Chat(model, processor, max_tokens=40, logits_processors=[looping]), "Paris?",
-                    [get_weather], max_rounds=2)
+    run = run_tools(
+        mlx_gemma3.Chat(model, processor, max_tokens=40, logits_processors=[looping]),
+        "Paris?",
+        [get_weather],
+        max_rounds=2,
+    )
     assert run.exhausted and len(run.rounds) == 2  # the bound holds when the model keeps calling
 
 
@@ -138,8 +153,12 @@ def test_run_tools_loop(tiny_chat_model):
 def test_examples_run(tiny_chat_model):
     folder, _, _ = tiny_chat_model
     for example, extra in (("app_worker.py", ["--cancel-after", "0.2"]), ("tool_agent.py", [])):
-        result = subprocess.run([sys.executable, str(ROOT / "examples" / example), "--model", str(folder), *extra],
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / example), "--model", str(folder), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
 
 
@@ -147,6 +166,8 @@ def test_callbacks_arrive_from_the_worker_thread(tiny_chat_model):
     folder, _, _ = tiny_chat_model
     model, processor = mlx_gemma3.load(folder)
     threads = set()
-    job = BackgroundGeneration(model, processor, "Hi", on_text=lambda _: threads.add(threading.get_ident()), max_tokens=8)
+    job = BackgroundGeneration(
+        model, processor, "Hi", on_text=lambda _: threads.add(threading.get_ident()), max_tokens=8
+    )
     job.wait(timeout=60)
     assert threads and threading.get_ident() not in threads

@@ -10,13 +10,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import (
+    SPM_IMAGE_TOKENS,
+    TINY_IMAGE_TOKENS,
+    TINY_VISION,
+    convert,
+    random_ids,
+    reference_torch,
+    tiny_multimodal_model,
+    tiny_text_model,
+)
 from mlx.utils import tree_flatten
 
 import mlx_gemma3
-from conftest import (
-    SPM_IMAGE_TOKENS, TINY_IMAGE_TOKENS, TINY_VISION, convert, random_ids, reference_torch, tiny_multimodal_model,
-    tiny_text_model,
-)
 from mlx_gemma3.train.adapters import DEFAULT_KEYS, AdapterConfig, fuse_adapters, prepare_for_training, save_adapters
 from mlx_gemma3.train.loss import Batch, default_loss
 
@@ -147,7 +153,9 @@ def test_full_fine_tuning_gradients_match_torch(text_folder):
     expected.backward()
     loss, grads = our_gradients(model, ids, weights)
     assert abs(loss - expected.item()) <= TOL * max(1.0, abs(expected.item()))
-    assert_gradients_match(grads, dict(hf.named_parameters()), transposed=False)  # every weight (the tied head is the embedding)
+    assert_gradients_match(
+        grads, dict(hf.named_parameters()), transposed=False
+    )  # every weight (the tied head is the embedding)
 
 
 @pytest.mark.slow
@@ -192,15 +200,18 @@ def test_multimodal_lora_with_an_image_matches_peft(tmp_path):
     size = TINY_VISION["image_size"]
     pixels = np.random.RandomState(0).uniform(-1, 1, size=(1, size, size, 3)).astype(np.float32)
     logits = peft_model(
-        input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
+        input_ids=torch.tensor(ids),
+        pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
         token_type_ids=torch.tensor((ids == img).astype(np.int64)),
     ).logits
     expected = reference_loss(logits, ids, weights)
     expected.backward()
     loss, grads = our_gradients(model, ids, weights, pixels)
     assert abs(loss - expected.item()) <= TOL * max(1.0, abs(expected.item()))
-    projector = {f"multi_modal_projector.{name}": param for name, param in
-                 peft_model.base_model.model.model.multi_modal_projector.named_parameters()}
+    projector = {
+        f"multi_modal_projector.{name}": param
+        for name, param in peft_model.base_model.model.model.multi_modal_projector.named_parameters()
+    }
     for param in projector.values():  # peft freezes the base; the projector trains here as in ours
         assert param.grad is None
     assert set(grads) == set(reference) | set(projector)
@@ -214,8 +225,11 @@ def trained_adapters(folder, kind: str, seed: int = 7):
     config = AdapterConfig(kind, 4, RANK, ALPHA / RANK)
     prepare_for_training(model, config)
     rng = np.random.RandomState(seed)
-    updates = [(k, mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)))
-               for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]
+    updates = [
+        (k, mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)))
+        for k, v in tree_flatten(model.trainable_parameters())
+        if k.endswith("lora_b")
+    ]
     model.load_weights(updates, strict=False)
     return model, config
 
@@ -225,7 +239,7 @@ def trained_adapters(folder, kind: str, seed: int = 7):
 def test_fused_model_equals_the_adapter_model_here_and_in_mlx_lm(text_folder, tmp_path, kind):
     import mlx_lm
 
-    from mlx_gemma3.train.fuse import fuse_folder
+    from mlx_gemma3.train.fused_folder import fuse_folder
 
     model, config = trained_adapters(text_folder[0], kind)
     save_adapters(model, tmp_path / "adapters", config.as_json())
@@ -244,7 +258,7 @@ def test_fused_model_equals_the_adapter_model_here_and_in_mlx_lm(text_folder, tm
 
 @pytest.mark.slow
 def test_fuse_of_a_quantized_base_keeps_or_drops_the_quantization(tmp_path):
-    from mlx_gemma3.train.fuse import fuse_folder
+    from mlx_gemma3.train.fused_folder import fuse_folder
 
     tiny_text_model(seed=5).save_pretrained(tmp_path / "hf")
     quantized = convert(tmp_path / "hf", tmp_path / "q4", "-q")
@@ -279,8 +293,16 @@ def run_training(folder, out, stop_after: int | None = None, resume_run: bool = 
     model, _ = mlx_gemma3.load(folder, for_training=True)
     config = AdapterConfig("lora", -1, RANK, 2.0, 0.1)
     prepare_for_training(model, config)
-    args = TrainingArgs(batch_size=2, iters=6, learning_rate=1e-2, lr_schedule="cosine", warmup=2,
-                        steps_per_report=100, save_every=3, adapter_path=out)
+    args = TrainingArgs(
+        batch_size=2,
+        iters=6,
+        learning_rate=1e-2,
+        lr_schedule="cosine",
+        warmup=2,
+        steps_per_report=100,
+        save_every=3,
+        adapter_path=out,
+    )
     optimizer = make_optimizer(args)
     start = resume(model, optimizer, out / "adapters.safetensors") if resume_run else 0
     losses = []
@@ -290,7 +312,9 @@ def run_training(folder, out, stop_after: int | None = None, resume_run: bool = 
             raise Interrupted
 
     try:
-        losses += train(model, optimizer, tiny_training_set(), None, args, config.as_json(), report=report, start_step=start)
+        losses += train(
+            model, optimizer, tiny_training_set(), None, args, config.as_json(), report=report, start_step=start
+        )
     except Interrupted:
         pass
     return losses
@@ -310,8 +334,10 @@ BAD_LINES = {
     "not json": ("{oops", "not valid JSON"),
     "unknown record": ('{"question": "a"}', "unknown record"),
     "roles out of order": ('{"messages": [{"role": "assistant", "content": "x"}]}', "alternate"),
-    "image for a text model": ('{"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]}]}',
-                               "reads text only"),
+    "image for a text model": (
+        '{"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]}]}',
+        "reads text only",
+    ),
     "no assistant turn to learn": ('{"messages": [{"role": "user", "content": "hi"}]}', "has none"),
 }
 
@@ -334,8 +360,12 @@ def test_mask_prompt_counts_only_the_assistant_turns(tiny_chat_model, tmp_path):
     from mlx_gemma3.train.data import Encoder
 
     _, processor = mlx_gemma3.load(tiny_chat_model[0])
-    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"},
-                {"role": "user", "content": "Bye now"}, {"role": "assistant", "content": "Farewell"}]
+    messages = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye now"},
+        {"role": "assistant", "content": "Farewell"},
+    ]
     example = Encoder(processor, mask_prompt=True).example({"messages": messages}, tmp_path, "x:1")
     counted = [t for t, w in zip(example.ids, example.weights) if w]
     # Each reply as the template renders it after "<start_of_turn>model\n": its text and "<end_of_turn>\n".
@@ -360,8 +390,10 @@ def test_an_image_sample_trains_as_transformers_computes_it(image_chat_model, tm
     folder, _, processor, hf, hf_processor = image_chat_model
     picture = Image.fromarray(np.random.RandomState(3).randint(0, 256, size=(40, 60, 3), dtype=np.uint8))
     picture.save(tmp_path / "pic.png")
-    messages = [{"role": "user", "content": [{"type": "image", "image": "pic.png"}, {"type": "text", "text": "What is it?"}]},
-                {"role": "assistant", "content": "A picture."}]
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": "pic.png"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A picture."},
+    ]
     example = Encoder(processor, mask_prompt=True).example({"messages": messages}, tmp_path, "line 1")
     text = chat_text(messages, processor.chat_template, add_generation_prompt=False).removeprefix("<bos>")
     inputs = hf_processor(text=text, images=[picture], return_tensors="pt")

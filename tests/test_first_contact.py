@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
+from conftest import TINY_TEXT, run_cli
 
 import mlx_gemma3
-from conftest import TINY_TEXT, run_cli
 
 CONTEXT = TINY_TEXT["max_position_embeddings"]
 
@@ -56,7 +56,9 @@ def test_mlx_lm_flag_aliases(chat_folder):
 
 def test_extra_eos_token_stops_there(chat_folder):
     model, processor = mlx_gemma3.load(chat_folder)
-    tokens = [r.token for r in mlx_gemma3.stream_generate(model, processor, "Hi", max_tokens=8, use_chat_template=False)]
+    tokens = [
+        r.token for r in mlx_gemma3.stream_generate(model, processor, "Hi", max_tokens=8, use_chat_template=False)
+    ]
     tokenizer = processor.tokenizer
     stop = next(t for t in tokens if tokenizer.encode(tokenizer.decode([t]), add_bos=False) == [t])
     args = ("--prompt", "Hi", "--no-chat-template", "--max-tokens", "8", "--verbose", "false")
@@ -107,7 +109,9 @@ def test_chat_on_a_base_model_says_so_once(base_folder, chat_folder):
 def test_server_on_a_base_model_says_so_once(base_folder):
     server = subprocess.Popen(
         [sys.executable, "-m", "mlx_gemma3.server", "--model", base_folder, "--port", "0"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
         lines = []
@@ -147,13 +151,15 @@ def test_chat_repl_on_piped_input(chat_folder):
 def test_generate_prompt_cache_file(chat_folder, tmp_path):
     cache = str(tmp_path / "prompt.safetensors")
     document = "The lighthouse keeper climbed the stairs " * 20
-    first = generate(chat_folder, "--prompt", document, "--no-chat-template", "--max-tokens", "3",
-                     "--prompt-cache-file", cache)
+    first = generate(
+        chat_folder, "--prompt", document, "--no-chat-template", "--max-tokens", "3", "--prompt-cache-file", cache
+    )
     assert first.returncode == 0, first.stderr
     total = int(re.search(r"reused 0 of (\d+) prompt tokens", first.stderr)[1])
     question = document + "and then"
-    second = generate(chat_folder, "--prompt", question, "--no-chat-template", "--max-tokens", "3",
-                      "--prompt-cache-file", cache)
+    second = generate(
+        chat_folder, "--prompt", question, "--no-chat-template", "--max-tokens", "3", "--prompt-cache-file", cache
+    )
     fresh = generate(chat_folder, "--prompt", question, "--no-chat-template", "--max-tokens", "3")
     assert second.returncode == 0 and second.stdout == fresh.stdout
     assert f"reused {total - 1} of " in second.stderr  # all but the last token of the first prompt
@@ -175,8 +181,9 @@ def test_chat_prompt_cache_file_continues_the_conversation(chat_folder, tmp_path
 def read_pty(command: list[str], timeout: float = 120) -> str:
     """Run `command` with stderr on a pseudo-terminal; what it wrote there."""
     leader, follower = pty.openpty()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=follower,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=follower, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     os.close(follower)
     chunks, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -196,8 +203,20 @@ def read_pty(command: list[str], timeout: float = 120) -> str:
 
 
 def test_long_prompt_shows_prefill_progress_on_a_terminal(chat_folder):
-    command = [sys.executable, "-m", "mlx_gemma3.generate", "--model", chat_folder, "--prompt", prompt_of(chat_folder, 900),
-               "--no-chat-template", "--max-tokens", "2", "--prefill-step-size", "256"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_gemma3.generate",
+        "--model",
+        chat_folder,
+        "--prompt",
+        prompt_of(chat_folder, 900),
+        "--no-chat-template",
+        "--max-tokens",
+        "2",
+        "--prefill-step-size",
+        "256",
+    ]
     shown = read_pty(command)
     assert "\rprefill 256/" in shown and "\rprefill 512/" in shown and "(100%)" in shown, shown
     piped = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -215,16 +234,31 @@ def test_entry_point_runs_a_subcommand(chat_folder):
     script = shutil.which("mlx-gemma3", path=os.path.dirname(sys.executable))
     command = [script] if script else [sys.executable, "-m", "mlx_gemma3"]
     direct = generate(chat_folder, "--prompt", "Hi", "--max-tokens", "4", "--verbose", "false")
-    result = subprocess.run([*command, "generate", "--model", chat_folder, "--prompt", "Hi", "--max-tokens", "4",
-                             "--verbose", "false"], capture_output=True, text=True)
+    result = subprocess.run(
+        [*command, "generate", "--model", chat_folder, "--prompt", "Hi", "--max-tokens", "4", "--verbose", "false"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0 and result.stdout == direct.stdout
     unknown = subprocess.run([*command, "frobnicate"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "unknown command 'frobnicate'" in unknown.stderr
 
 
 def test_convert_subcommand_runs_the_converter(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mlx_gemma3", "convert", "--hf-path", str(tmp_path / "missing"),
-                             "--mlx-path", str(tmp_path / "out")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_gemma3",
+            "convert",
+            "--hf-path",
+            str(tmp_path / "missing"),
+            "--mlx-path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1 and "does not exist" in one_error_line(result)
 
 

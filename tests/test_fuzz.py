@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FUZZ_TALLIES, run_cli
 from fuzz import BROKEN_TOKENS, long_token, real_head, tiny_gguf
 
@@ -18,7 +17,15 @@ pytestmark = pytest.mark.slow  # each reader runs in a child process: seconds ea
 FUZZ = Path(__file__).parent / "fuzz.py"
 SEED = 22
 # Random cases per reader in CI (beyond each reader's fixed cases); benchmarks/fuzz.py runs as many as asked.
-CI_CASES = {"gguf-tiny": 60, "gguf-270m": 12, "safetensors": 60, "config": 60, "tokenizer": 40, "image": 60, "server": 30}
+CI_CASES = {
+    "gguf-tiny": 60,
+    "gguf-270m": 12,
+    "safetensors": 60,
+    "config": 60,
+    "tokenizer": 40,
+    "image": 60,
+    "server": 30,
+}
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY_TEXT, greedy_fixture, random_ids
 
 import mlx_gemma3
-from conftest import TINY_TEXT, greedy_fixture, random_ids
-from mlx_gemma3.generation.stream import generate, stream_generate
+from mlx_gemma3.generation.text_stream import generate, stream_generate
 
 WINDOW = TINY_TEXT["sliding_window"]
 NEW_TOKENS = 100
@@ -44,6 +44,7 @@ def test_stops_on_every_eos_id(tiny):
 def test_eos_and_end_of_turn_end_a_reply(tiny):
     model, processor, prompt, _, _ = tiny
     for eos in (1, 106):
+
         def force(tokens, logits, eos=eos):
             return mx.where(mx.arange(logits.shape[-1]) == eos, 100.0, logits)
 

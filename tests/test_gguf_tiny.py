@@ -11,15 +11,19 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TEXT, TINY_VISION, random_ids, run_cli, tiny_multimodal_model
 from sentencepiece import sentencepiece_model_pb2
 from spm_fixture import train_tokenizer
 
 import mlx_gemma3
-from conftest import TINY_TEXT, TINY_VISION, random_ids, run_cli, tiny_multimodal_model
 
 SPM_IMAGE_TOKENS = dict(boi_token_index=107, eoi_token_index=108, image_token_index=109)
-QUANTIZED = {"attn_q": gguf.GGMLQuantizationType.Q4_0, "ffn_up": gguf.GGMLQuantizationType.Q8_0,
-             "token_embd": gguf.GGMLQuantizationType.Q8_0, "ffn_down": gguf.GGMLQuantizationType.Q5_0}
+QUANTIZED = {
+    "attn_q": gguf.GGMLQuantizationType.Q4_0,
+    "ffn_up": gguf.GGMLQuantizationType.Q8_0,
+    "token_embd": gguf.GGMLQuantizationType.Q8_0,
+    "ffn_down": gguf.GGMLQuantizationType.Q5_0,
+}
 
 
 def hf_name_map(n_blocks: int, arch) -> dict[str, str]:
@@ -55,11 +59,17 @@ def write_text_gguf(path: Path, model, folder: Path) -> dict[str, np.ndarray]:
     """The text tower as llama.cpp's converter writes it (norms as 1 + w); returns the weights GGML reads."""
     config = model.config.get_text_config()
     writer = gguf.GGUFWriter(path, "gemma3")
-    for key, value in {"context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
-                       "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
-                       "attention.head_count": config.num_attention_heads,
-                       "attention.head_count_kv": config.num_key_value_heads, "attention.key_length": config.head_dim,
-                       "attention.value_length": config.head_dim, "attention.sliding_window": config.sliding_window}.items():
+    for key, value in {
+        "context_length": config.max_position_embeddings,
+        "embedding_length": config.hidden_size,
+        "block_count": config.num_hidden_layers,
+        "feed_forward_length": config.intermediate_size,
+        "attention.head_count": config.num_attention_heads,
+        "attention.head_count_kv": config.num_key_value_heads,
+        "attention.key_length": config.head_dim,
+        "attention.value_length": config.head_dim,
+        "attention.sliding_window": config.sliding_window,
+    }.items():
         writer.add_uint32(f"gemma3.{key}", value)
     writer.add_float32("gemma3.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
     writer.add_float32("gemma3.rope.freq_base", 1_000_000.0)
@@ -72,7 +82,9 @@ def write_text_gguf(path: Path, model, folder: Path) -> dict[str, np.ndarray]:
         hf_key = key.replace("model.language_model.", "model.")
         name = names.get_name(hf_key.removesuffix(".weight"))
         value = tensor.float().numpy() + (1.0 if hf_key.endswith("norm.weight") else 0.0)
-        kind = next((k for part, k in QUANTIZED.items() if f"{part}" == name.split(".")[-1]), gguf.GGMLQuantizationType.F32)
+        kind = next(
+            (k for part, k in QUANTIZED.items() if f"{part}" == name.split(".")[-1]), gguf.GGMLQuantizationType.F32
+        )
         stored = gguf_tensor(writer, name + ".weight", value, kind)
         read_back[key] = stored - (1.0 if hf_key.endswith("norm.weight") else 0.0)
     writer.write_header_to_file()
@@ -88,10 +100,15 @@ def write_mmproj(path: Path, model) -> dict[str, np.ndarray]:
     writer = gguf.GGUFWriter(path, "clip")
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_string("clip.projector_type", "gemma3")
-    for key, value in {"image_size": vision.image_size, "patch_size": vision.patch_size,
-                       "embedding_length": vision.hidden_size, "feed_forward_length": vision.intermediate_size,
-                       "block_count": vision.num_hidden_layers, "attention.head_count": vision.num_attention_heads,
-                       "projector.scale_factor": vision.image_size // vision.patch_size // 2}.items():
+    for key, value in {
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "embedding_length": vision.hidden_size,
+        "feed_forward_length": vision.intermediate_size,
+        "block_count": vision.num_hidden_layers,
+        "attention.head_count": vision.num_attention_heads,
+        "projector.scale_factor": vision.image_size // vision.patch_size // 2,
+    }.items():
         writer.add_uint32(f"clip.vision.{key}", value)
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", vision.layer_norm_eps)
     names = hf_name_map(vision.num_hidden_layers, gguf.MODEL_ARCH.MMPROJ)
@@ -135,24 +152,46 @@ def test_text_gguf_imports_exactly(gguf_pair, tmp_path):
     with torch.no_grad():
         expected = reference(input_ids=torch.tensor(ids)).logits.float().numpy()
     assert np.abs(np.array(model(mx.array(ids))) - expected).max() <= 1e-4
-    quantized = {k.removesuffix(".scales") for k in mx.load(str(tmp_path / "mlx" / "model.safetensors")) if k.endswith(".scales")}
+    quantized = {
+        k.removesuffix(".scales") for k in mx.load(str(tmp_path / "mlx" / "model.safetensors")) if k.endswith(".scales")
+    }
     assert "model.layers.0.self_attn.q_proj" in quantized and "model.embed_tokens" in quantized  # Q4_0, Q8_0 kept
     assert "model.layers.0.mlp.down_proj" not in quantized  # Q5_0 dequantized
-    assert processor.tokenizer.encode("hello <start_of_turn>") == mlx_gemma3.load(tmp_path / "mlx")[1].tokenizer.encode("hello <start_of_turn>")
+    assert processor.tokenizer.encode("hello <start_of_turn>") == mlx_gemma3.load(tmp_path / "mlx")[1].tokenizer.encode(
+        "hello <start_of_turn>"
+    )
 
 
 def test_mmproj_pair_imports_the_vision_tower(gguf_pair, tmp_path):
     folder, reference = gguf_pair
-    args = ("--gguf", str(folder / "text.gguf"), "--mmproj", str(folder / "mmproj.gguf"), "--mlx-path", str(tmp_path / "mlx"))
+    args = (
+        "--gguf",
+        str(folder / "text.gguf"),
+        "--mmproj",
+        str(folder / "mmproj.gguf"),
+        "--mlx-path",
+        str(tmp_path / "mlx"),
+    )
     result = run_cli("mlx_gemma3.convert", *args)
     assert result.returncode == 0, result.stderr
     model, _ = mlx_gemma3.load(tmp_path / "mlx")
     ids = random_ids(30)
     ids[0, 5:11] = [107, 109, 109, 109, 109, 108]
-    pixels = np.random.RandomState(1).uniform(-1, 1, (1, TINY_VISION["image_size"], TINY_VISION["image_size"], 3)).astype(np.float32)
+    pixels = (
+        np.random.RandomState(1)
+        .uniform(-1, 1, (1, TINY_VISION["image_size"], TINY_VISION["image_size"], 3))
+        .astype(np.float32)
+    )
     with torch.no_grad():
-        expected = reference(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
-                             token_type_ids=torch.tensor((ids == 109).astype(np.int64))).logits.float().numpy()
+        expected = (
+            reference(
+                input_ids=torch.tensor(ids),
+                pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
+                token_type_ids=torch.tensor((ids == 109).astype(np.int64)),
+            )
+            .logits.float()
+            .numpy()
+        )
     ours = np.array(model(mx.array(ids), pixel_values=mx.array(pixels)))
     assert np.abs(ours - expected).max() <= 2e-4  # test_vision.TOLERANCE
 
@@ -174,8 +213,14 @@ BAD = {
 
 def write_foreign(path: Path, arch: str, tokenizer: bool, folder: Path) -> None:
     writer = gguf.GGUFWriter(path, arch)
-    for key, value in {"context_length": 64, "embedding_length": 64, "block_count": 1, "feed_forward_length": 128,
-                       "attention.head_count": 4, "attention.sliding_window": 16}.items():
+    for key, value in {
+        "context_length": 64,
+        "embedding_length": 64,
+        "block_count": 1,
+        "feed_forward_length": 128,
+        "attention.head_count": 4,
+        "attention.sliding_window": 16,
+    }.items():
         writer.add_uint32(f"{arch}.{key}", value)
     if tokenizer:
         add_tokenizer(writer, folder)
@@ -219,7 +264,9 @@ def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("MLX_GEMMA3_CACHE", str(tmp_path / "cache"))
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    references = {name: gguf_and_reference(tmp_path / name / "model.gguf", seed) for name, seed in (("a", 11), ("b", 12))}
+    references = {
+        name: gguf_and_reference(tmp_path / name / "model.gguf", seed) for name, seed in (("a", 11), ("b", 12))
+    }
     first, second = (tmp_path / name / "model.gguf" for name in "ab")
     assert first.stat().st_size == second.stat().st_size and first.read_bytes() != second.read_bytes()
     path = tmp_path / "model.gguf"
@@ -242,7 +289,9 @@ def test_q_requantizes_tensors_stored_above_the_bits_asked(gguf_pair, tmp_path):
     import json
 
     folder, _ = gguf_pair
-    result = run_cli("mlx_gemma3.convert", "--gguf", str(folder / "text.gguf"), "--mlx-path", str(tmp_path / "mlx"), "-q")
+    result = run_cli(
+        "mlx_gemma3.convert", "--gguf", str(folder / "text.gguf"), "--mlx-path", str(tmp_path / "mlx"), "-q"
+    )
     assert result.returncode == 0, result.stderr
     block = json.loads((tmp_path / "mlx" / "config.json").read_text())["quantization"]
     assert block["bits"] == 4 and block["group_size"] == 64
@@ -251,15 +300,19 @@ def test_q_requantizes_tensors_stored_above_the_bits_asked(gguf_pair, tmp_path):
         assert path not in block  # Q8_0, Q8_0, Q5_0: requantized to 4-bit group 64
     summary = [line for line in result.stderr.splitlines() if line.startswith("requantized")]
     # 6 layers: k, v, o and gate stored F32, up Q8_0 (and the embedding), down Q5_0, q Q4_0 (QUANTIZED)
-    assert summary == ["requantized 37 tensors (24 F32, 7 Q8_0, 6 Q5_0) to 4-bit, group 64; "
-                       "kept 6 as stored (Q4_0): lossless 4-bit, not above the 4 bits asked"]
+    assert summary == [
+        "requantized 37 tensors (24 F32, 7 Q8_0, 6 Q5_0) to 4-bit, group 64; "
+        "kept 6 as stored (Q4_0): lossless 4-bit, not above the 4 bits asked"
+    ]
 
 
 def test_q_bits_alone_implies_q(gguf_pair, tmp_path):
     import json
 
     folder, _ = gguf_pair
-    result = run_cli("mlx_gemma3.convert", "--gguf", str(folder / "text.gguf"), "--mlx-path", str(tmp_path / "mlx"), "--q-bits", "8")
+    result = run_cli(
+        "mlx_gemma3.convert", "--gguf", str(folder / "text.gguf"), "--mlx-path", str(tmp_path / "mlx"), "--q-bits", "8"
+    )
     assert result.returncode == 0, result.stderr
     block = json.loads((tmp_path / "mlx" / "config.json").read_text())["quantization"]
     assert block["bits"] == 8 and block["group_size"] == 64
@@ -274,11 +327,21 @@ def test_qlora_on_a_lossless_gguf_import_matches_peft(gguf_pair, tmp_path):
     """LoRA over the Q4_0/Q8_0 layers kept quantized from the GGUF: loss and A/B gradients equal peft's on the
     weights GGML reads back."""
     import mlx.nn as nn
+    from test_finetune import (
+        ALPHA,
+        RANK,
+        TOL,
+        as_ours,
+        assert_gradients_match,
+        ids_and_weights,
+        our_gradients,
+        peft_parameters,
+        reference_loss,
+        with_peft,
+    )
 
     from mlx_gemma3.convert.__main__ import main as convert_main
     from mlx_gemma3.train.adapters import AdapterConfig, prepare_for_training
-    from test_finetune import ALPHA, RANK, TOL, as_ours, assert_gradients_match, ids_and_weights, our_gradients
-    from test_finetune import peft_parameters, reference_loss, with_peft
 
     folder, reference = gguf_pair
     assert convert_main(["--gguf", str(folder / "text.gguf"), "--mlx-path", str(tmp_path / "mlx")]) == 0

@@ -8,12 +8,12 @@ from pathlib import Path
 import gguf
 import pytest
 from sentencepiece import sentencepiece_model_pb2
+from spm_fixture import CORPUS, train_tokenizer
 
 from mlx_gemma3.convert.gguf_file import read_gguf
 from mlx_gemma3.convert.gguf_tokenizer import chat_template, sentencepiece_model
 from mlx_gemma3.errors import Gemma3Error
 from mlx_gemma3.processing.tokenizer import Tokenizer
-from spm_fixture import CORPUS, train_tokenizer
 
 LINES = (Path(__file__).parent / "data" / "multilingual.txt").read_text(encoding="utf-8").split("\n")
 BLOCKS = ["\n".join(LINES[i : i + 10]) for i in range(0, len(LINES), 10)]

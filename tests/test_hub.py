@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from mlx_gemma3.convert.hub import resolve_hf_path
-from mlx_gemma3.model.sources import download_error, is_repo_id
 from mlx_gemma3.errors import Gemma3Error
+from mlx_gemma3.model.sources import download_error, is_repo_id
 
 
 def test_a_local_folder_passes_through(tmp_path):

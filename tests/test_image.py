@@ -9,10 +9,9 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import gemma3_processor
 from PIL import Image, ImageFile
 from spm_fixture import train_tokenizer
-
-from conftest import gemma3_processor
 
 from mlx_gemma3 import Gemma3Error
 from mlx_gemma3.processing.image import open_image, pan_and_scan, preprocess, process_images

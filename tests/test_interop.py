@@ -10,9 +10,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
-import mlx_gemma3
 from conftest import (
     TINY_IMAGE_TOKENS,
     TINY_TEXT,
@@ -25,6 +22,9 @@ from conftest import (
     tiny_multimodal_model,
     tiny_text_model,
 )
+from safetensors.torch import save_file
+
+import mlx_gemma3
 
 TOL = 1e-4
 LINEAR_X8 = {
@@ -147,7 +147,10 @@ def untied_multimodal_model(seed: int = 12):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     config = Gemma3Config(
-        text_config=TINY_TEXT, vision_config=TINY_VISION, mm_tokens_per_image=4, tie_word_embeddings=False,
+        text_config=TINY_TEXT,
+        vision_config=TINY_VISION,
+        mm_tokens_per_image=4,
+        tie_word_embeddings=False,
         **TINY_IMAGE_TOKENS,
     )
     return randomize(Gemma3ForConditionalGeneration(config), seed)
@@ -166,7 +169,7 @@ def mlx_community_key(key: str, multimodal: bool) -> str | None:
     """transformers 5 module name → the key mlx-vlm / mlx-lm store (None: not stored); text keys stay as they are."""
     for source, target in MULTIMODAL_KEYS if multimodal else ():
         if key.startswith(source):
-            return target and target + key[len(source):]
+            return target and target + key[len(source) :]
     return key
 
 
@@ -222,4 +225,3 @@ def test_tied_folder_with_a_stored_copy_of_the_head_loads(tmp_path, multimodal):
     reference = tiny_multimodal_model(seed=14, image_tokens=TINY_IMAGE_TOKENS) if multimodal else tiny_text_model(14)
     folder = write_mlx_community_folder(reference, tmp_path / "folder", with_head=True)
     assert_matches_transformers(folder, reference, multimodal)
-

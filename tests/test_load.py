@@ -1,14 +1,14 @@
-"""mlx_gemma3.model.load on good and bad folders."""
+"""mlx_gemma3.model.weights on good and bad folders."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import convert
 from safetensors.numpy import load_file, save_file
 
 import mlx_gemma3
-from conftest import convert
 
 
 def test_load_returns_model_and_processor(hf_text, tmp_path):

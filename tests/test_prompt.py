@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import FIXTURES
 from spm_fixture import reference as hf_tokenizer
 from spm_fixture import train_tokenizer
 
-from conftest import FIXTURES
 from mlx_gemma3 import Gemma3Error
-from mlx_gemma3.model.load import Processor
+from mlx_gemma3.processing.processor import Processor
 from mlx_gemma3.processing.prompt import gemma_chat, prompt_ids, render_template
 from mlx_gemma3.processing.tokenizer import Tokenizer
 
@@ -21,7 +21,12 @@ CONVERSATIONS = [
         {"role": "assistant", "content": " Hey!\n"},
         {"role": "user", "content": "What is 2+2?"},
     ],
-    [{"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " what?"}]}],
+    [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " what?"}],
+        }
+    ],
     [
         {"role": "system", "content": [{"type": "text", "text": "Answer in Korean."}]},
         {"role": "user", "content": "안녕하세요"},
@@ -61,9 +66,12 @@ def test_a_base_model_completes_plain_text(tokenizers):
     assert prompt_ids(processor, "Once upon a time") == hf.encode("Once upon a time")
     with_template = Processor(ours, None, TEMPLATE)
     assert prompt_ids(with_template, "Once", use_chat_template=False) == hf.encode("Once")
-    assert prompt_ids(with_template, "Once") == hf.apply_chat_template(
-        [{"role": "user", "content": "Once"}], chat_template=TEMPLATE, tokenize=True, add_generation_prompt=True
-    )["input_ids"]
+    assert (
+        prompt_ids(with_template, "Once")
+        == hf.apply_chat_template(
+            [{"role": "user", "content": "Once"}], chat_template=TEMPLATE, tokenize=True, add_generation_prompt=True
+        )["input_ids"]
+    )
 
 
 BAD = [

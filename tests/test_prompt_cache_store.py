@@ -5,10 +5,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_server_safety import client, loaded, serving  # noqa: F401 — `loaded` is a fixture
 
 from mlx_gemma3.processing.prompt import prompt_ids
 from mlx_gemma3.serve.prompt_cache import Entry, PromptCacheStore, best_candidate
-from test_server_safety import client, loaded, serving  # noqa: F401 — `loaded` is a fixture
 
 LAYOUT = (None, 64, 0)
 
@@ -86,8 +86,9 @@ def message(turn: int, n: int = 30) -> str:
 
 
 def ask(port: int, messages: list[dict], max_tokens: int = 12):
-    reply = client(port).chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens, temperature=0,
-                                                 logprobs=True)
+    reply = client(port).chat.completions.create(
+        model="tiny", messages=messages, max_tokens=max_tokens, temperature=0, logprobs=True
+    )
     choice = reply.choices[0]
     return choice.message.content, choice.logprobs.content[0].logprob, reply.usage
 
@@ -100,7 +101,7 @@ class PlainText:
     def __init__(self, processor):
         tokenizer = processor.tokenizer
         self.after = tokenizer.encode("<start_of_turn>model\n", add_bos=False)[-2:]
-        pieces = [tokenizer.decode([0, i])[len(tokenizer.decode([0])):] for i in range(tokenizer.vocab_size)]
+        pieces = [tokenizer.decode([0, i])[len(tokenizer.decode([0])) :] for i in range(tokenizer.vocab_size)]
         self.always = np.array([-1e9 if "\ufffd" in p else 0.0 for p in pieces], np.float32)
         self.first = np.array([-1e9 if p[:1].isspace() else 0.0 for p in pieces], np.float32) + self.always
 
@@ -135,7 +136,12 @@ def test_conversation_identical_to_no_prompt_cache_past_the_sliding_window(loade
             next_turn(n)
         regenerated = turn(history[:-1], "regenerate")
         assert regenerated == history[-1]["content"]
-        edited = [*history[:2], {"role": "user", "content": message(9)}, *history[3:], {"role": "user", "content": "ok"}]
+        edited = [
+            *history[:2],
+            {"role": "user", "content": message(9)},
+            *history[3:],
+            {"role": "user", "content": "ok"},
+        ]
         turn(edited, "edit")
         next_turn(3)
         next_turn(4)
@@ -161,11 +167,11 @@ class Reply:
         tokenizer = processor.tokenizer
         self.after = tokenizer.encode("<start_of_turn>model\n", add_bos=False)[-2:]
         ids = prompt_ids(processor, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}])
-        start = min(i + 2 for i in range(len(ids) - 1) if ids[i: i + 2] == self.after)
-        self.ids = [*ids[start: ids.index(106, start)], 106]
+        start = min(i + 2 for i in range(len(ids) - 1) if ids[i : i + 2] == self.after)
+        self.ids = [*ids[start : ids.index(106, start)], 106]
 
     def start(self, ids: list[int]) -> int:
-        return max(i + 2 for i in range(len(ids) - 1) if ids[i: i + 2] == self.after)
+        return max(i + 2 for i in range(len(ids) - 1) if ids[i : i + 2] == self.after)
 
     def __call__(self, tokens, logits):
         step = min(tokens.size - self.start(tokens.tolist()), len(self.ids) - 1)

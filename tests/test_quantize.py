@@ -8,16 +8,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_IMAGE_TOKENS, TINY_TEXT, convert, random_ids, randomize, reference_logits
 from mlx.utils import tree_flatten
 
 import mlx_gemma3
-from conftest import TINY_IMAGE_TOKENS, TINY_TEXT, convert, random_ids, reference_logits, randomize
 from mlx_gemma3.convert.hf import map_key
-from mlx_gemma3.model.load import build_model, read_weights
+from mlx_gemma3.model.weights import build_model, read_weights
 
 WIDE_TEXT = {**TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "query_pre_attn_scalar": 32}
 # fc2's input (96) divides by 32 only, as the real 4304-wide vision MLP divides by none of 32/64/128.
-WIDE_VISION = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)
+WIDE_VISION = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14
+)
 CONFIGS = [(bits, group, recipe) for bits in (4, 8) for group in (32, 64, 128) for recipe in ("uniform", "mixed")]
 
 
@@ -59,8 +61,13 @@ def dequantized_reference(hf_model, mlx_dir):
         path = ours.removesuffix(".weight")
         if f"{path}.scales" in stored:
             spec = quantization.get(path) if isinstance(quantization.get(path), dict) else quantization
-            value = mx.dequantize(stored[ours], stored[f"{path}.scales"], stored[f"{path}.biases"],
-                                  group_size=spec["group_size"], bits=spec["bits"])
+            value = mx.dequantize(
+                stored[ours],
+                stored[f"{path}.scales"],
+                stored[f"{path}.biases"],
+                group_size=spec["group_size"],
+                bits=spec["bits"],
+            )
         else:
             value = stored[ours]
         if ours == "vision_tower.vision_model.embeddings.patch_embedding.weight":
@@ -102,7 +109,11 @@ def test_quantized_model_equals_its_dequantized_reference(saved, tmp_path, kind,
         ours = np.array(model(mx.array(ids)))
         expected, unquantized = reference_logits(reference, ids), reference_logits(models[kind], ids)
     else:
-        ids[0, 5:11] = [TINY_IMAGE_TOKENS["boi_token_index"], *[TINY_IMAGE_TOKENS["image_token_index"]] * 4, TINY_IMAGE_TOKENS["eoi_token_index"]]
+        ids[0, 5:11] = [
+            TINY_IMAGE_TOKENS["boi_token_index"],
+            *[TINY_IMAGE_TOKENS["image_token_index"]] * 4,
+            TINY_IMAGE_TOKENS["eoi_token_index"],
+        ]
         pixels = np.random.RandomState(0).uniform(-1, 1, (1, 56, 56, 3)).astype(np.float32)
         ours = np.array(model(mx.array(ids), pixel_values=mx.array(pixels)))
         expected, unquantized = (vision_logits(m, ids, pixels) for m in (reference, models[kind]))
@@ -118,7 +129,11 @@ def test_quantized_model_equals_its_dequantized_reference(saved, tmp_path, kind,
 def vision_logits(model, ids, pixels):
     token_types = torch.tensor((ids == TINY_IMAGE_TOKENS["image_token_index"]).astype(np.int64))
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2), token_type_ids=token_types)
+        out = model(
+            input_ids=torch.tensor(ids),
+            pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
+            token_type_ids=token_types,
+        )
     return out.logits.float().numpy()
 
 
@@ -143,17 +158,29 @@ def test_mixed_recipe_layers(saved, tmp_path):
     assert "lm_head.weight" not in read_weights(mlx_dir)  # the tied head is the quantized embedding
 
 
-@pytest.mark.parametrize("args,bits,group", [((), None, None), (("--q-bits", "8"), 8, 64), (("--q-group-size", "32"), 4, 32),
-                                             (("--quant-recipe", "mixed"), 4, 64)])
+@pytest.mark.parametrize(
+    "args,bits,group",
+    [
+        ((), None, None),
+        (("--q-bits", "8"), 8, 64),
+        (("--q-group-size", "32"), 4, 32),
+        (("--quant-recipe", "mixed"), 4, 64),
+    ],
+)
 def test_quantization_options_imply_q(saved, tmp_path, args, bits, group):
     from conftest import run_cli
 
     folder, _ = saved
-    result = run_cli("mlx_gemma3.convert", "--hf-path", str(folder / "text"), "--mlx-path", str(tmp_path / "mlx"), *args)
+    result = run_cli(
+        "mlx_gemma3.convert", "--hf-path", str(folder / "text"), "--mlx-path", str(tmp_path / "mlx"), *args
+    )
     assert result.returncode == 0, result.stderr
     block = json.loads((tmp_path / "mlx" / "config.json").read_text()).get("quantization")
     if bits is None:
         assert block is None and not quantized_paths(tmp_path / "mlx")
         return
-    assert (block["bits"], block["group_size"]) == (bits, group) and "model.layers.0.self_attn.q_proj" in quantized_paths(tmp_path / "mlx")
+    assert (block["bits"], block["group_size"]) == (
+        bits,
+        group,
+    ) and "model.layers.0.self_attn.q_proj" in quantized_paths(tmp_path / "mlx")
     assert (block.get("model.embed_tokens") == {"group_size": 64, "bits": 8}) == ("mixed" in args)

@@ -63,8 +63,15 @@ def scripts() -> list[str]:
 @pytest.mark.parametrize("command", commands())
 def test_readme_command(scratch, command):
     folder, env = scratch
-    result = subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True,
-                            stdin=subprocess.DEVNULL, timeout=300)
+    result = subprocess.run(
+        ["bash", "-c", command],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
 
 
@@ -72,6 +79,7 @@ def test_readme_command(scratch, command):
 @pytest.mark.parametrize("script", scripts())
 def test_readme_python(scratch, script):
     folder, env = scratch
-    result = subprocess.run([sys.executable, "-c", script], cwd=folder, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=folder, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr

@@ -16,7 +16,10 @@ def random_logits(seed=0, batch=3, vocab=200):
 
 def transformers_filter(logits: np.ndarray, temp, top_k, top_p, min_p) -> np.ndarray:
     from transformers.generation.logits_process import (
-        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     warpers = [TemperatureLogitsWarper(temp)]
@@ -34,7 +37,14 @@ def transformers_filter(logits: np.ndarray, temp, top_k, top_p, min_p) -> np.nda
 
 @pytest.mark.parametrize(
     "temp, top_k, top_p, min_p",
-    [(1.0, 0, 1.0, 0.0), (0.7, 64, 1.0, 0.0), (1.0, 0, 0.95, 0.0), (1.3, 0, 1.0, 0.1), (1.0, 64, 0.95, 0.05), (0.5, 5, 0.5, 0.0)],
+    [
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 64, 1.0, 0.0),
+        (1.0, 0, 0.95, 0.0),
+        (1.3, 0, 1.0, 0.1),
+        (1.0, 64, 0.95, 0.05),
+        (0.5, 5, 0.5, 0.0),
+    ],
 )
 def test_filter_matches_transformers(temp, top_k, top_p, min_p):
     logits = random_logits()
@@ -74,5 +84,7 @@ def test_logit_bias_matches_transformers():
 
     logits = random_logits()
     bias = {5: 10.0, 17: -4.5}
-    ref = SequenceBiasLogitsProcessor({(k,): v for k, v in bias.items()})(torch.zeros(3, 1, dtype=torch.long), torch.tensor(logits)).numpy()
+    ref = SequenceBiasLogitsProcessor({(k,): v for k, v in bias.items()})(
+        torch.zeros(3, 1, dtype=torch.long), torch.tensor(logits)
+    ).numpy()
     assert np.abs(np.array(logit_bias(mx.array(logits), bias)) - ref).max() <= 1e-6

@@ -13,12 +13,12 @@ import time
 import mlx.core as mx
 import pytest
 import torch
+from conftest import StepCounter as Counter
 from PIL import Image
 
 import mlx_gemma3
-from conftest import StepCounter as Counter
 from mlx_gemma3.processing.prompt import prompt_ids
-from mlx_gemma3.serve.server import ServerState, make_server
+from mlx_gemma3.serve.http import ServerState, make_server
 
 
 class Forcer:
@@ -87,8 +87,10 @@ def test_chat_matches_transformers_greedy(server):
     assert status == 200
     ids = prompt_ids(state.processor, HELLO)
     with torch.no_grad():
-        out = reference.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=[1, 106], pad_token_id=0)
-    expected = state.processor.tokenizer.decode([t for t in out[0, len(ids):].tolist() if t not in (1, 106)])
+        out = reference.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=[1, 106], pad_token_id=0
+        )
+    expected = state.processor.tokenizer.decode([t for t in out[0, len(ids) :].tolist() if t not in (1, 106)])
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
     assert body["usage"]["prompt_tokens"] == len(ids) and body["object"] == "chat.completion"
 
@@ -110,7 +112,9 @@ def test_streamed_chunks_concatenate_to_the_same_text(server):
 
 def test_stop_strings_cut_the_reply(server):
     port, state, _ = server
-    state.extra_options["logits_processors"] = [Forcer(state.processor.tokenizer.encode("one two three four", add_bos=False))]
+    state.extra_options["logits_processors"] = [
+        Forcer(state.processor.tokenizer.encode("one two three four", add_bos=False))
+    ]
     try:
         _, body = chat(port, messages=HELLO, max_tokens=30, stop=[" three"])
         streamed, _ = sse_text(port, dict(messages=HELLO, max_tokens=30, stop=" three"))
@@ -126,20 +130,30 @@ def test_completions_endpoint(server):
     body = json.loads(payload)
     ids = state.processor.tokenizer.encode("Once upon")
     with torch.no_grad():
-        out = reference.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=[1, 106], pad_token_id=0)
-    expected = state.processor.tokenizer.decode([t for t in out[0, len(ids):].tolist() if t not in (1, 106)])
+        out = reference.generate(
+            torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=[1, 106], pad_token_id=0
+        )
+    expected = state.processor.tokenizer.decode([t for t in out[0, len(ids) :].tolist() if t not in (1, 106)])
     assert status == 200 and body["choices"][0]["text"] == expected and body["object"] == "text_completion"
 
 
 def test_tool_calls_round_trip(server):
     port, state, _ = server
-    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
     call_text = '[get_weather(city="Seoul")]'
     forcer = Forcer(state.processor.tokenizer.encode(call_text, add_bos=False))
     state.extra_options["logits_processors"] = [forcer]
     try:
-        status, body = chat(port, messages=[{"role": "user", "content": "Weather in Seoul?"}], tools=[weather], max_tokens=60)
+        status, body = chat(
+            port, messages=[{"role": "user", "content": "Weather in Seoul?"}], tools=[weather], max_tokens=60
+        )
     finally:
         state.extra_options.clear()
     assert status == 200
@@ -181,18 +195,23 @@ def test_image_message_matches_transformers(image_chat_model, tmp_path):
     try:
         url, picture = png_data_url("orange")
         picture.save(tmp_path / "b.png")
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"},
-                   {"type": "image_url", "image_url": {"url": str(tmp_path / "b.png")}}]
+        content = [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "What is it?"},
+            {"type": "image_url", "image_url": {"url": str(tmp_path / "b.png")}},
+        ]
         status, body = chat(httpd.server_address[1], messages=[{"role": "user", "content": content}], max_tokens=12)
     finally:
         httpd.shutdown()
         httpd.server_close()
     assert status == 200
-    text = gemma_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}, {"type": "image"}]}])
+    text = gemma_chat(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}, {"type": "image"}]}]
+    )
     inputs = hf_processor(text=text.removeprefix("<bos>"), images=[picture, picture], return_tensors="pt")
     with torch.no_grad():
         out = hf.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=[1, 106], pad_token_id=0)
-    new = [t for t in out[0, inputs["input_ids"].shape[1]:].tolist() if t not in (1, 106)]
+    new = [t for t in out[0, inputs["input_ids"].shape[1] :].tolist() if t not in (1, 106)]
     assert body["choices"][0]["message"]["content"] == processor.tokenizer.decode(new)
 
 
@@ -247,8 +266,11 @@ def test_disconnect_mid_stream_stops_generation(server):
     try:
         body = json.dumps({"messages": HELLO, "max_tokens": 500, "stream": True}).encode()
         client = socket.create_connection(("127.0.0.1", port))
-        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         received = b""
         while received.count(b"data: ") < 4:
             received += client.recv(4096)

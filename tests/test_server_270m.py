@@ -25,8 +25,12 @@ def user_message(turn: int) -> str:
 @pytest.fixture(scope="module")
 def client(lossless_conversion):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "mlx_gemma3.server", "--model", str(lossless_conversion.folder),
-                                "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_gemma3.server", "--model", str(lossless_conversion.folder), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     line = ""
     while not line.startswith("serving"):
         line = process.stderr.readline()

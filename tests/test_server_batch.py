@@ -38,9 +38,24 @@ def requests() -> list[dict]:
 @pytest.fixture(scope="module")
 def server(image_chat_model):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "mlx_gemma3.server", "--model", str(image_chat_model[0]),
-                                "--port", "0", "--max-batch", "8", "--prompt-cache-size", "0"],
-                               stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlx_gemma3.server",
+            "--model",
+            str(image_chat_model[0]),
+            "--port",
+            "0",
+            "--max-batch",
+            "8",
+            "--prompt-cache-size",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     line = process.stderr.readline()
     assert line.startswith("serving"), line
     port = int(line.rsplit(":", 1)[1].split("/")[0])
@@ -86,7 +101,7 @@ def test_concurrent_streams_equal_their_replies_alone(server):
     assert results[-1][2] == 4
 
     log = read_log(process, expected=2 * len(asks))
-    together = [line for line in log[len(asks):]]
+    together = [line for line in log[len(asks) :]]
     peaks = [int(m.group(1)) for line in together if (m := re.search(r"batch of up to (\d+)", line))]
     assert max(peaks) >= 4, together  # the requests really were decoded together
     gone = [line for line in together if "client gone" in line]

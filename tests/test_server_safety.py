@@ -16,12 +16,18 @@ import openai
 import pytest
 
 import mlx_gemma3
+from mlx_gemma3.serve.http import ServerState, make_server
 from mlx_gemma3.serve.requests import to_gemma_messages
-from mlx_gemma3.serve.server import ServerState, make_server
 
 HELLO = [{"role": "user", "content": "Hello there!"}]
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 class Forcer:
@@ -96,8 +102,11 @@ def forced(state, text: str):
 def test_openai_client_chat_streamed_and_not_with_usage(server):
     port, _ = server
     whole = client(port).chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=10)
-    chunks = list(client(port).chat.completions.create(
-        model="tiny", messages=HELLO, max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client(port).chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=10, stream=True, stream_options={"include_usage": True}
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole.choices[0].message.content
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -109,9 +118,15 @@ def test_streamed_tool_calls(server):
     port, state = server
     forced(state, '[get_weather(city="Seoul")]')
     try:
-        chunks = list(client(port).chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Weather in Seoul?"}], tools=[WEATHER], stream=True,
-            max_tokens=60))
+        chunks = list(
+            client(port).chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "Weather in Seoul?"}],
+                tools=[WEATHER],
+                stream=True,
+                max_tokens=60,
+            )
+        )
     finally:
         state.extra_options.clear()
     calls = [call for c in chunks for call in (c.choices[0].delta.tool_calls or [])]
@@ -125,8 +140,11 @@ def test_streamed_text_with_tools_given_but_no_call(server):
     port, state = server
     forced(state, "It is sunny")
     try:
-        chunks = list(client(port).chat.completions.create(
-            model="tiny", messages=HELLO, tools=[WEATHER], stream=True, max_tokens=30, logprobs=True))
+        chunks = list(
+            client(port).chat.completions.create(
+                model="tiny", messages=HELLO, tools=[WEATHER], stream=True, max_tokens=30, logprobs=True
+            )
+        )
     finally:
         state.extra_options.clear()
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "It is sunny"
@@ -137,7 +155,9 @@ def test_streamed_text_with_tools_given_but_no_call(server):
 
 def test_logprobs_streamed_and_not(server):
     port, _ = server
-    whole = client(port).chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, logprobs=True, top_logprobs=3)
+    whole = client(port).chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=6, logprobs=True, top_logprobs=3
+    )
     entries = whole.choices[0].logprobs.content
     assert len(entries) == whole.usage.completion_tokens - (whole.choices[0].finish_reason == "stop")
     assert "".join(e.token for e in entries) == whole.choices[0].message.content
@@ -145,7 +165,9 @@ def test_logprobs_streamed_and_not(server):
         assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
         assert e.logprob == pytest.approx(e.top_logprobs[0].logprob) and e.logprob <= 0
         assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
-    chunks = client(port).chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, logprobs=True, stream=True)
+    chunks = client(port).chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=6, logprobs=True, stream=True
+    )
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
 
@@ -153,7 +175,8 @@ def test_logprobs_streamed_and_not(server):
 def test_developer_role_is_a_system_turn(server):
     port, _ = server
     asked = lambda role: client(port).chat.completions.create(  # noqa: E731
-        model="tiny", messages=[{"role": role, "content": "Be brief."}, *HELLO], max_tokens=4)
+        model="tiny", messages=[{"role": role, "content": "Be brief."}, *HELLO], max_tokens=4
+    )
     developer, system = asked("developer"), asked("system")
     assert developer.usage.prompt_tokens == system.usage.prompt_tokens
     assert developer.choices[0].message.content == system.choices[0].message.content
@@ -162,8 +185,17 @@ def test_developer_role_is_a_system_turn(server):
 def test_tool_result_is_named_by_its_calls_function():
     messages = [
         {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "cold"},
     ]
     turn = to_gemma_messages(messages)[-1]
@@ -174,8 +206,15 @@ BAD = [
     ({"stream": "no"}, "'stream' must be true or false"),
     ({"n": 2}, "'n' must be 1"),
     ({"response_format": {"type": "xml"}}, "'response_format' must be"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object", "if": {},
-      "then": {}}}}}, 'Unimplemented keys: ["if", "then"]'),
+    (
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "r", "schema": {"type": "object", "if": {}, "then": {}}},
+            }
+        },
+        'Unimplemented keys: ["if", "then"]',
+    ),
     ({"response_format": {"type": "json_object"}, "tools": [WEATHER]}, "'response_format' and 'tools'"),
     ({"presence_penalty": 0.5}, "'presence_penalty' is not supported"),
     ({"max_tokens": 100000}, "'max_tokens' must lie in"),
@@ -187,10 +226,18 @@ BAD = [
     ({"tool_choice": "always", "tools": [WEATHER]}, "'tool_choice' must be"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "role 'robot'"),
     ({"messages": []}, "'messages' must be a non-empty list"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]},
-     "local image paths are refused"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]}]},
-     "reads text only"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]},
+        "local image paths are refused",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]}
+            ]
+        },
+        "reads text only",
+    ),
     ({"stream_options": {"include_usage": "yes"}}, "'include_usage' must be true or false"),
 ]
 
@@ -201,7 +248,9 @@ def test_every_error_is_a_4xx_before_any_stream(server, extra, message, stream):
     port, _ = server
     body = {"messages": HELLO, "max_tokens": 4, **extra}
     with pytest.raises(openai.BadRequestError) as error:
-        client(port).chat.completions.create(model="tiny", messages=body.pop("messages"), stream=stream, extra_body=body)
+        client(port).chat.completions.create(
+            model="tiny", messages=body.pop("messages"), stream=stream, extra_body=body
+        )
     assert error.value.status_code == 400 and message in error.value.body["message"], error.value.body
 
 
@@ -216,7 +265,9 @@ def test_host_content_type_chunked_and_timeout_refusals(loaded):
         assert raw(port, body, {**json_headers, "Host": "localhost:1"})[0] == 200
         assert raw(port, body, {**json_headers, "Content-Type": "text/plain"})[0] == 415
         assert raw(port, b"a=1", {"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "3"})[0] == 415
-        status, _, response = raw(port, b"0\r\n\r\n", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        status, _, response = raw(
+            port, b"0\r\n\r\n", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+        )
         assert status == 411 and response.getheader("Connection") == "close"
         assert raw(port, body, json_headers)[2].getheader("Access-Control-Allow-Origin") is None
         started = time.perf_counter()
@@ -233,7 +284,9 @@ def test_api_key_and_cors_origin(loaded):
     try:
         with pytest.raises(openai.AuthenticationError):
             client(port, "wrong").chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
-        reply = client(port, "sesame").chat.completions.with_raw_response.create(model="tiny", messages=HELLO, max_tokens=2)
+        reply = client(port, "sesame").chat.completions.with_raw_response.create(
+            model="tiny", messages=HELLO, max_tokens=2
+        )
         assert reply.headers["access-control-allow-origin"] == "http://app.example"
         assert reply.parse().choices[0].message.role == "assistant"
     finally:
@@ -277,8 +330,11 @@ def test_an_abandoned_non_streaming_request_stops_generating(server):
     try:
         body = json.dumps({"messages": HELLO, "max_tokens": 500}).encode()
         connection = socket.create_connection(("127.0.0.1", port))
-        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        connection.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         deadline = time.time() + 30
         while slow.steps < 5 and time.time() < deadline:
             time.sleep(0.01)
@@ -299,8 +355,23 @@ def test_server_process_with_an_api_key_and_allowed_image_dir(tiny_chat_model, t
     Image.new("RGB", (8, 8), "red").save(tmp_path / "red.png")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlx_gemma3.server", "--model", str(tiny_chat_model[0]), "--port", "0",
-         "--api-key", "sesame", "--allowed-image-dir", str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "mlx_gemma3.server",
+            "--model",
+            str(tiny_chat_model[0]),
+            "--port",
+            "0",
+            "--api-key",
+            "sesame",
+            "--allowed-image-dir",
+            str(tmp_path),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = process.stderr.readline()
         assert line.startswith("serving"), line
@@ -312,7 +383,9 @@ def test_server_process_with_an_api_key_and_allowed_image_dir(tiny_chat_model, t
             client(port, "sesame").chat.completions.create(model="tiny", messages=[{"role": "user", "content": image}])
         with pytest.raises(openai.BadRequestError, match="outside the allowed"):
             outside = [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]
-            client(port, "sesame").chat.completions.create(model="tiny", messages=[{"role": "user", "content": outside}])
+            client(port, "sesame").chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": outside}]
+            )
         with pytest.raises(openai.AuthenticationError):
             client(port).models.list()
     finally:
@@ -322,8 +395,13 @@ def test_server_process_with_an_api_key_and_allowed_image_dir(tiny_chat_model, t
 
 
 def test_an_invalid_port_is_one_line():
-    result = subprocess.run([sys.executable, "-m", "mlx_gemma3.server", "--port", "99999"], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_gemma3.server", "--port", "99999"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--port must be" in result.stderr
 
 
@@ -361,7 +439,9 @@ def test_speculative_decoding_serves_the_same_replies(loaded, speculative):
     for options in ({}, extra):
         httpd, _ = serving(loaded, extra_options=dict(options))
         try:
-            reply = client(httpd.server_address[1]).chat.completions.create(model="tiny", messages=messages, max_tokens=40)
+            reply = client(httpd.server_address[1]).chat.completions.create(
+                model="tiny", messages=messages, max_tokens=40
+            )
             replies.append(reply.choices[0].message.content)
         finally:
             httpd.shutdown()

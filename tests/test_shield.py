@@ -9,24 +9,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    FIXTURES,
+    SPM_IMAGE_TOKENS,
+    TINY_TEXT,
+    TINY_VISION,
+    convert,
+    gemma3_processor,
+    randomize,
+    reference_torch,
+)
 from PIL import Image
 
 import mlx_gemma3
-from conftest import FIXTURES, SPM_IMAGE_TOKENS, TINY_TEXT, TINY_VISION, convert, gemma3_processor, randomize, reference_torch
 from mlx_gemma3 import shield
 
 pytestmark = pytest.mark.slow  # each test needs the converted tiny classifier (about 10 s to build once)
 TOKENS_PER_IMAGE = 4
 TEMPLATE = (FIXTURES / "shieldgemma2_chat_template.jinja").read_text()
-CUSTOM = {"cats": "No Cats: The image shall not contain a cat.", "dangerous": "No Knives: The image shall not show a knife."}
+CUSTOM = {
+    "cats": "No Cats: The image shall not contain a cat.",
+    "dangerous": "No Knives: The image shall not show a knife.",
+}
 
 
 def tiny_shield(yes_no: list[int]):
     from transformers import ShieldGemma2Config, ShieldGemma2ForImageClassification
 
     config = ShieldGemma2Config(
-        text_config=TINY_TEXT, vision_config=TINY_VISION, mm_tokens_per_image=TOKENS_PER_IMAGE, **SPM_IMAGE_TOKENS,
-        yes_token_index=yes_no[0], no_token_index=yes_no[1],
+        text_config=TINY_TEXT,
+        vision_config=TINY_VISION,
+        mm_tokens_per_image=TOKENS_PER_IMAGE,
+        **SPM_IMAGE_TOKENS,
+        yes_token_index=yes_no[0],
+        no_token_index=yes_no[1],
     )
     reference_torch().manual_seed(11)
     return randomize(ShieldGemma2ForImageClassification(config), seed=11)
@@ -59,8 +75,9 @@ def built(tmp_path_factory):
     hf.mkdir()
     train_tokenizer(hf)
     base = gemma3_processor(hf, TINY_VISION["image_size"], TOKENS_PER_IMAGE)
-    processor = ShieldGemma2Processor(base.image_processor, base.tokenizer, chat_template=TEMPLATE,
-                                      image_seq_length=TOKENS_PER_IMAGE)
+    processor = ShieldGemma2Processor(
+        base.image_processor, base.tokenizer, chat_template=TEMPLATE, image_seq_length=TOKENS_PER_IMAGE
+    )
     yes_no = [ids[1] for ids in base.tokenizer(["Yes", "No"])["input_ids"]]  # as transformers' conversion script
     model = tiny_shield(yes_no)
     model.save_pretrained(hf)
@@ -85,8 +102,10 @@ def reference(built: Built, policies=None, custom_policies=None, model=None):
 
 
 def ours(scores) -> tuple[np.ndarray, np.ndarray]:
-    return (np.array([[s.yes_probability, s.no_probability] for s in scores]),
-            np.array([[s.yes_logit, s.no_logit] for s in scores]))
+    return (
+        np.array([[s.yes_probability, s.no_probability] for s in scores]),
+        np.array([[s.yes_logit, s.no_logit] for s in scores]),
+    )
 
 
 @pytest.mark.parametrize("custom, images_per_batch", [(None, 4), (CUSTOM, 1)])
@@ -109,7 +128,7 @@ def test_prompt_ids_equal_the_processors(built, template):
     """Every built-in policy and a custom one: the folder's chat template, and our text of it when a folder has none."""
     from dataclasses import replace
 
-    from mlx_gemma3.processing.shield import shield_prompt_ids
+    from mlx_gemma3.processing.shield_prompt import shield_prompt_ids
 
     folder, hf_processor, paths = built.folder, built.processor, built.paths
     processor = mlx_gemma3.load(folder / "mlx")[1]
@@ -143,8 +162,10 @@ def test_hub_and_wrapped_mlx_layouts_load_the_same(built, tmp_path):
 
     shutil.copytree(folder / "mlx", tmp_path / "wrapped")
     mx.save_safetensors(str(tmp_path / "wrapped" / "model.safetensors"), {f"model.{k}": v for k, v in expected.items()})
-    loaded = [dict(tree_flatten(mlx_gemma3.load(path, lazy_vision=False)[0].parameters()))
-              for path in (folder / "mlx", tmp_path / "wrapped", tmp_path / "hub-mlx")]
+    loaded = [
+        dict(tree_flatten(mlx_gemma3.load(path, lazy_vision=False)[0].parameters()))
+        for path in (folder / "mlx", tmp_path / "wrapped", tmp_path / "hub-mlx")
+    ]
     for other in loaded[1:]:
         assert other.keys() == loaded[0].keys()
         assert all(mx.array_equal(other[key], loaded[0][key]) for key in loaded[0])
@@ -184,6 +205,7 @@ def test_cli_table_and_threshold_exit_codes(built, capsys):
     """A table and exit 0 below the threshold; JSON (transformers' numbers) and exit 1, from a real process, once one
     probability reaches it."""
     from conftest import run_cli
+
     from mlx_gemma3.shield import main
 
     folder, paths = built.folder, built.paths
@@ -228,8 +250,21 @@ def test_cli_custom_policy_scores_match_transformers(built, capsys):
     from mlx_gemma3.shield import main
 
     folder, paths = built.folder, built.paths
-    args = ["--model", str(folder / "mlx"), "--image", str(paths[1]), "--policy", "cats", "--policy", "dangerous",
-            "--custom-policy", f"cats={CUSTOM['cats']}", "--json", "--threshold", "1"]
+    args = [
+        "--model",
+        str(folder / "mlx"),
+        "--image",
+        str(paths[1]),
+        "--policy",
+        "cats",
+        "--policy",
+        "dangerous",
+        "--custom-policy",
+        f"cats={CUSTOM['cats']}",
+        "--json",
+        "--threshold",
+        "1",
+    ]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     expected = reference(built, ["cats", "dangerous"], {"cats": CUSTOM["cats"]})[1][2:]  # the second image's rows
@@ -243,8 +278,12 @@ def start_server(folder):
     import subprocess
     import sys
 
-    process = subprocess.Popen([sys.executable, "-m", "mlx_gemma3.server", "--model", str(folder), "--port", "0"],
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_gemma3.server", "--model", str(folder), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     line = process.stderr.readline()
     assert line.startswith("serving"), line
     return process, int(line.rsplit(":", 1)[1].split("/")[0])
@@ -265,8 +304,11 @@ def test_moderation_endpoint_scores_two_images(built):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         items = [{"type": "image_url", "image_url": {"url": data_url(path)}} for path in paths]
         reply = client.moderations.create(model="shield", input=items).to_dict()
-        custom = client.moderations.create(model="shield", input=items[1:], extra_body={
-            "policies": ["cats"], "custom_policies": {"cats": CUSTOM["cats"]}}).to_dict()
+        custom = client.moderations.create(
+            model="shield",
+            input=items[1:],
+            extra_body={"policies": ["cats"], "custom_policies": {"cats": CUSTOM["cats"]}},
+        ).to_dict()
         with pytest.raises(openai.BadRequestError, match=r"input\[0\]: only 'image_url' items"):
             client.moderations.create(model="shield", input=[{"type": "text", "text": "hello"}])
         with pytest.raises(openai.BadRequestError, match="unknown policy 'nudity'"):
@@ -296,8 +338,9 @@ def test_moderation_on_a_text_model_is_a_clear_400(tiny_chat_model):
         image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
         with pytest.raises(openai.BadRequestError, match="/v1/moderations needs a ShieldGemma 2 model"):
             client.moderations.create(model="tiny", input=image)
-        assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
-                                              max_tokens=2).choices  # the server still serves chats
+        assert client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        ).choices  # the server still serves chats
     finally:
         process.terminate()
         process.communicate(timeout=30)

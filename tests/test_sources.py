@@ -9,9 +9,9 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 import mlx_gemma3
-from conftest import run_cli
 from mlx_gemma3.model.sources import model_folder
 
 HUB_ID = "mlx-gemma3-tests/tiny-it"

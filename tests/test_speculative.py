@@ -7,9 +7,9 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import convert, random_ids, reference_torch, tiny_text_model
 
 import mlx_gemma3
-from conftest import convert, random_ids, reference_torch, tiny_text_model
 from mlx_gemma3.generation.sample import Sampler
 from mlx_gemma3.generation.speculative import accept_sampled, lookup, speculative_generate_step
 
@@ -183,7 +183,9 @@ def sampling_probs(model, sampler: Sampler, prompt: list[int]) -> np.ndarray:
     """[V] the target-only sampler's exact next-token distribution, and [V, V] the one after each token."""
     first = model(mx.array([prompt]))[0, -1:]
     after = model(mx.array([[*prompt, t] for t in range(VOCAB)]))[:, -1]
-    probs = [mx.softmax(sampler.filter(logits - mx.logsumexp(logits, -1, keepdims=True)), -1) for logits in (first, after)]
+    probs = [
+        mx.softmax(sampler.filter(logits - mx.logsumexp(logits, -1, keepdims=True)), -1) for logits in (first, after)
+    ]
     return np.array(probs[0][0], dtype=np.float64), np.array(probs[1], dtype=np.float64)
 
 
@@ -207,7 +209,11 @@ def first_two_tokens(p1, p2, q1, q2, key, point_masses: bool) -> np.ndarray:
         d1 = draw(np.broadcast_to(q1, (RUNS, VOCAB)), keys[0])
         d2 = draw(q2[np.array(d1)], keys[1])
     probs = mx.array(np.stack([np.broadcast_to(p1, (RUNS, VOCAB)), p2[np.array(d1)], p2[np.array(d1)]], 1))
-    q = None if point_masses else mx.array(np.stack([np.broadcast_to(q1, (RUNS, VOCAB)), q2[np.array(d1)]], 1).astype(np.float32))
+    q = (
+        None
+        if point_masses
+        else mx.array(np.stack([np.broadcast_to(q1, (RUNS, VOCAB)), q2[np.array(d1)]], 1).astype(np.float32))
+    )
     accepted, token = accept_sampled(mx.stack([d1, d2], 1), probs.astype(mx.float32), q, keys[2])
     accepted, token, d1, d2 = map(np.array, (accepted, token, d1, d2))
     first = np.where(accepted >= 1, d1, token)
@@ -241,8 +247,15 @@ def test_sampling_through_the_generator_runs_and_is_reproducible(small_models):
     prompt = random_ids(6, vocab=VOCAB, seed=4)[0].tolist()
 
     def run(seed):
-        steps = speculative_generate_step(target, draft, prompt, target.make_cache(rewind=4), num_draft_tokens=3,
-                                          sampler=Sampler(temp=1.0, top_k=5, seed=seed), max_tokens=30)
+        steps = speculative_generate_step(
+            target,
+            draft,
+            prompt,
+            target.make_cache(rewind=4),
+            num_draft_tokens=3,
+            sampler=Sampler(temp=1.0, top_k=5, seed=seed),
+            max_tokens=30,
+        )
         return [token for token, _, _ in steps]
 
     assert run(1) == run(1) and len(run(2)) == 30
@@ -260,11 +273,23 @@ def test_a_multimodal_target_with_a_text_only_draft_gives_its_own_tokens(models,
     target, _ = mlx_gemma3.load(convert(tmp_path / "hf", tmp_path / "mlx"))
     prompt = prompt_with_images([20, "image", 25], 4)[0].tolist()
     features = target.encode_images(mx.array(pixels(1)))
-    plain = [t for t, _ in mlx_gemma3.generate_step(target, prompt, target.make_cache(), image_features=features,
-                                                     max_tokens=60)]
+    plain = [
+        t
+        for t, _ in mlx_gemma3.generate_step(
+            target, prompt, target.make_cache(), image_features=features, max_tokens=60
+        )
+    ]
     for draft in (models[3], None):
-        steps = speculative_generate_step(target, draft, prompt, target.make_cache(rewind=4), num_draft_tokens=3,
-                                          image_features=features, max_tokens=60, prefill_step_size=16)
+        steps = speculative_generate_step(
+            target,
+            draft,
+            prompt,
+            target.make_cache(rewind=4),
+            num_draft_tokens=3,
+            image_features=features,
+            max_tokens=60,
+            prefill_step_size=16,
+        )
         got = list(steps)
         assert [t for t, _, _ in got] == plain
         assert draft is None or 0 < sum(f for *_, f in got) < 45  # drafts accepted and rejected
@@ -283,7 +308,11 @@ def test_chat_across_turns_with_a_draft_is_the_chat_without(tiny_chat_model, tmp
         stream.close()
         turns = [list(chat.stream(text)) for text in ("Go on.", "And then?")]
         responses = stopped + [r for turn in turns for r in turn]
-        return [r.token for r in stopped], [[r.token for r in turn] for turn in turns], sum(r.from_draft for r in responses)
+        return (
+            [r.token for r in stopped],
+            [[r.token for r in turn] for turn in turns],
+            sum(r.from_draft for r in responses),
+        )
 
     *plain, _ = conversation()
     assert min(map(len, plain[1])) > 1

@@ -8,10 +8,10 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY_TEXT, greedy_fixture
 
 import mlx_gemma3
-from conftest import TINY_TEXT, greedy_fixture
-from mlx_gemma3.generation.streams import release_thread_streams
+from mlx_gemma3.generation.thread_streams import release_thread_streams
 
 NEW_TOKENS = 40
 

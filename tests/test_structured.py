@@ -13,6 +13,7 @@ import jsonschema
 import mlx.core as mx
 import openai
 import pytest
+from conftest import run_cli
 
 import mlx_gemma3
 from mlx_gemma3 import Chat, Gemma3Error, generate, stream_generate
@@ -21,9 +22,7 @@ from mlx_gemma3.generation.speculative import admissible_drafts
 from mlx_gemma3.generation.step import generate_step
 from mlx_gemma3.processing.grammar import grammar_text
 from mlx_gemma3.processing.tools import parse_tool_calls, run_tools, tool_call_grammar
-from mlx_gemma3.serve.server import ServerState, make_server
-
-from conftest import run_cli
+from mlx_gemma3.serve.http import ServerState, make_server
 
 PERSON = {
     "type": "object",
@@ -35,11 +34,23 @@ PERSON = {
     "required": ["name", "age", "tags"],
     "additionalProperties": False,
 }
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
-                                     "unit": {"enum": ["celsius", "fahrenheit"]}, "days": {"type": "integer", "minimum": 1,
-                                                                                          "maximum": 7}},
-    "required": ["city", "unit"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 16},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 class OpensWith:
@@ -68,14 +79,13 @@ def reply_json(model, processor, schema, **options):
 
 def test_vocabulary_view_spells_what_transformers_decodes(tiny, tiny_chat_model):
     """llguidance's bytes for our ids, joined, are the text transformers' tokenizer decodes from the same ids."""
-    from transformers import AutoTokenizer
-
     from spm_fixture import reference
+    from transformers import AutoTokenizer
 
     _, processor = tiny
     reference(tiny_chat_model[1])
     ref = AutoTokenizer.from_pretrained(tiny_chat_model[1])
-    ll = processor.tokenizer.grammar_tokenizer
+    ll = processor.grammar_tokenizer
     for text in ["The quick brown fox.", "안녕하세요 😀 mixed\n\n  spaces", '{"a": [1, 2.5, "x\\"y"]}']:
         ids = ref(text, add_special_tokens=False)["input_ids"]
         assert ll.decode_bytes(ids).decode() == ref.decode(ids)
@@ -130,15 +140,16 @@ def test_speculative_decoding_keeps_the_constraint_and_the_text(tiny, tiny_chat_
     drafted = generate(model, processor, "Give me JSON.", json_schema=PERSON, max_tokens=60, draft_model=model)
     assert plain == lookup == drafted
     jsonschema.validate(json.loads(plain), PERSON)
-    sampled = generate(model, processor, "Give me JSON.", json_schema=PERSON, max_tokens=60, draft_model=model,
-                       temp=1.0, seed=3)
+    sampled = generate(
+        model, processor, "Give me JSON.", json_schema=PERSON, max_tokens=60, draft_model=model, temp=1.0, seed=3
+    )
     jsonschema.validate(json.loads(sampled), PERSON)
 
 
 def test_drafts_are_cut_at_the_first_token_the_grammar_refuses(tiny):
     _, processor = tiny
     encode = lambda text: processor.tokenizer.encode(text, add_bos=False)  # noqa: E731
-    constraint = Constraint(processor.tokenizer, grammar_text(regex="a+b+"))
+    constraint = Constraint(processor, grammar_text(regex="a+b+"))
     prompt = processor.tokenizer.encode("x")
     a, b, z = encode("a")[0], encode("b")[0], encode("z")[0]
     drafts, probs = admissible_drafts((constraint,), prompt, [a, a, b, z, b], mx.ones((5, 4)))
@@ -166,11 +177,16 @@ def test_dead_end_allows_only_the_end_and_names_the_token(tiny):
     """A token the grammar refuses (forced here by a processor after the constraint) is a dead end: the next step
     may only end the reply, and the reason names the token."""
     model, processor = tiny
-    constraint = Constraint(processor.tokenizer, grammar_text(regex="a+"))
+    constraint = Constraint(processor, grammar_text(regex="a+"))
     z = processor.tokenizer.encode("z", add_bos=False)[0]
     force_z_first = lambda tokens, logits: mx.where(mx.arange(logits.shape[-1]) == z, 1e9, logits)  # noqa: E731
-    steps = generate_step(model, processor.tokenizer.encode("x"), model.make_cache(),
-                          logits_processors=[constraint, force_z_first], max_tokens=1)
+    steps = generate_step(
+        model,
+        processor.tokenizer.encode("x"),
+        model.make_cache(),
+        logits_processors=[constraint, force_z_first],
+        max_tokens=1,
+    )
     assert [t for t, _ in steps] == [z]
     logits = constraint(mx.array([*processor.tokenizer.encode("x"), z]), mx.zeros((1, model.config.text.vocab_size)))
     assert [i for i, v in enumerate(logits[0].tolist()) if v == 0] == [1, 106]
@@ -183,8 +199,9 @@ def test_required_tool_calls_parse_and_validate(tiny, style):
     model, processor = tiny
     grammar = tool_call_grammar([WEATHER], style, "required")
     for seed in range(3):
-        calls = parse_tool_calls(generate(model, processor, "Weather?", grammar=grammar, max_tokens=90, temp=1.0,
-                                          seed=seed))
+        calls = parse_tool_calls(
+            generate(model, processor, "Weather?", grammar=grammar, max_tokens=90, temp=1.0, seed=seed)
+        )
         assert calls and {c.name for c in calls} == {"get_weather"}
         for call in calls:
             jsonschema.validate(call.arguments, WEATHER["function"]["parameters"])
@@ -217,8 +234,15 @@ def test_run_tools_constrained_calls_with_valid_arguments(tiny):
         return "sunny"
 
     bracket = processor.tokenizer.encode("[", add_bos=False)[0]
-    run = run_tools(Chat(model, processor), "Weather?", [get_weather], constrained=True, max_rounds=1, max_tokens=60,
-                    logits_processors=[OpensWith(bracket)])
+    run = run_tools(
+        Chat(model, processor),
+        "Weather?",
+        [get_weather],
+        constrained=True,
+        max_rounds=1,
+        max_tokens=60,
+        logits_processors=[OpensWith(bracket)],
+    )
     assert run.rounds and seen and all(c in ("Oslo", "Paris") and d in (1, 2, 3) for c, d in seen)
 
 
@@ -227,46 +251,85 @@ def test_generate_cli_flags(tiny_chat_model, tmp_path):
     folder = str(tiny_chat_model[0])
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(PERSON))
-    done = run_cli("mlx_gemma3.generate", "--model", folder, "-p", "JSON", "--json-schema", str(schema),
-                   "--max-tokens", "80", "--verbose", "false")
+    done = run_cli(
+        "mlx_gemma3.generate",
+        "--model",
+        folder,
+        "-p",
+        "JSON",
+        "--json-schema",
+        str(schema),
+        "--max-tokens",
+        "80",
+        "--verbose",
+        "false",
+    )
     assert done.returncode == 0, done.stderr
     jsonschema.validate(json.loads(done.stdout), PERSON)
     done = run_cli("mlx_gemma3.generate", "--model", folder, "-p", "x", "--regex", "(up|down)", "--verbose", "false")
     assert done.stdout.strip() in ("up", "down")
     (tmp_path / "bad.json").write_text('{"type": "object", "if": {}}')
-    for flags, message in [(["--json-schema", str(tmp_path / "missing.json")], "--json-schema: cannot read"),
-                           (["--json-schema", str(tmp_path / "bad.json")], "Unimplemented keys"),
-                           (["--regex", "a", "--grammar", str(schema)], "not allowed with argument")]:
+    for flags, message in [
+        (["--json-schema", str(tmp_path / "missing.json")], "--json-schema: cannot read"),
+        (["--json-schema", str(tmp_path / "bad.json")], "Unimplemented keys"),
+        (["--regex", "a", "--grammar", str(schema)], "not allowed with argument"),
+    ]:
         done = run_cli("mlx_gemma3.generate", "--model", folder, "-p", "x", *flags)
-        assert done.returncode != 0 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert done.returncode != 0 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, (
+            done.stderr
+        )
 
 
 @pytest.fixture(scope="module")
 def server(tiny):
     model, processor = tiny
-    httpd = make_server(ServerState(model, processor, "tiny", max_tokens_limit=600, max_body_bytes=100_000),
-                        "127.0.0.1", 0)
+    httpd = make_server(
+        ServerState(model, processor, "tiny", max_tokens_limit=600, max_body_bytes=100_000), "127.0.0.1", 0
+    )
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="x", max_retries=0,
-                        timeout=120)
+    yield openai.OpenAI(
+        base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="x", max_retries=0, timeout=120
+    )
     httpd.shutdown()
     httpd.server_close()
 
 
 def test_server_response_format_json_schema_and_json_object(server):
     messages = [{"role": "user", "content": "A person?"}]
-    reply = server.chat.completions.create(model="tiny", messages=messages, max_tokens=80, response_format={
-        "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    reply = server.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+    )
     jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
-    chunks = server.chat.completions.create(model="tiny", messages=messages, max_tokens=80, stream=True,
-                                            response_format={"type": "json_object"}, temperature=1.0, seed=1)
+    chunks = server.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=80,
+        stream=True,
+        response_format={"type": "json_object"},
+        temperature=1.0,
+        seed=1,
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert isinstance(json.loads(text), dict)
 
 
-LABELS = {"type": "object", "properties": {"label": {"enum": ["red", "green", "blue"]},
-          "scores": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2,
-                     "maxItems": 4}}, "required": ["label", "scores"], "additionalProperties": False}
+LABELS = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["red", "green", "blue"]},
+        "scores": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0, "maximum": 9},
+            "minItems": 2,
+            "maxItems": 4,
+        },
+    },
+    "required": ["label", "scores"],
+    "additionalProperties": False,
+}
 
 
 def test_concurrent_requests_in_one_batch_each_keep_their_own_schema(server):
@@ -278,8 +341,13 @@ def test_concurrent_requests_in_one_batch_each_keep_their_own_schema(server):
     def ask(i: int) -> None:
         start.wait()
         replies[i] = server.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"Item {i}?"}], max_tokens=80, temperature=1.0, seed=i,
-            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schemas[i]}})
+            model="tiny",
+            messages=[{"role": "user", "content": f"Item {i}?"}],
+            max_tokens=80,
+            temperature=1.0,
+            seed=i,
+            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schemas[i]}},
+        )
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(schemas))]
     for thread in threads:
@@ -292,9 +360,16 @@ def test_concurrent_requests_in_one_batch_each_keep_their_own_schema(server):
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_server_streams_forced_tool_calls(server, choice):
-    chunks = list(server.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER], tool_choice=choice,
-        stream=True, max_tokens=90))
+    chunks = list(
+        server.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Weather in Oslo?"}],
+            tools=[WEATHER],
+            tool_choice=choice,
+            stream=True,
+            max_tokens=90,
+        )
+    )
     calls = [call for c in chunks for call in (c.choices[0].delta.tool_calls or [])]
     assert calls and all(c.function.name == "get_weather" and c.id.startswith("call_") for c in calls)
     for call in calls:
@@ -324,16 +399,22 @@ def test_real_270m_replies_parse_and_validate_on_20_schemas(gemma_270m):
 def test_real_270m_tool_calls_through_the_server_are_valid(gemma_270m):
     """tool_choice "required" on a base model: the call parses and its arguments validate."""
     model, processor = gemma_270m
-    httpd = make_server(ServerState(model, processor, "g270", max_tokens_limit=600, max_body_bytes=100_000),
-                        "127.0.0.1", 0)
+    httpd = make_server(
+        ServerState(model, processor, "g270", max_tokens_limit=600, max_body_bytes=100_000), "127.0.0.1", 0
+    )
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="x", max_retries=0,
-                               timeout=300)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="x", max_retries=0, timeout=300
+        )
         for city in ("Oslo", "Lima"):
             reply = client.chat.completions.create(
-                model="g270", messages=[{"role": "user", "content": f"What is the weather in {city}?"}], tools=[WEATHER],
-                tool_choice="required", max_tokens=40)
+                model="g270",
+                messages=[{"role": "user", "content": f"What is the weather in {city}?"}],
+                tools=[WEATHER],
+                tool_choice="required",
+                max_tokens=40,
+            )
             (call,) = reply.choices[0].message.tool_calls
             jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
             assert reply.choices[0].finish_reason == "tool_calls"

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import (
     TINY_TEXT,
     convert,
@@ -33,8 +32,14 @@ CASES = {
     "gqa_several_kv_heads": dict(num_attention_heads=8, num_key_value_heads=4),
     "multi_query": dict(num_attention_heads=4, num_key_value_heads=1),
     "explicit_layer_types": dict(
-        layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention",
-                     "sliding_attention", "sliding_attention"]
+        layer_types=[
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "sliding_attention",
+        ]
     ),
     "final_logit_softcapping": dict(final_logit_softcapping=3.0),
 }
@@ -81,10 +86,12 @@ def test_legacy_key_config(tmp_path):
     """Legacy rope_theta / rope_local_base_freq / rope_scaling / sliding_window_pattern, read by both sides."""
     from transformers import Gemma3ForCausalLM
 
-    source = tiny_text_model(rope_parameters={
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 50_000.0},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 2_000.0},
-    })
+    source = tiny_text_model(
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 50_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 2_000.0},
+        }
+    )
     source.save_pretrained(tmp_path / "hf")
     edit_config(tmp_path / "hf", to_legacy_keys)
     reference = Gemma3ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()

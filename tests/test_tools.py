@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -19,7 +19,7 @@ from mlx_gemma3.processing.tools import (
 )
 
 
-def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days: Optional[int] = None) -> dict:
+def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days: int | None = None) -> dict:
     """Current weather for a city.
 
     Args:
@@ -63,9 +63,13 @@ def test_prompt_lists_every_schema_and_the_answer_form(style):
     text = tools_prompt([get_weather, add], style)
     schemas = json.loads(text[text.index("\n\n[") :])
     assert [s["name"] for s in schemas] == ["get_weather", "add"]
-    assert ("[name1(arg1=value1" in text) == (style == "python") and ('{"name": function name' in text) == (style == "json")
+    assert ("[name1(arg1=value1" in text) == (style == "python") and ('{"name": function name' in text) == (
+        style == "json"
+    )
     messages = with_tools([{"role": "user", "content": "Weather in Seoul?"}], [get_weather], style)
-    assert messages[0]["content"].startswith(tools_prompt([get_weather], style)) and messages[0]["content"].endswith("Weather in Seoul?")
+    assert messages[0]["content"].startswith(tools_prompt([get_weather], style)) and messages[0]["content"].endswith(
+        "Weather in Seoul?"
+    )
     with pytest.raises(Gemma3Error):
         tools_prompt([add], "xml")
 
@@ -78,25 +82,39 @@ CORPUS = [
     ('get_weather(city="Tokyo")', [(W, {"city": "Tokyo"})]),
     ('```tool_code\n[get_weather(city="Lima")]\n```', [(W, {"city": "Lima"})]),
     ('```python\nget_weather(city="Oslo", days=3)\n```', [(W, {"city": "Oslo", "days": 3})]),
-    ('```\n[add(a=1, b=2.5)]\n```', [("add", {"a": 1, "b": 2.5})]),
+    ("```\n[add(a=1, b=2.5)]\n```", [("add", {"a": 1, "b": 2.5})]),
     ('  \n [get_weather(city="Rome")] \n\n', [(W, {"city": "Rome"})]),
     ('[get_weather(city="Seoul"), add(a=1, b=2)]', [(W, {"city": "Seoul"}), ("add", {"a": 1, "b": 2})]),
     ('[get_weather(city="서울"), get_weather(city="東京")]', [(W, {"city": "서울"}), (W, {"city": "東京"})]),
-    ('[f(x=[1, 2, {"k": (3, 4)}], y={"a": None, "b": True})]', [("f", {"x": [1, 2, {"k": [3, 4]}], "y": {"a": None, "b": True}})]),
+    (
+        '[f(x=[1, 2, {"k": (3, 4)}], y={"a": None, "b": True})]',
+        [("f", {"x": [1, 2, {"k": [3, 4]}], "y": {"a": None, "b": True}})],
+    ),
     ("[f(flag=true, other=null, n=-1.5e3)]", [("f", {"flag": True, "other": None, "n": -1500.0})]),
     ('[tools.search(query="émoji 🎉")]', [("tools.search", {"query": "émoji 🎉"})]),
     ("[noargs()]", [("noargs", {})]),
     ('Sure!\n```tool_code\nget_weather(city="Cairo")\n```', [(W, {"city": "Cairo"})]),
     # JSON style, bare and fenced
     ('{"name": "get_weather", "parameters": {"city": "Seoul"}}', [(W, {"city": "Seoul"})]),
-    ('{"name": "get_weather", "arguments": {"city": "Berlin", "unit": "celsius"}}', [(W, {"city": "Berlin", "unit": "celsius"})]),
+    (
+        '{"name": "get_weather", "arguments": {"city": "Berlin", "unit": "celsius"}}',
+        [(W, {"city": "Berlin", "unit": "celsius"})],
+    ),
     ('```json\n{"name": "add", "parameters": {"a": 1, "b": 2}}\n```', [("add", {"a": 1, "b": 2})]),
-    ('[{"name": "add", "parameters": {"a": 1, "b": 2}}, {"name": "get_weather", "parameters": {"city": "Rio"}}]',
-     [("add", {"a": 1, "b": 2}), (W, {"city": "Rio"})]),
-    ('{"name": "f", "parameters": {"nested": {"deep": [1, {"x": "y"}]}, "s": "\\u00e9"}}', [("f", {"nested": {"deep": [1, {"x": "y"}]}, "s": "é"})]),
+    (
+        '[{"name": "add", "parameters": {"a": 1, "b": 2}}, {"name": "get_weather", "parameters": {"city": "Rio"}}]',
+        [("add", {"a": 1, "b": 2}), (W, {"city": "Rio"})],
+    ),
+    (
+        '{"name": "f", "parameters": {"nested": {"deep": [1, {"x": "y"}]}, "s": "\\u00e9"}}',
+        [("f", {"nested": {"deep": [1, {"x": "y"}]}, "s": "é"})],
+    ),
     ('{"name": "f", "arguments": "{\\"q\\": \\"한국어\\"}"}', [("f", {"q": "한국어"})]),
     ('  {"name": "noargs"}  ', [("noargs", {})]),
-    ('I will call it:\n```json\n{"name": "get_weather", "parameters": {"city": "Nairobi"}}\n```', [(W, {"city": "Nairobi"})]),
+    (
+        'I will call it:\n```json\n{"name": "get_weather", "parameters": {"city": "Nairobi"}}\n```',
+        [(W, {"city": "Nairobi"})],
+    ),
     # Prose and malformed: no calls
     ("The weather in Seoul is sunny today.", []),
     ("I can't call any function for that.", []),

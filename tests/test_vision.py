@@ -6,9 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from conftest import SPM_IMAGE_TOKENS, TINY_IMAGE_TOKENS, TINY_VISION, convert, log_softmax, tiny_multimodal_model
 
 import mlx_gemma3
-from conftest import SPM_IMAGE_TOKENS, TINY_IMAGE_TOKENS, TINY_VISION, convert, log_softmax, tiny_multimodal_model
 
 BOI, EOI, IMG = (TINY_IMAGE_TOKENS[k] for k in ("boi_token_index", "eoi_token_index", "image_token_index"))
 SIZE = TINY_VISION["image_size"]
@@ -33,7 +33,8 @@ def reference(model, ids: np.ndarray, pixels: np.ndarray, bidirectional: bool = 
     token_types = torch.tensor((ids == IMG).astype(np.int64)) if bidirectional else None
     with torch.no_grad():
         out = model(
-            input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
+            input_ids=torch.tensor(ids),
+            pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
             token_type_ids=token_types,
         )
     return out.logits.float().numpy()
@@ -125,12 +126,17 @@ def random_picture(path, width: int, height: int, seed: int = 3):
 
 
 def test_greedy_generation_with_an_image_matches_transformers(image_chat_model, tmp_path):
-    from mlx_gemma3.generation.stream import stream_generate
+    from mlx_gemma3.generation.text_stream import stream_generate
     from mlx_gemma3.processing.prompt import gemma_chat
 
     _, model, processor, hf, hf_processor = image_chat_model
     picture = random_picture(tmp_path / "a.png", 90, 70)
-    messages = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "a.png")}, {"type": "text", "text": "What is this?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": str(tmp_path / "a.png")}, {"type": "text", "text": "What is this?"}],
+        }
+    ]
     inputs = hf_processor(text=gemma_chat(messages).removeprefix("<bos>"), images=[picture], return_tensors="pt")
     with torch.no_grad():
         out = hf.generate(**inputs, max_new_tokens=50, do_sample=False, eos_token_id=[1, 106], pad_token_id=0)
@@ -141,7 +147,7 @@ def test_greedy_generation_with_an_image_matches_transformers(image_chat_model, 
 
 
 def test_pan_and_scan_prompt_matches_transformers(image_chat_model, tmp_path):
-    from mlx_gemma3.generation.stream import Options, prepare_prompt
+    from mlx_gemma3.generation.text_stream import Options, prepare_prompt
 
     _, model, processor, hf, hf_processor = image_chat_model
     wide = random_picture(tmp_path / "wide.png", 1200, 300)
@@ -183,10 +189,16 @@ def test_chat_encodes_an_image_once_and_matches_a_single_pass(image_chat_model, 
     inputs = hf_processor(text=text, images=[picture, picture], return_tensors="pt")
     ids = inputs["input_ids"][0].tolist() + [r.token for r in second]
     with torch.no_grad():
-        logits = hf(
-            input_ids=torch.tensor([ids]), pixel_values=inputs["pixel_values"],
-            token_type_ids=torch.tensor([[int(t == SPM_IMAGE_TOKENS["image_token_index"]) for t in ids]]),
-        ).logits[0].float().numpy()
+        logits = (
+            hf(
+                input_ids=torch.tensor([ids]),
+                pixel_values=inputs["pixel_values"],
+                token_type_ids=torch.tensor([[int(t == SPM_IMAGE_TOKENS["image_token_index"]) for t in ids]]),
+            )
+            .logits[0]
+            .float()
+            .numpy()
+        )
     start = inputs["input_ids"].shape[1]
     expected = log_softmax(logits[start - 1 : len(ids) - 1])
     assert second[-1].prompt_tokens < start // 2
@@ -195,6 +207,7 @@ def test_chat_encodes_an_image_once_and_matches_a_single_pass(image_chat_model, 
 
 def test_generate_cli_with_an_image(image_chat_model, tmp_path):
     from conftest import run_cli
+
     from mlx_gemma3.processing.prompt import gemma_chat
 
     folder, _, processor, hf, hf_processor = image_chat_model
@@ -247,7 +260,9 @@ def test_text_only_model_refuses_images(tmp_path):
     train_tokenizer(tmp_path / "hf")
     convert(tmp_path / "hf", tmp_path / "mlx")
     random_picture(tmp_path / "a.png", 20, 20)
-    result = run_cli("mlx_gemma3.generate", "--model", str(tmp_path / "mlx"), "--prompt", "hi", "--image", str(tmp_path / "a.png"))
+    result = run_cli(
+        "mlx_gemma3.generate", "--model", str(tmp_path / "mlx"), "--prompt", "hi", "--image", str(tmp_path / "a.png")
+    )
     assert result.returncode == 1 and "reads text only" in result.stderr and result.stderr.count("\n") == 1
 
 
@@ -260,8 +275,12 @@ def test_text_only_use_leaves_the_vision_weights_on_disk(tmp_path):
     hf = tiny_multimodal_model(image_tokens=TINY_IMAGE_TOKENS)
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    config = Gemma3Config(text_config=hf.config.text_config.to_dict(), vision_config={**TINY_VISION, **wide_vision},
-                          mm_tokens_per_image=4, **TINY_IMAGE_TOKENS)
+    config = Gemma3Config(
+        text_config=hf.config.text_config.to_dict(),
+        vision_config={**TINY_VISION, **wide_vision},
+        mm_tokens_per_image=4,
+        **TINY_IMAGE_TOKENS,
+    )
     Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "hf")
     convert(tmp_path / "hf", tmp_path / "mlx", "--dtype", "float32")
     script = (

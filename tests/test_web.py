@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 import mlx_gemma3
-from mlx_gemma3.serve.server import ServerState, make_server
+from mlx_gemma3.serve.http import ServerState, make_server
 
 END_OF_TURN = 106
 # Where the run leaves its screenshot of the page (CI keeps this folder as an artifact).
@@ -57,8 +57,10 @@ def browser():
         try:
             launched = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         except Error as e:
-            pytest.fail(f"no Chromium to drive: install Debian's `chromium` (apt-get install -y chromium) or run "
-                        f"`playwright install chromium` ({str(e).splitlines()[0]})")
+            pytest.fail(
+                f"no Chromium to drive: install Debian's `chromium` (apt-get install -y chromium) or run "
+                f"`playwright install chromium` ({str(e).splitlines()[0]})"
+            )
         yield launched
         launched.close()
 
@@ -110,16 +112,22 @@ def ask(page, text: str) -> None:
 
 def wait_for_reply(page, count: int) -> None:
     """Until the page shows `count` messages and is no longer streaming."""
-    page.wait_for_function("n => document.querySelectorAll('.message').length === n && "
-                           "!document.querySelector('.message.streaming')", arg=count)
+    page.wait_for_function(
+        "n => document.querySelectorAll('.message').length === n && !document.querySelector('.message.streaming')",
+        arg=count,
+    )
 
 
 def stats(page, index: int) -> dict:
     """The numbers the page shows under message `index`."""
     text = page.locator(".message").nth(index).locator(".stats").text_content()
     words = text.replace("·", " ").split()
-    return {"completion": int(words[0]), "cached": int(words[words.index("of") - 1]),
-            "prompt": int(words[words.index("of") + 1]), "tok/s": "tok/s" in text}
+    return {
+        "completion": int(words[0]),
+        "cached": int(words[words.index("of") - 1]),
+        "prompt": int(words[words.index("of") + 1]),
+        "tok/s": "tok/s" in text,
+    }
 
 
 def record_stream(page) -> None:
@@ -176,13 +184,17 @@ def test_stop_aborts_the_request_and_the_server_stops_generating(text_server, pa
     long = say(state, "and on " * 200, pause=0.03)
     try:
         ask(page, "Talk forever.")
-        page.wait_for_function("() => (document.querySelector('.message.assistant .body')?.textContent || '').length > 5")
+        page.wait_for_function(
+            "() => (document.querySelector('.message.assistant .body')?.textContent || '').length > 5"
+        )
         page.click("#stop")
         page.wait_for_selector("#send:not([hidden])")
         time.sleep(1.0)
         stopped_at = long.steps
         time.sleep(0.5)
-        assert long.steps == stopped_at < 150  # the server stopped within a few tokens of the abort, long before the end
+        assert (
+            long.steps == stopped_at < 150
+        )  # the server stopped within a few tokens of the abort, long before the end
     finally:
         state.extra_options.clear()
     assert page.locator(".message.assistant .stats").text_content() == "stopped"
@@ -196,8 +208,10 @@ def test_stop_aborts_the_request_and_the_server_stops_generating(text_server, pa
     assert message_texts(page)[1] == "Back again."
 
 
-MARKUP = ('Try <script>window.injected = 1</script><img src=x onerror="window.injected = 2"> <b>bold</b>\n'
-          "```html\n<p class=\"x\">  kept   verbatim</p>\n```\nDone.")
+MARKUP = (
+    'Try <script>window.injected = 1</script><img src=x onerror="window.injected = 2"> <b>bold</b>\n'
+    '```html\n<p class="x">  kept   verbatim</p>\n```\nDone.'
+)
 
 
 @pytest.mark.slow
@@ -235,7 +249,8 @@ def test_a_refused_request_shows_the_servers_error_and_the_conversation_goes_on(
     finally:
         state.extra_options.clear()
     joined = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0).chat.completions.create(
-        model="tiny-chat", messages=[{"role": "user", "content": "First try.\n\nSecond try."}], max_tokens=1)
+        model="tiny-chat", messages=[{"role": "user", "content": "First try.\n\nSecond try."}], max_tokens=1
+    )
     assert message_texts(page)[3] == "Now it works." and stats(page, 3)["prompt"] == joined.usage.prompt_tokens
 
 
@@ -289,14 +304,17 @@ def png_bytes(color: str, size=(30, 20)) -> bytes:
 
 def drop_or_paste(page, kind: str, data: bytes) -> None:
     """Drop a PNG file on the page, or paste one into the message box, as a user's browser would."""
-    page.evaluate("""([kind, b64]) => {
+    page.evaluate(
+        """([kind, b64]) => {
         const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
         const data = new DataTransfer();
         data.items.add(new File([bytes], 'picture.png', {type: 'image/png'}));
         const target = document.getElementById('input');
         if (kind === 'drop') target.dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
         else target.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
-    }""", [kind, base64.b64encode(data).decode()])
+    }""",
+        [kind, base64.b64encode(data).decode()],
+    )
 
 
 @pytest.mark.slow
@@ -315,7 +333,9 @@ def test_images_attached_by_picker_drop_and_paste_reach_the_model(image_chat_mod
         page.wait_for_function("() => document.querySelectorAll('#attachments img').length === 3")
         page.locator("#attachments button").nth(1).click()  # the dropped green one is taken off again
         noise = np.random.RandomState(0).randint(0, 256, (700, 2000, 3), dtype=np.uint8)
-        Image.fromarray(noise).save(tmp_path / "large.png", compress_level=0)  # over 3 MB: scaled down before it is sent
+        Image.fromarray(noise).save(
+            tmp_path / "large.png", compress_level=0
+        )  # over 3 MB: scaled down before it is sent
         page.set_input_files("#file-input", str(tmp_path / "large.png"))
         page.wait_for_function("() => document.querySelectorAll('#attachments img').length === 3")
         large = page.locator("#attachments img").nth(2)
@@ -325,11 +345,20 @@ def test_images_attached_by_picker_drop_and_paste_reach_the_model(image_chat_mod
         wait_for_reply(page, 2)
         shown = stats(page, 1)
         urls = [f"data:image/png;base64,{base64.b64encode(png_bytes(c)).decode()}" for c in ("red", "blue")]
-        content = [*({"type": "image_url", "image_url": {"url": u}} for u in urls), {"type": "text", "text": "What colours?"}]
-        direct = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0).chat.completions.create(
-            model="tiny-vlm", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0)
-        text_only = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0).chat.completions.create(
-            model="tiny-vlm", messages=[{"role": "user", "content": "What colours?"}], max_tokens=1)
+        content = [
+            *({"type": "image_url", "image_url": {"url": u}} for u in urls),
+            {"type": "text", "text": "What colours?"},
+        ]
+        direct = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
+        ).chat.completions.create(
+            model="tiny-vlm", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0
+        )
+        text_only = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
+        ).chat.completions.create(
+            model="tiny-vlm", messages=[{"role": "user", "content": "What colours?"}], max_tokens=1
+        )
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -395,8 +424,12 @@ def test_page_files_are_served_with_a_strict_policy_and_no_key(tiny_chat_model):
 @pytest.mark.slow
 def test_no_web_turns_the_page_off_in_the_server_process(tiny_chat_model):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "mlx_gemma3.server", "--model", str(tiny_chat_model[0]), "--port",
-                                "0", "--no-web"], stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_gemma3.server", "--model", str(tiny_chat_model[0]), "--port", "0", "--no-web"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = process.stderr.readline()
         assert line.startswith("serving") and "chat page" not in line, line

@@ -12,7 +12,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import Gemma3Error
-from ..generation.streams import generation_stream
+from ..generation.thread_streams import generation_stream
 
 MODES = ("pipeline", "tensor")
 CONNECT_TIMEOUT_S = 30.0  # the peers' processes start and reach each other within this
@@ -74,7 +74,7 @@ class Watchdog:
         self.timeout_s, self.message = timeout_s, message
         self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         self.process = subprocess.Popen(
             [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(self.timeout_s), self.message], stdin=subprocess.PIPE
         )
@@ -110,8 +110,11 @@ def stall_guard(mode: str | None):
     if not mode:
         return None
     limit = stall_timeout()
-    return Watchdog(limit, f"error: rank {rank(mode)}: no progress for {limit:g} s: another rank stopped or the link "
-                           f"between them is down; ending this rank (a slower model or link: raise {STALL_TIMEOUT_VARIABLE})")
+    return Watchdog(
+        limit,
+        f"error: rank {rank(mode)}: no progress for {limit:g} s: another rank stopped or the link "
+        f"between them is down; ending this rank (a slower model or link: raise {STALL_TIMEOUT_VARIABLE})",
+    )
 
 
 def stall_timeout() -> float:
@@ -149,7 +152,9 @@ def launched_with_peers() -> bool:
     """Whether mlx.launch (ring: a non-empty hostfile; JACCL: its coordinator) or mpirun started several ranks."""
     hostfile = os.environ.get("MLX_HOSTFILE")
     has_ring = bool(hostfile) and os.path.isfile(hostfile) and os.path.getsize(hostfile) > 1
-    return has_ring or bool(os.environ.get("MLX_JACCL_COORDINATOR")) or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1
+    return (
+        has_ring or bool(os.environ.get("MLX_JACCL_COORDINATOR")) or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1
+    )
 
 
 def share_seed(group: mx.distributed.Group) -> None:

@@ -19,8 +19,10 @@ def stage_bounds(layer_bytes: list[int], head_bytes: int, ranks: int) -> list[tu
     """(first layer, one past the last) for each rank: contiguous runs holding about the same bytes, rank 0's
     share counting the embedding (`head_bytes`); every rank gets at least one layer."""
     if len(layer_bytes) < ranks:
-        raise Gemma3Error(f"pipeline mode splits {len(layer_bytes)} decoder layers across {ranks} ranks: use at most "
-                          f"{len(layer_bytes)} ranks")
+        raise Gemma3Error(
+            f"pipeline mode splits {len(layer_bytes)} decoder layers across {ranks} ranks: use at most "
+            f"{len(layer_bytes)} ranks"
+        )
     total = head_bytes + sum(layer_bytes)
     bounds, start, held = [], 0, head_bytes
     for rank in range(ranks):
@@ -47,7 +49,7 @@ def stage_keys(keys, prefix: str, start: int, end: int, rank: int, ranks: int) -
     layers = f"{prefix}layers."
     for key in keys:
         if key.startswith(layers):
-            index, rest = key[len(layers):].split(".", 1)
+            index, rest = key[len(layers) :].split(".", 1)
             if start <= int(index) < end:
                 held[key] = f"{layers}{int(index) - start}.{rest}"
         elif key.startswith(f"{prefix}embed_tokens."):

@@ -54,8 +54,13 @@ class Leader(Follower):
     def join(self, job, choice: tuple | None, kept: list) -> None:
         if job.options.seed is None:  # each rank would draw its own seed: rank 0 draws it for all
             job.options = replace(job.options, seed=random.getrandbits(32))
-        fields = {"ids": job.ids, "pixels": job.pixels, "options": job.options, "top_logprobs": job.top_logprobs,
-                  "number": job.number}
+        fields = {
+            "ids": job.ids,
+            "pixels": job.pixels,
+            "options": job.options,
+            "top_logprobs": job.top_logprobs,
+            "number": job.number,
+        }
         self.send(("join", fields, choice, kept))
 
     def step(self, cancelled: set[int], kept: list) -> None:
@@ -91,4 +96,3 @@ def follow(worker, group, guard: Watchdog) -> None:
         if command[0] == "stop":
             return
         worker.replay(command)
-

@@ -18,23 +18,34 @@ TO_ALL = ("self_attn.o_proj", "mlp.down_proj")
 
 def check_divisible(cfg, ranks: int, quantization: dict | None) -> None:
     """One clear error when the heads, KV heads or MLP columns do not split evenly across the ranks."""
-    counts = {"attention heads": cfg.num_attention_heads, "MLP columns": cfg.intermediate_size,
-              "vocabulary rows": cfg.vocab_size}
+    counts = {
+        "attention heads": cfg.num_attention_heads,
+        "MLP columns": cfg.intermediate_size,
+        "vocabulary rows": cfg.vocab_size,
+    }
     for what, count in counts.items():
         if count % ranks:
-            raise Gemma3Error(f"tensor mode splits the {count} {what} across {ranks} ranks, which does not divide "
-                              f"evenly: use a number of ranks that divides {count}, or --distributed pipeline")
+            raise Gemma3Error(
+                f"tensor mode splits the {count} {what} across {ranks} ranks, which does not divide "
+                f"evenly: use a number of ranks that divides {count}, or --distributed pipeline"
+            )
     kv = cfg.num_key_value_heads
     if kv % ranks and ranks % kv:
-        raise Gemma3Error(f"tensor mode needs the {kv} key/value heads to split across {ranks} ranks, or {ranks} ranks "
-                          f"to share them evenly: use a number of ranks that divides or is a multiple of {kv}")
+        raise Gemma3Error(
+            f"tensor mode needs the {kv} key/value heads to split across {ranks} ranks, or {ranks} ranks "
+            f"to share them evenly: use a number of ranks that divides or is a multiple of {kv}"
+        )
     group_size = (quantization or {}).get("group_size")
     if group_size:
-        for what, width in (("attention output", cfg.num_attention_heads * cfg.head_dim),
-                            ("MLP down projection", cfg.intermediate_size)):
+        for what, width in (
+            ("attention output", cfg.num_attention_heads * cfg.head_dim),
+            ("MLP down projection", cfg.intermediate_size),
+        ):
             if (width // ranks) % group_size:
-                raise Gemma3Error(f"tensor mode gives each of {ranks} ranks {width // ranks} inputs of the {what}, not "
-                                  f"a multiple of the quantization group {group_size}: use fewer ranks or pipeline")
+                raise Gemma3Error(
+                    f"tensor mode gives each of {ranks} ranks {width // ranks} inputs of the {what}, not "
+                    f"a multiple of the quantization group {group_size}: use fewer ranks or pipeline"
+                )
 
 
 def shard_layers(layers: list[nn.Module], group: mx.distributed.Group) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
-from .stream import stream_generate
-from .streams import release_thread_streams
+from .text_stream import stream_generate
+from .thread_streams import release_thread_streams
 
 
 class BackgroundGeneration:
@@ -15,7 +15,9 @@ class BackgroundGeneration:
     def __init__(self, model, processor, prompt, on_text: Callable[[str], None] | None = None, **options):
         self.text, self.tokens, self.finish_reason, self.error = "", 0, None, None
         self._cancelled = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(model, processor, prompt, on_text, options), daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(model, processor, prompt, on_text, options), daemon=True
+        )
         self._thread.start()
 
     def _run(self, model, processor, prompt, on_text, options) -> None:

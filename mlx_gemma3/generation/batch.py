@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from ..model.cache import extract_cache, filter_cache, merge_caches
 from .step import LogitsProcessor, Progress, Sampler, decode_one_token, prefill
-from .streams import generation_stream
+from .thread_streams import generation_stream
 
 
 @dataclass
@@ -38,8 +38,18 @@ class BatchGenerator:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, ids: list[int], cache: list, *, sampler: Sampler, processors=(), history=(), image_features=None,
-            prefill_step_size: int, progress: Progress | None = None) -> Row:
+    def add(
+        self,
+        ids: list[int],
+        cache: list,
+        *,
+        sampler: Sampler,
+        processors=(),
+        history=(),
+        image_features=None,
+        prefill_step_size: int,
+        progress: Progress | None = None,
+    ) -> Row:
         """Prefill `ids` (after `history`, which `cache` already holds), sample the first token, join the batch."""
         with mx.stream(generation_stream()):
             prefill(self.model, ids[:-1], cache, prefill_step_size, image_features, progress)

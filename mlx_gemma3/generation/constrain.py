@@ -7,7 +7,6 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import Gemma3Error
-from ..processing.tokenizer import Tokenizer
 from .prompt_file import common_prefix
 
 DEAD_END = "dead_end"  # the finish reason of a reply the grammar could not continue
@@ -23,12 +22,14 @@ class Constraint:
     A finished grammar allows only the end tokens, so the reply ends; a dead end (nothing allowed) allows only
     them too and sets `dead_end` to the reason. Make one per reply: it is the reply's state."""
 
-    def __init__(self, tokenizer: Tokenizer, grammar: str):
-        self.stop_ids = tokenizer.grammar_tokenizer.eos_tokens
-        self.matcher = llguidance.LLMatcher(tokenizer.grammar_tokenizer, grammar, log_level=0)
+    def __init__(self, processor, grammar: str):
+        if processor.tokenizer is None:
+            raise Gemma3Error("constrained decoding needs the model's tokenizer.model, and this folder has none")
+        self.stop_ids = processor.grammar_tokenizer.eos_tokens
+        self.matcher = llguidance.LLMatcher(processor.grammar_tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
             raise Gemma3Error(f"the grammar cannot be used for constrained decoding: {self.matcher.get_error()}")
-        self.vocab_size = tokenizer.vocab_size
+        self.vocab_size = processor.tokenizer.vocab_size
         self.start: int | None = None
         self.followed: list[int] = []  # the reply's tokens the matcher has consumed
         self.refused: int | None = None  # the first token after `followed` that the grammar refused

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import Gemma3Error
 from ..model.cache import load_prompt_cache, same_layers, save_prompt_cache

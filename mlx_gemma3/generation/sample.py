@@ -11,7 +11,9 @@ class Sampler:
     """Picks the next token from log-probabilities (or logits) [B, V]; greedy at temp 0; owns its PRNG key, so a
     seed reproduces a run."""
 
-    def __init__(self, temp: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None):
+    def __init__(
+        self, temp: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None
+    ):
         problem = sampling_problem(temp, top_k, top_p, min_p)
         if problem:
             raise ValueError(problem)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import mlx.core as mx
 
@@ -10,7 +10,7 @@ from ..errors import Gemma3Error
 from .constrain import Constraint
 from .sample import Sampler
 from .step import PREFILL_STEP_SIZE, LogitsProcessor, Progress, prefill
-from .streams import generation_stream
+from .thread_streams import generation_stream
 
 LOOKUP_NGRAM = 3  # prompt lookup matches the longest suffix of 3, 2 or 1 tokens
 

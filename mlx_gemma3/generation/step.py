@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
 from ..errors import Gemma3Error
-from .streams import generation_stream
+from .thread_streams import generation_stream
 
 Sampler = Callable[[mx.array], mx.array]  # log-probabilities [1, V] → token [1]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V]) → logits [1, V]
@@ -45,8 +45,18 @@ def generate_step(
     stream = generation_stream()
     with mx.stream(stream):
         try:
-            yield from _steps(model, list(prompt_ids), cache, sampler or greedy, tuple(logits_processors),
-                              prefill_step_size, image_features, list(history), max_tokens, progress)
+            yield from _steps(
+                model,
+                list(prompt_ids),
+                cache,
+                sampler or greedy,
+                tuple(logits_processors),
+                prefill_step_size,
+                image_features,
+                list(history),
+                max_tokens,
+                progress,
+            )
         finally:
             mx.synchronize(stream)  # a step queued ahead must finish before anyone frees what it uses
 

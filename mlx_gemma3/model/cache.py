@@ -267,7 +267,9 @@ class SlidingKVCache(KVCache):
 
     POSITION = ("offset", "count", "idx")
 
-    def __init__(self, window: int, rewind: int = REWIND, bits: int | None = None, group_size: int = DEFAULT_GROUP_SIZE):
+    def __init__(
+        self, window: int, rewind: int = REWIND, bits: int | None = None, group_size: int = DEFAULT_GROUP_SIZE
+    ):
         super().__init__(bits, group_size)
         self.window, self.rewind = window, rewind
         self.slots = window - 1 + rewind
@@ -311,7 +313,9 @@ class SlidingKVCache(KVCache):
             write(self.values, self.idx, values)
             self.advance(length)
             if in_order(self.idx, self.count, self.slots):  # before the ring wraps: only the filled slots
-                return self.store.decode(sliced(self.keys, 0, self.count)), self.store.decode(sliced(self.values, 0, self.count))
+                return self.store.decode(sliced(self.keys, 0, self.count)), self.store.decode(
+                    sliced(self.values, 0, self.count)
+                )
             return self.store.decode(self.keys), self.store.decode(self.values)
         all_keys, all_values = keys, values
         if self.keys is not None:
@@ -355,8 +359,14 @@ class BoundedKVCache(Cache):
     window of the latest `max_size − keep`. Without the sinks a model whose first tokens slid out of reach
     degenerates into repetition; mlx-lm's rotating cache keeps 4 for the same reason."""
 
-    def __init__(self, max_size: int, keep: int = SINK_TOKENS, bits: int | None = None,
-                 group_size: int = DEFAULT_GROUP_SIZE, rewind: int = REWIND):
+    def __init__(
+        self,
+        max_size: int,
+        keep: int = SINK_TOKENS,
+        bits: int | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        rewind: int = REWIND,
+    ):
         if max_size <= keep:
             raise Gemma3Error(
                 f"max_kv_size must be more than {keep} (the first {keep} tokens are always kept), got {max_size}"
@@ -577,8 +587,12 @@ def cache_class(name: str) -> type[Cache]:
 
 
 def make_cache(
-    layers, window: int, kv_bits: int | None = None, kv_group_size: int = DEFAULT_GROUP_SIZE,
-    max_kv_size: int | None = None, rewind: int = REWIND,
+    layers,
+    window: int,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_GROUP_SIZE,
+    max_kv_size: int | None = None,
+    rewind: int = REWIND,
 ) -> list[KVCache]:
     """One cache per decoder layer: sliding layers get the rotating cache, full layers a growing one. Rotating
     caches can trim up to `rewind` tokens after their ring wrapped (speculative decoding needs its draft length + 1)."""

@@ -224,7 +224,9 @@ def parse_vision_config(raw: dict, where: str) -> VisionConfig:
     tokens = {k: get(raw, IMAGE_TOKEN_DEFAULTS, k, k.replace("_index", "_id")) for k in IMAGE_TOKEN_DEFAULTS}
     config = VisionConfig(
         **sizes,
-        layer_norm_eps=_number(vision_raw.get("layer_norm_eps", VISION_DEFAULTS["layer_norm_eps"]), "layer_norm_eps", where_vision),
+        layer_norm_eps=_number(
+            vision_raw.get("layer_norm_eps", VISION_DEFAULTS["layer_norm_eps"]), "layer_norm_eps", where_vision
+        ),
         tokens_per_image=tokens["mm_tokens_per_image"],
         image_token_id=tokens["image_token_index"],
         boi_token_id=tokens["boi_token_index"],
@@ -274,7 +276,9 @@ def parse_text_config(raw: dict, where: str, fill_defaults: bool, top: dict) -> 
     )
     for heads in ("num_attention_heads", "num_key_value_heads"):
         if getattr(config, heads) * config.head_dim > MAX_SIZE:
-            raise Gemma3Error(f"{where}: {heads} × head_dim is {getattr(config, heads) * config.head_dim}, above {MAX_SIZE}")
+            raise Gemma3Error(
+                f"{where}: {heads} × head_dim is {getattr(config, heads) * config.head_dim}, above {MAX_SIZE}"
+            )
     return config
 
 
@@ -325,7 +329,10 @@ def layer_types_for_pattern(pattern: int, num_layers: int) -> tuple[str, ...]:
 def _rope(raw: dict, where: str) -> tuple[RopeConfig, RopeConfig]:
     """Full- and sliding-layer RoPE from `rope_parameters` (transformers 5) or the legacy keys."""
     full = {"rope_type": "default", "rope_theta": raw.get("rope_theta", TEXT_DEFAULTS["rope_theta"])}
-    sliding = {"rope_type": "default", "rope_theta": raw.get("rope_local_base_freq", TEXT_DEFAULTS["rope_local_base_freq"])}
+    sliding = {
+        "rope_type": "default",
+        "rope_theta": raw.get("rope_local_base_freq", TEXT_DEFAULTS["rope_local_base_freq"]),
+    }
     full.update(_section(raw, "rope_scaling", where))
     params = _section(raw, "rope_parameters", where)
     if FULL in params or SLIDING in params:

@@ -88,7 +88,10 @@ class Gemma3(nn.Module):
         return flat.reshape(h.shape)
 
     def make_cache(
-        self, kv_bits: int | None = None, kv_group_size: int = DEFAULT_GROUP_SIZE, max_kv_size: int | None = None,
+        self,
+        kv_bits: int | None = None,
+        kv_group_size: int = DEFAULT_GROUP_SIZE,
+        max_kv_size: int | None = None,
         rewind: int = REWIND,
     ) -> list:
         return self.language_model.make_cache(kv_bits, kv_group_size, max_kv_size, rewind)

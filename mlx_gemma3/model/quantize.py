@@ -32,7 +32,9 @@ def quantization_plan(model: nn.Module, recipe: str, bits: int, group_size: int)
     if recipe not in RECIPES:
         raise Gemma3Error(f"unknown quantization recipe {recipe!r}: use one of {', '.join(RECIPES)}")
     if bits not in BITS or group_size not in GROUP_SIZES:
-        raise Gemma3Error(f"quantization needs bits in {BITS} and a group size in {GROUP_SIZES}, got {bits}/{group_size}")
+        raise Gemma3Error(
+            f"quantization needs bits in {BITS} and a group size in {GROUP_SIZES}, got {bits}/{group_size}"
+        )
     plan = {}
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized") or path.endswith(NEVER_QUANTIZED):
@@ -63,7 +65,11 @@ def apply_quantization(model: nn.Module, quantization: dict | None, weight_keys,
         return
     if not isinstance(quantization, dict):
         raise Gemma3Error(f"{where}: the weights are quantized but config.json has no 'quantization' block")
-    group_size, bits, mode = quantization.get("group_size"), quantization.get("bits"), quantization.get("mode", "affine")
+    group_size, bits, mode = (
+        quantization.get("group_size"),
+        quantization.get("bits"),
+        quantization.get("mode", "affine"),
+    )
     if not isinstance(group_size, int) or not isinstance(bits, int):
         raise Gemma3Error(f"{where}: config.json 'quantization' needs integer 'group_size' and 'bits'")
 
@@ -72,7 +78,11 @@ def apply_quantization(model: nn.Module, quantization: dict | None, weight_keys,
             return False
         override = quantization.get(path)
         if isinstance(override, dict):
-            return {"group_size": override.get("group_size", group_size), "bits": override.get("bits", bits), "mode": override.get("mode", mode)}
+            return {
+                "group_size": override.get("group_size", group_size),
+                "bits": override.get("bits", bits),
+                "mode": override.get("mode", mode),
+            }
         return True
 
     try:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..errors import Gemma3Error
+from .attention import attention
 from .cache import REWIND, attention_mask, make_cache
 from .config import ModelConfig, TextConfig
-from .attention import attention
 from .quantize import DEFAULT_GROUP_SIZE
-from ..errors import Gemma3Error
 
 TEXT_ONLY = "this model reads text only: images need a Gemma 3 4B, 12B or 27B (multimodal) model"
 
@@ -156,7 +156,10 @@ class Gemma3TextLM(nn.Module):
         return out if cap is None else mx.tanh(out / cap) * cap
 
     def make_cache(
-        self, kv_bits: int | None = None, kv_group_size: int = DEFAULT_GROUP_SIZE, max_kv_size: int | None = None,
+        self,
+        kv_bits: int | None = None,
+        kv_group_size: int = DEFAULT_GROUP_SIZE,
+        max_kv_size: int | None = None,
         rewind: int = REWIND,
     ) -> list:
         """One cache per layer: a rotating cache of the sliding window for sliding layers, a growing one for full
@@ -164,7 +167,9 @@ class Gemma3TextLM(nn.Module):
         sinks) and the latest max_kv_size − 4, as mlx-lm's RotatingKVCache(max_kv_size, keep=4) holds them (mlx-lm
         0.32.2 itself ignores max_kv_size for Gemma 3: its make_cache keeps full layers growing). `rewind`: tokens
         a wrapped sliding cache can still trim (speculative decoding needs num_draft_tokens + 1)."""
-        return make_cache(self.model.layers, self.config.text.sliding_window, kv_bits, kv_group_size, max_kv_size, rewind)
+        return make_cache(
+            self.model.layers, self.config.text.sliding_window, kv_bits, kv_group_size, max_kv_size, rewind
+        )
 
     @property
     def layers(self):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import VisionConfig
 from .attention import attention
+from .config import VisionConfig
 from .text import RMSNorm
 
 
@@ -23,7 +23,9 @@ class VisionAttention(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         B, N, _ = x.shape
-        q, k, v = (p(x).reshape(B, N, self.n_heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).reshape(B, N, self.n_heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         out = attention(q, k, v, self.scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, N, -1))
 

@@ -18,7 +18,7 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 
 def ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
     """llguidance's tokenizer over our vocabulary: each piece's bytes, special pieces marked, <eos> and <end_of_turn>
-    as its end tokens. About a second for Gemma 3's 262k pieces: Tokenizer.grammar_tokenizer keeps it."""
+    as its end tokens. About a second for Gemma 3's 262k pieces: Processor.grammar_tokenizer keeps it."""
     view = llguidance.TokenizerWrapper(VocabularyView(tokenizer))
     return llguidance.LLTokenizer(view, n_vocab=tokenizer.vocab_size, eos_token=list(EOS_IDS))
 
@@ -30,11 +30,14 @@ class VocabularyView:
         self.tokenizer = tokenizer
         self.eos_token_id = EOS_IDS[-1]
         self.bos_token_id = None  # prompts carry their own <bos>; grammars never produce it
-        self.special_token_ids = sorted(i for i in tokenizer.special_ids.values() if i < tokenizer.vocab_size
-                                        and is_special_piece(tokenizer, i))
+        self.special_token_ids = sorted(
+            i for i in tokenizer.special_ids.values() if i < tokenizer.vocab_size and is_special_piece(tokenizer, i)
+        )
         special = set(self.special_token_ids)
-        self.tokens = [SPECIAL_MARK + tokenizer.piece(i).encode() if i in special else piece_bytes(tokenizer, i)
-                       for i in range(tokenizer.vocab_size)]
+        self.tokens = [
+            SPECIAL_MARK + tokenizer.piece(i).encode() if i in special else piece_bytes(tokenizer, i)
+            for i in range(tokenizer.vocab_size)
+        ]
 
     def __call__(self, data: bytes) -> list[int]:
         """Ids for `data` as SentencePiece writes text; bytes after the last whole UTF-8 character as byte pieces."""
@@ -42,8 +45,10 @@ class VocabularyView:
         whole = len(text.encode())
         if data[:whole] != text.encode():  # an invalid byte inside: every byte a piece of its own
             return [self.tokenizer.byte_id(b) for b in data]
-        return [*self.tokenizer.encode(text, add_bos=False, parse_special=False),
-                *(self.tokenizer.byte_id(b) for b in data[whole:])]
+        return [
+            *self.tokenizer.encode(text, add_bos=False, parse_special=False),
+            *(self.tokenizer.byte_id(b) for b in data[whole:]),
+        ]
 
 
 def is_special_piece(tokenizer: Tokenizer, i: int) -> bool:
@@ -63,8 +68,11 @@ def piece_bytes(tokenizer: Tokenizer, i: int) -> bytes:
 def grammar_text(json_schema=None, regex: str | None = None, grammar: str | None = None) -> str | None:
     """The llguidance grammar for at most one of: a JSON schema (a dict, a JSON string, or a pydantic model class),
     a regular expression, a Lark grammar; None when none is given. Errors name what is wrong."""
-    given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar))
-             if value is not None]
+    given = [
+        name
+        for name, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar))
+        if value is not None
+    ]
     if len(given) > 1:
         raise Gemma3Error(f"pass one constraint at a time, got {' and '.join(given)}")
     if not given:
@@ -89,8 +97,10 @@ def schema_dict(json_schema) -> dict:
         except json.JSONDecodeError as e:
             raise Gemma3Error(f"json_schema is not valid JSON: {e}") from None
     if not isinstance(json_schema, dict):
-        raise Gemma3Error("json_schema must be a dict (a JSON schema), its JSON text, or a pydantic model class, "
-                          f"got {type(json_schema).__name__}")
+        raise Gemma3Error(
+            "json_schema must be a dict (a JSON schema), its JSON text, or a pydantic model class, "
+            f"got {type(json_schema).__name__}"
+        )
     return json_schema
 
 

@@ -170,7 +170,9 @@ def pan_and_scan(
     ]
 
 
-def process_images(images, size: int, do_pan_and_scan: bool = False, **pan_and_scan_options) -> tuple[np.ndarray, list[int]]:
+def process_images(
+    images, size: int, do_pan_and_scan: bool = False, **pan_and_scan_options
+) -> tuple[np.ndarray, list[int]]:
     """Pixel values [N, size, size, 3] for every image followed by its crops, and each image's crop count."""
     _check_size(size)
     if isinstance(images, ONE_IMAGE_TYPES):

@@ -92,7 +92,9 @@ def content_text(content) -> str:
         elif kind == "image":
             parts.append(IMAGE_MARK)
         else:
-            raise Gemma3Error(f"content item {item!r:.80} must be {{'type': 'text', 'text': ...}} or {{'type': 'image'}}")
+            raise Gemma3Error(
+                f"content item {item!r:.80} must be {{'type': 'text', 'text': ...}} or {{'type': 'image'}}"
+            )
     return "".join(parts)
 
 
@@ -121,14 +123,20 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
         text = env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token="<bos>", eos_token="<eos>", **extra
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token="<bos>",
+            eos_token="<eos>",
+            **extra,
         )
     except (TemplateError, OverflowError) as e:
         raise Gemma3Error(f"the model's chat template failed: {_first_line(e)}") from None
     except RecursionError:
         raise Gemma3Error("the model's chat template failed: it recurses without end") from None
     if not text.strip():
-        raise Gemma3Error("the model's chat template rendered nothing for these messages: fix the template or run without it")
+        raise Gemma3Error(
+            "the model's chat template rendered nothing for these messages: fix the template or run without it"
+        )
     return text
 
 
@@ -204,7 +212,9 @@ def prompt_ids(
     and completed as it is otherwise (base models) or with use_chat_template=False. With images
     (`crops_per_image`: one entry per image), each image placeholder expands to its image tokens."""
     if not isinstance(prompt, (str, list, tuple)):
-        raise Gemma3Error(f"a prompt is a string, a list of chat messages or a list of token ids; got {type(prompt).__name__}")
+        raise Gemma3Error(
+            f"a prompt is a string, a list of chat messages or a list of token ids; got {type(prompt).__name__}"
+        )
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     tokenizer = processor.tokenizer

@@ -45,7 +45,7 @@ class Tokenizer:
         self._user_defined = frozenset(i for i, kind in enumerate(types) if kind == _USER_DEFINED)
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "Tokenizer | None":
+    def from_folder(cls, folder: str | Path) -> Tokenizer | None:
         path = Path(folder) / "tokenizer.model"
         return cls(path, _flagged_special(Path(folder) / "tokenizer_config.json")) if path.is_file() else None
 
@@ -77,13 +77,6 @@ class Tokenizer:
     def is_user_defined(self, i: int) -> bool:
         return i in self._user_defined
 
-    @cached_property
-    def grammar_tokenizer(self):
-        """llguidance's view of this vocabulary (built on first use, about a second for Gemma 3's)."""
-        from .grammar import ll_tokenizer
-
-        return ll_tokenizer(self)
-
     def encode(self, text: str, add_bos: bool = True, parse_special: bool = True) -> list[int]:
         """parse_special: special tokens written in text become their ids (as in transformers); else plain text."""
         _check_text(text)
@@ -103,7 +96,7 @@ class Tokenizer:
                 run.append(i)
         return "".join([*parts, self._sp.DecodeIds(run)])
 
-    def detokenizer(self, skip_special: bool = False) -> "StreamingDetokenizer":
+    def detokenizer(self, skip_special: bool = False) -> StreamingDetokenizer:
         return StreamingDetokenizer(self, skip_special)
 
     def _dropped(self, i: int, skip_special: bool) -> bool:
@@ -204,7 +197,9 @@ def _processor(load, where) -> spm.SentencePieceProcessor:
     except (OSError, RuntimeError) as e:
         raise Gemma3Error(f"cannot read tokenizer {where}: {e}") from None
     except UnicodeDecodeError:  # SentencePiece's own error message quotes the damaged bytes
-        raise Gemma3Error(f"cannot read tokenizer {where}: it is damaged (SentencePiece's error is not UTF-8)") from None
+        raise Gemma3Error(
+            f"cannot read tokenizer {where}: it is damaged (SentencePiece's error is not UTF-8)"
+        ) from None
     return sp
 
 
@@ -213,7 +208,9 @@ def _check_text(text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise Gemma3Error(f"the text holds {e.object[e.start:e.end]!r} at {e.start}, a lone UTF-16 surrogate, which is not text") from None
+        raise Gemma3Error(
+            f"the text holds {e.object[e.start : e.end]!r} at {e.start}, a lone UTF-16 surrogate, which is not text"
+        ) from None
     except AttributeError:
         raise Gemma3Error(f"the tokenizer encodes text (str), got {type(text).__name__}") from None
 

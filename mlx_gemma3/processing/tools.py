@@ -8,8 +8,9 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import Gemma3Error
 from .grammar import JSON_LAYOUT
@@ -139,7 +140,9 @@ def with_tools(messages: list[dict], tools, style: str = "python") -> list[dict]
         raise Gemma3Error("tools need a conversation with a user turn")
     prompt = tools_prompt(tools, style)
     content = first["content"]
-    first["content"] = prompt + "\n" + content if isinstance(content, str) else [{"type": "text", "text": prompt}, *content]
+    first["content"] = (
+        prompt + "\n" + content if isinstance(content, str) else [{"type": "text", "text": prompt}, *content]
+    )
     return messages
 
 
@@ -160,7 +163,7 @@ def _candidates(text: str) -> list[str]:
 
 
 def _json_calls(text: str) -> list[ToolCall] | None:
-    if not text[:1] in "[{":
+    if text[:1] not in "[{":
         return None
     try:
         value = json.loads(text)
@@ -278,8 +281,12 @@ def _embedded(schema) -> str:
 
 
 def _json_call_schema(tool: Tool) -> dict:
-    return {"type": "object", "properties": {"name": {"const": tool.name}, "parameters": tool.parameters},
-            "required": ["name", "parameters"], "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.name}, "parameters": tool.parameters},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    }
 
 
 def call_tool(tools: dict[str, Tool], call: ToolCall) -> Any:
@@ -311,8 +318,9 @@ class ToolRun:
     exhausted: bool
 
 
-def run_tools(chat, content: str, tools, style: str = "python", max_rounds: int = 4, constrained: bool = False,
-              **options) -> ToolRun:
+def run_tools(
+    chat, content: str, tools, style: str = "python", max_rounds: int = 4, constrained: bool = False, **options
+) -> ToolRun:
     """Ask `chat` (a Chat) with tools; while the reply is a call, run it and send the results back as the
     next user turn; stop at a reply without calls or after `max_rounds` rounds of calls. `constrained`: a reply
     that opens a call is held to a call with valid arguments (tool_call_grammar's "auto")."""

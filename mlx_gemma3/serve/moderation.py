@@ -7,9 +7,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..generation.shield import PolicyScore, check_classifier, classify
 from ..errors import Gemma3Error
-from ..processing.shield import policy_definitions
+from ..generation.classify import PolicyScore, check_classifier, classify
+from ..processing.shield_prompt import policy_definitions
 from .requests import RequestError, check_fields, image_source
 
 MODERATIONS_PATH = "/v1/moderations"
@@ -31,8 +31,11 @@ def parse_moderation(body: dict, image_dirs: tuple[Path, ...] = ()) -> Moderatio
     check_fields(body, MODERATION_FIELDS)
     items = body.get("input")
     if not isinstance(items, list) or not items:
-        raise RequestError("'input' must be a non-empty list of {'type': 'image_url', 'image_url': {'url': ...}} items "
-                           "(this model classifies images, not text)", param="input")
+        raise RequestError(
+            "'input' must be a non-empty list of {'type': 'image_url', 'image_url': {'url': ...}} items "
+            "(this model classifies images, not text)",
+            param="input",
+        )
     images = [image_item(item, i, image_dirs) for i, item in enumerate(items)]
     try:
         policy_definitions(body.get("policies"), body.get("custom_policies"))
@@ -44,8 +47,11 @@ def parse_moderation(body: dict, image_dirs: tuple[Path, ...] = ()) -> Moderatio
 def image_item(item, i: int, image_dirs: tuple[Path, ...]):
     kind = item.get("type") if isinstance(item, dict) else None
     if kind != "image_url":
-        raise RequestError(f"input[{i}]: only 'image_url' items are classified (ShieldGemma 2 reads images; "
-                           f"got {kind or type(item).__name__!r})", param="input")
+        raise RequestError(
+            f"input[{i}]: only 'image_url' items are classified (ShieldGemma 2 reads images; "
+            f"got {kind or type(item).__name__!r})",
+            param="input",
+        )
     image_url = item.get("image_url")
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     return image_source(url, f"input[{i}]", image_dirs, param="input")
@@ -70,10 +76,12 @@ def moderation_body(scores: list[PolicyScore], images: int, model_id: str) -> di
     for image in range(images):
         own = [score for score in scores if score.image == image]
         categories = {score.policy: score.yes_probability >= FLAG_THRESHOLD for score in own}
-        results.append({
-            "flagged": any(categories.values()),
-            "categories": categories,
-            "category_scores": {score.policy: score.yes_probability for score in own},
-            "category_applied_input_types": {score.policy: ["image"] for score in own},
-        })
+        results.append(
+            {
+                "flagged": any(categories.values()),
+                "categories": categories,
+                "category_scores": {score.policy: score.yes_probability for score in own},
+                "category_applied_input_types": {score.policy: ["image"] for score in own},
+            }
+        )
     return {"id": f"modr-{uuid.uuid4().hex[:24]}", "model": model_id, "results": results}

@@ -12,8 +12,8 @@ the least recently used go first when there are more than `max_entries` or more 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..generation.prompt_file import common_prefix
 
@@ -55,7 +55,10 @@ def best_candidate(entries, layout: tuple, ids: Sequence[int]) -> tuple[int, obj
     for key, entry in entries:
         if entry.layout != layout:
             continue
-        for kind, cache, held in (("cache", entry.cache, entry.ids), ("checkpoint", entry.checkpoint, entry.checkpoint_ids)):
+        for kind, cache, held in (
+            ("cache", entry.cache, entry.ids),
+            ("checkpoint", entry.checkpoint, entry.checkpoint_ids),
+        ):
             if cache is not None and (n := reusable(cache, held, ids)) > best[0]:
                 best = (n, key, kind)
     return best

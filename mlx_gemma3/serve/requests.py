@@ -16,11 +16,30 @@ from ..processing.tools import ToolCall, as_tool, tool_call_grammar, tool_result
 # parallel_tool_calls); n, presence_penalty and frequency_penalty only at their no-op values (1, 0, 0).
 # Anything else is a 400 naming the field, never silently ignored.
 COMMON_FIELDS = {
-    "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "user",
-    "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty",
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
 }
 CHAT_FIELDS = COMMON_FIELDS | {
-    "messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs",
+    "messages",
+    "max_completion_tokens",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "logprobs",
+    "top_logprobs",
     "response_format",
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
@@ -61,22 +80,34 @@ def parse_chat(body: dict, max_tokens_limit: int, image_dirs: tuple[Path, ...] =
     if top and not logprobs:
         raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     options = {**generation_options(body, max_tokens_limit), **constraint_options(body, tools)}
-    return Request(True, messages, options, stop_strings(body), flag(body, "stream"), include_usage(body), bool(tools),
-                   logprobs, top)
+    return Request(
+        True,
+        messages,
+        options,
+        stop_strings(body),
+        flag(body, "stream"),
+        include_usage(body),
+        bool(tools),
+        logprobs,
+        top,
+    )
 
 
 def parse_completion(body: dict, max_tokens_limit: int) -> Request:
     check_fields(body, COMPLETION_FIELDS)
     options = {**generation_options(body, max_tokens_limit), "use_chat_template": False}
-    return Request(False, required(body, "prompt", str), options, stop_strings(body), flag(body, "stream"),
-                   include_usage(body))
+    return Request(
+        False, required(body, "prompt", str), options, stop_strings(body), flag(body, "stream"), include_usage(body)
+    )
 
 
 def check_fields(body: dict, accepted: set[str]) -> None:
     unknown = sorted(set(body) - accepted)
     if unknown:
-        raise RequestError(f"unsupported field(s): {', '.join(unknown)}; this server accepts {', '.join(sorted(accepted))}",
-                           param=unknown[0])
+        raise RequestError(
+            f"unsupported field(s): {', '.join(unknown)}; this server accepts {', '.join(sorted(accepted))}",
+            param=unknown[0],
+        )
     if body.get("n") is not None and (type(body["n"]) is not int or body["n"] != 1):
         raise RequestError("'n' must be 1: this server makes one choice per request", param="n")
     for key in ("presence_penalty", "frequency_penalty"):
@@ -105,8 +136,10 @@ def include_usage(body: dict) -> bool:
 def chat_tools(body: dict) -> list:
     choice = body.get("tool_choice")
     if choice not in (None, "auto", "none", "required") and forced_name(choice) is None:
-        raise RequestError('\'tool_choice\' must be "auto", "none", "required" or '
-                           '{"type": "function", "function": {"name": ...}}', param="tool_choice")
+        raise RequestError(
+            '\'tool_choice\' must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
     tools = body.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise RequestError("'tools' must be a list of objects", param="tools")
@@ -134,8 +167,9 @@ def constraint_options(body: dict, tools: list) -> dict:
     schema = response_schema(body.get("response_format"))
     if tools:
         if schema is not None:
-            raise RequestError("'response_format' and 'tools' cannot constrain one reply together: send one",
-                               param="response_format")
+            raise RequestError(
+                "'response_format' and 'tools' cannot constrain one reply together: send one", param="response_format"
+            )
         return {"grammar": tools_grammar(tools, body.get("tool_choice") or "auto")}
     if schema is None:
         return {}
@@ -151,7 +185,9 @@ def tools_grammar(tools: list, choice) -> str:
     if name is not None:
         tools = [t for t in tools if t.name == name]
         if not tools:
-            raise RequestError(f"'tool_choice' names {name!r}, which is not among the request's tools", param="tool_choice")
+            raise RequestError(
+                f"'tool_choice' names {name!r}, which is not among the request's tools", param="tool_choice"
+            )
     try:
         return tool_call_grammar(tools, "python", "auto" if choice == "auto" else "required")
     except Gemma3Error as e:
@@ -171,15 +207,20 @@ def response_schema(response_format) -> dict | None:
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise RequestError("response_format.json_schema must be an object with a 'schema' object",
-                               param="response_format")
+            raise RequestError(
+                "response_format.json_schema must be an object with a 'schema' object", param="response_format"
+            )
         unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
         if unknown:
-            raise RequestError(f"response_format.json_schema has unsupported field(s): {', '.join(unknown)}",
-                               param="response_format")
+            raise RequestError(
+                f"response_format.json_schema has unsupported field(s): {', '.join(unknown)}", param="response_format"
+            )
         return spec.get("schema", {})
-    raise RequestError('\'response_format\' must be {"type": "text"}, {"type": "json_object"} or '
-                       '{"type": "json_schema", "json_schema": {...}}', param="response_format")
+    raise RequestError(
+        '\'response_format\' must be {"type": "text"}, {"type": "json_object"} or '
+        '{"type": "json_schema", "json_schema": {...}}',
+        param="response_format",
+    )
 
 
 def required(body: dict, key: str, kind: type):
@@ -215,7 +256,10 @@ def generation_options(body: dict, limit: int) -> dict:
 def max_tokens(body: dict, limit: int) -> int:
     """max_completion_tokens (the current name) or max_tokens (its deprecated alias); both must agree."""
     default = min(512, limit)
-    old, new = number(body, "max_tokens", None, 1, limit, int), number(body, "max_completion_tokens", None, 1, limit, int)
+    old, new = (
+        number(body, "max_tokens", None, 1, limit, int),
+        number(body, "max_completion_tokens", None, 1, limit, int),
+    )
     if old is not None and new is not None and old != new:
         raise RequestError("'max_tokens' and 'max_completion_tokens' differ: send one", param="max_completion_tokens")
     return new or old or default
@@ -239,14 +283,19 @@ def to_gemma_messages(messages: list, image_dirs: tuple[Path, ...] = ()) -> list
             raise RequestError(f"messages[{i}] must be an object with a 'role'", param="messages")
         role = message["role"]
         if role == "tool":
-            _append(out, "user", tool_results_text([ToolCall(_tool_name(message, call_names), {})], [message.get("content")]))
+            _append(
+                out,
+                "user",
+                tool_results_text([ToolCall(_tool_name(message, call_names), {})], [message.get("content")]),
+            )
         elif role == "assistant" and message.get("tool_calls"):
             _append(out, "assistant", "[" + ", ".join(_call_text(c, call_names) for c in _calls(message, i)) + "]")
         elif role in ("system", "developer", "user", "assistant"):
             _append(out, "system" if role == "developer" else role, _content(message.get("content"), i, image_dirs))
         else:
-            raise RequestError(f"messages[{i}] has role {role!r}: use system, developer, user, assistant or tool",
-                               param="messages")
+            raise RequestError(
+                f"messages[{i}] has role {role!r}: use system, developer, user, assistant or tool", param="messages"
+            )
     return out
 
 
@@ -255,8 +304,11 @@ def _append(out: list[dict], role: str, content) -> None:
     if out and out[-1]["role"] == role and role != "system":
         previous = out[-1]["content"]
         as_items = lambda c: c if isinstance(c, list) else [{"type": "text", "text": c}]  # noqa: E731
-        out[-1]["content"] = previous + "\n" + content if isinstance(previous, str) and isinstance(content, str) \
+        out[-1]["content"] = (
+            previous + "\n" + content
+            if isinstance(previous, str) and isinstance(content, str)
             else [*as_items(previous), *as_items(content)]
+        )
     else:
         out.append({"role": role, "content": content})
 
@@ -268,7 +320,9 @@ def _tool_name(message: dict, call_names: dict[str, str]) -> str:
 
 def _calls(message: dict, i: int) -> list[dict]:
     calls = message["tool_calls"]
-    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
+    if not isinstance(calls, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls
+    ):
         raise RequestError(f"messages[{i}].tool_calls must be a list of {{'function': {{...}}}}", param="messages")
     return calls
 
@@ -297,11 +351,16 @@ def _content(content, i: int, image_dirs: tuple[Path, ...]):
         if kind == "text" and isinstance(part.get("text"), str):
             items.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
-            url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
+            url = (
+                (part.get("image_url") or {}).get("url")
+                if isinstance(part.get("image_url"), dict)
+                else part.get("image_url")
+            )
             items.append({"type": "image", "image": image_source(url, f"messages[{i}]", image_dirs)})
         else:
-            raise RequestError(f"messages[{i}]: content parts must be 'text' (with a string) or 'image_url'",
-                               param="messages")
+            raise RequestError(
+                f"messages[{i}]: content parts must be 'text' (with a string) or 'image_url'", param="messages"
+            )
     return items
 
 
@@ -318,8 +377,11 @@ def image_source(url, where: str, image_dirs: tuple[Path, ...], param: str = "me
     if url.startswith(("http://", "https://")):
         raise RequestError(f"{where}: remote image URLs are not fetched; send a data URL", param=param)
     if not image_dirs:
-        raise RequestError(f"{where}: local image paths are refused; send a data URL (or start the server "
-                           "with --allowed-image-dir DIR)", param=param)
+        raise RequestError(
+            f"{where}: local image paths are refused; send a data URL (or start the server "
+            "with --allowed-image-dir DIR)",
+            param=param,
+        )
     path = Path(url.removeprefix("file://")).resolve()
     if not any(path.is_relative_to(folder) for folder in image_dirs):
         raise RequestError(f"{where}: image path outside the allowed image folders", param=param)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
 
 from ..generation.batch import BatchGenerator, Row
-from ..generation.stream import Options, encode_images, eos_ids, generate_ids, reply_piece, token_budget
-from ..generation.streams import generation_stream, release_thread_streams
+from ..generation.text_stream import Options, encode_images, eos_ids, generate_ids, reply_piece, token_budget
+from ..generation.thread_streams import generation_stream, release_thread_streams
 from .prompt_cache import Entry, PromptCacheStore
 
 DONE, STOP = object(), object()
@@ -119,8 +119,16 @@ class Worker:
     operation the worker sends what it decided (a job to join and the prompt cache entry it reuses, a step and
     the jobs cancelled before it), and the other ranks replay it on their own Worker (`replay`, no thread)."""
 
-    def __init__(self, model, processor, max_queue: int = 0, store: PromptCacheStore | None = None,
-                 max_batch: int = MAX_BATCH, mirror=None, threaded: bool = True):
+    def __init__(
+        self,
+        model,
+        processor,
+        max_queue: int = 0,
+        store: PromptCacheStore | None = None,
+        max_batch: int = MAX_BATCH,
+        mirror=None,
+        threaded: bool = True,
+    ):
         self.model, self.processor, self.max_batch, self.mirror = model, processor, max_batch, mirror
         self.store = store if store is not None else PromptCacheStore(0, 0)
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -230,11 +238,18 @@ class Worker:
         context = self.model.config.text.max_position_embeddings
         budget, stop = token_budget(opts, context - len(job.ids)), eos_ids(self.processor, opts.stop_ids)
         detokenizer = self.processor.tokenizer.detokenizer()
-        processors, constraint = opts.reply_processors(self.processor.tokenizer)
+        processors, constraint = opts.reply_processors(self.processor)
         progress = opts.prefill_progress if self.mirror is None else self.mirror.progress(opts.prefill_progress)
-        row = self.batch.add(job.ids[len(held):], cache, sampler=opts.sampler(), processors=processors,
-                             history=held, image_features=features, prefill_step_size=opts.prefill_step_size,
-                             progress=progress)
+        row = self.batch.add(
+            job.ids[len(held) :],
+            cache,
+            sampler=opts.sampler(),
+            processors=processors,
+            history=held,
+            image_features=features,
+            prefill_step_size=opts.prefill_step_size,
+            progress=progress,
+        )
         entry = None
         if layout is not None:  # the batch took a copy: `cache` itself, holding the whole prompt, is the checkpoint
             entry = Entry(layout, [], [], cache, held_ids(cache, job.ids))
@@ -274,8 +289,9 @@ class Worker:
     def hand_out(self, active: Active, token: int, logprobs: mx.array) -> bool:
         """Send the job its token's step; True when it was the last."""
         job = active.job
-        text, finish = reply_piece(token, active.row.steps, active.detokenizer, active.stop, active.max_tokens,
-                                   active.constraint)
+        text, finish = reply_piece(
+            token, active.row.steps, active.detokenizer, active.stop, active.max_tokens, active.constraint
+        )
         job.first_token_at = job.first_token_at or time.perf_counter()
         entry = None
         if job.top_logprobs is not None and finish != "stop":
@@ -303,16 +319,19 @@ class Worker:
         cache, held = self.store.take(layout, job.ids)
         cache = cache if cache is not None else job.options.make_cache(self.model)
         entry = Entry(layout, [], cache)
-        options = replace(job.options, prefill_progress=checkpointing(entry, cache, job.ids, job.options.prefill_progress))
+        options = replace(
+            job.options, prefill_progress=checkpointing(entry, cache, job.ids, job.options.prefill_progress)
+        )
         tokens = self.run_job(job, None, cache, held, options)
         entry.ids = held_ids(cache, [*job.ids, *tokens])
         self.store.put(entry)
 
     def run_job(self, job: Job, features, cache, held: list[int], options: Options | None = None) -> list[int]:
         """Generate the job's reply from `cache` holding `held` (a prefix of its ids); returns the tokens made."""
-        fed, tokens = job.ids[len(held):], []
-        with closing(generate_ids(self.model, self.processor, fed, cache, options or job.options, features,
-                                  held)) as responses:
+        fed, tokens = job.ids[len(held) :], []
+        with closing(
+            generate_ids(self.model, self.processor, fed, cache, options or job.options, features, held)
+        ) as responses:
             for response in responses:
                 tokens.append(response.token)
                 job.generated, job.batch_peak = len(tokens), 1
@@ -326,12 +345,14 @@ class Worker:
         entry = None
         if top is not None and response.logprobs is not None and response.finish_reason != "stop":
             entry = self.logprob_entry(response.token, np.array(response.logprobs.astype(mx.float32)), top)
-        return Step(response.text, response.token, response.finish_reason, prompt_tokens,
-                    response.reused_tokens, entry)
+        return Step(response.text, response.token, response.finish_reason, prompt_tokens, response.reused_tokens, entry)
 
     def logprob_entry(self, token: int, logprobs: np.ndarray, top: int) -> dict:
         best = np.argsort(-logprobs)[:top] if top else []
-        return {**self.token_logprob(token, logprobs), "top_logprobs": [self.token_logprob(int(i), logprobs) for i in best]}
+        return {
+            **self.token_logprob(token, logprobs),
+            "top_logprobs": [self.token_logprob(int(i), logprobs) for i in best],
+        }
 
     def token_logprob(self, token: int, logprobs: np.ndarray) -> dict:
         piece = self.processor.tokenizer.decode([token])

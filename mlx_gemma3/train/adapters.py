@@ -17,8 +17,13 @@ from .layers import BASE_TYPES, DoRALinear, LoRALinear
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 # Every attention and MLP projection of a decoder layer (paths inside one layer, as mlx-lm's "keys").
 DEFAULT_KEYS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
 )
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -39,7 +44,9 @@ class AdapterConfig:
 
     def check(self) -> None:
         if self.fine_tune_type not in FINE_TUNE_TYPES:
-            raise Gemma3Error(f"unknown fine-tune type {self.fine_tune_type!r}: use one of {', '.join(FINE_TUNE_TYPES)}")
+            raise Gemma3Error(
+                f"unknown fine-tune type {self.fine_tune_type!r}: use one of {', '.join(FINE_TUNE_TYPES)}"
+            )
         if self.rank < 1 or not 0 <= self.dropout < 1 or not isinstance(self.num_layers, int):
             raise Gemma3Error(f"LoRA needs rank ≥ 1 and 0 ≤ dropout < 1, got rank {self.rank}, dropout {self.dropout}")
 
@@ -49,13 +56,16 @@ class AdapterConfig:
         return {"fine_tune_type": self.fine_tune_type, "num_layers": self.num_layers, "lora_parameters": lora}
 
     @classmethod
-    def from_json(cls, raw: dict, where: str) -> "AdapterConfig":
+    def from_json(cls, raw: dict, where: str) -> AdapterConfig:
         try:
             lora = raw.get("lora_parameters") or {}
             config = cls(
-                fine_tune_type=raw.get("fine_tune_type", "lora"), num_layers=int(raw.get("num_layers", -1)),
-                rank=int(lora.get("rank", 8)), scale=float(lora.get("scale", 20.0)),
-                dropout=float(lora.get("dropout", 0.0)), keys=tuple(lora.get("keys") or DEFAULT_KEYS),
+                fine_tune_type=raw.get("fine_tune_type", "lora"),
+                num_layers=int(raw.get("num_layers", -1)),
+                rank=int(lora.get("rank", 8)),
+                scale=float(lora.get("scale", 20.0)),
+                dropout=float(lora.get("dropout", 0.0)),
+                keys=tuple(lora.get("keys") or DEFAULT_KEYS),
             )
         except (AttributeError, TypeError, ValueError) as e:
             raise Gemma3Error(f"{where} is not a valid adapter config ({e})") from None
@@ -80,14 +90,16 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> None:
     for layer in chosen_layers(model, config.num_layers):
         swaps = [
             (path, layer_class(module, config.rank, config.scale, config.dropout))
-            for path, module in layer.named_modules() if path in config.keys and isinstance(module, BASE_TYPES)
+            for path, module in layer.named_modules()
+            if path in config.keys and isinstance(module, BASE_TYPES)
         ]
         found.update(path for path, _ in swaps)
         layer.update_modules(tree_unflatten(swaps))
     missing = sorted(set(config.keys) - found)
     if missing:
-        raise Gemma3Error(f"no linear layer {missing[0]!r} in the decoder layers: LoRA keys are paths such as "
-                          f"{DEFAULT_KEYS[0]!r}")
+        raise Gemma3Error(
+            f"no linear layer {missing[0]!r} in the decoder layers: LoRA keys are paths such as {DEFAULT_KEYS[0]!r}"
+        )
 
 
 def prepare_for_training(model: nn.Module, config: AdapterConfig, train_projector: bool = True) -> None:
@@ -96,7 +108,9 @@ def prepare_for_training(model: nn.Module, config: AdapterConfig, train_projecto
     frozen."""
     config.check()
     if config.fine_tune_type == "full" and any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
-        raise Gemma3Error("full fine-tuning needs a float model; for a quantized model use --fine-tune-type lora (QLoRA)")
+        raise Gemma3Error(
+            "full fine-tuning needs a float model; for a quantized model use --fine-tune-type lora (QLoRA)"
+        )
     model.freeze()
     add_adapters(model, config)
     if config.fine_tune_type == "full":
@@ -157,8 +171,10 @@ def load_adapter_weights(model: nn.Module, file: Path) -> None:
         if key not in expected:
             raise Gemma3Error(f"{file}: tensor {key} fits no parameter of this model (adapters for another model?)")
         if value.shape != expected[key].shape:
-            raise Gemma3Error(f"{file}: tensor {key} has shape {tuple(value.shape)}, the model's is "
-                              f"{tuple(expected[key].shape)} (adapters for another model?)")
+            raise Gemma3Error(
+                f"{file}: tensor {key} has shape {tuple(value.shape)}, the model's is "
+                f"{tuple(expected[key].shape)} (adapters for another model?)"
+            )
     model.load_weights([(k, v.astype(expected[k].dtype)) for k, v in weights.items()], strict=False)
 
 
@@ -177,17 +193,23 @@ def apply_adapter_folder(model: nn.Module, folder: str | Path) -> AdapterConfig:
 def fuse_adapters(model: nn.Module, dequantize: bool = False) -> None:
     """Replace every adapter layer by one ordinary layer with the adapted weight; `dequantize`: float layers
     even where the base was quantized (then every quantized layer is dequantized)."""
-    fused = [(path, module.fuse(dequantize)) for path, module in model.named_modules() if isinstance(module, LoRALinear)]
+    fused = [
+        (path, module.fuse(dequantize)) for path, module in model.named_modules() if isinstance(module, LoRALinear)
+    ]
     model.update_modules(tree_unflatten(fused))
     if dequantize:
-        plain = [(path, dequantized(module)) for path, module in model.named_modules()
-                 if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+        plain = [
+            (path, dequantized(module))
+            for path, module in model.named_modules()
+            if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        ]
         model.update_modules(tree_unflatten(plain))
 
 
 def dequantized(module: nn.Module) -> nn.Module:
-    weight = mx.dequantize(module.weight, module.scales, module.biases, group_size=module.group_size,
-                           bits=module.bits, mode=module.mode)
+    weight = mx.dequantize(
+        module.weight, module.scales, module.biases, group_size=module.group_size, bits=module.bits, mode=module.mode
+    )
     if isinstance(module, nn.QuantizedEmbedding):
         layer = nn.Embedding(*weight.shape)
     else:

@@ -46,7 +46,10 @@ class Encoder:
         if "messages" in record:
             return self.conversation(record["messages"], base, where)
         if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
-            messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+            messages = [
+                {"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["completion"]},
+            ]
             return self.conversation(messages, base, where)
         if isinstance(record.get("text"), str) and record["text"]:
             ids = self.tokenizer.encode(record["text"], add_bos=True) + [EOS_ID]
@@ -88,8 +91,10 @@ class Encoder:
     def prefix_length(self, messages: list[dict], full: str, crops: list[int], add_generation_prompt: bool) -> int:
         text = chat_text(messages, self.processor.chat_template, add_generation_prompt) if messages else ""
         if not full.startswith(text):
-            raise Gemma3Error("the chat template renders an earlier turn differently inside the whole conversation, "
-                              "so the assistant turns cannot be told apart: train without --mask-prompt")
+            raise Gemma3Error(
+                "the chat template renders an earlier turn differently inside the whole conversation, "
+                "so the assistant turns cannot be told apart: train without --mask-prompt"
+            )
         return len(self.encode(text, crops[: text.count(IMAGE_MARK)]))
 
     def encode(self, text: str, crops: list[int]) -> list[int]:
@@ -120,15 +125,22 @@ class Encoder:
         if len(example.ids) <= self.max_seq_length:
             return example
         if example.pixels is not None:
-            raise Gemma3Error(f"{example.where}: the sample has {len(example.ids)} tokens with its images, more than "
-                              f"--max-seq-length {self.max_seq_length}: raise it or shorten the sample")
+            raise Gemma3Error(
+                f"{example.where}: the sample has {len(example.ids)} tokens with its images, more than "
+                f"--max-seq-length {self.max_seq_length}: raise it or shorten the sample"
+            )
         self.truncated.append(example.where)
         return Example(example.ids[: self.max_seq_length], example.weights[: self.max_seq_length], None, example.where)
 
 
 def image_items(messages) -> list[dict]:
-    return [item for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
-            for item in message["content"] if isinstance(item, dict) and item.get("type") == "image"]
+    return [
+        item
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for item in message["content"]
+        if isinstance(item, dict) and item.get("type") == "image"
+    ]
 
 
 def read_jsonl(path: Path, encoder: Encoder) -> list[Example]:
@@ -153,10 +165,14 @@ def load_splits(folder: str | Path, encoder: Encoder, names: tuple[str, ...]) ->
     """The named splits of a data folder (train.jsonl, valid.jsonl, test.jsonl), each one required."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise Gemma3Error(f"--data {folder} is not a folder: give a folder with {', '.join(f'{n}.jsonl' for n in SPLITS)}")
+        raise Gemma3Error(
+            f"--data {folder} is not a folder: give a folder with {', '.join(f'{n}.jsonl' for n in SPLITS)}"
+        )
     missing = [f"{name}.jsonl" for name in names if not (folder / f"{name}.jsonl").is_file()]
     if missing:
-        raise Gemma3Error(f"{folder} has no {missing[0]}: the data folder holds {', '.join(f'{n}.jsonl' for n in names)}")
+        raise Gemma3Error(
+            f"{folder} has no {missing[0]}: the data folder holds {', '.join(f'{n}.jsonl' for n in names)}"
+        )
     return {name: read_jsonl(folder / f"{name}.jsonl", encoder) for name in names}
 
 

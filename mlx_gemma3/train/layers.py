@@ -14,7 +14,11 @@ def dense_weight(linear: nn.Module) -> mx.array:
     """A base layer's weight [out, in] as floats (dequantized when it is stored quantized)."""
     if isinstance(linear, nn.QuantizedLinear):
         return mx.dequantize(
-            linear.weight, linear.scales, linear.biases, group_size=linear.group_size, bits=linear.bits,
+            linear.weight,
+            linear.scales,
+            linear.biases,
+            group_size=linear.group_size,
+            bits=linear.bits,
             mode=linear.mode,
         )
     return linear.weight

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,8 +41,13 @@ class TrainingArgs:
     def check(self) -> None:
         if self.lr_schedule not in SCHEDULES:
             raise Gemma3Error(f"unknown --lr-schedule {self.lr_schedule!r}: use one of {', '.join(SCHEDULES)}")
-        positive = {"batch_size": self.batch_size, "iters": self.iters, "steps_per_report": self.steps_per_report,
-                    "steps_per_eval": self.steps_per_eval, "save_every": self.save_every}
+        positive = {
+            "batch_size": self.batch_size,
+            "iters": self.iters,
+            "steps_per_report": self.steps_per_report,
+            "steps_per_eval": self.steps_per_eval,
+            "save_every": self.save_every,
+        }
         for name, value in positive.items():
             if value < 1:
                 raise Gemma3Error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -160,8 +165,12 @@ class Window:
     def report(self, step: int, optimizer) -> dict:
         rate = optimizer.learning_rate
         return {
-            "kind": "train", "step": step, "train_loss": self.loss / self.steps, "learning_rate": float(rate.item()),
-            "tokens_per_second": self.tokens / max(self.seconds, 1e-9), "steps_per_second": self.steps / max(self.seconds, 1e-9),
+            "kind": "train",
+            "step": step,
+            "train_loss": self.loss / self.steps,
+            "learning_rate": float(rate.item()),
+            "tokens_per_second": self.tokens / max(self.seconds, 1e-9),
+            "steps_per_second": self.steps / max(self.seconds, 1e-9),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
         }
 
@@ -177,4 +186,3 @@ def report_line(event: dict) -> str:
         f"It/sec {event['steps_per_second']:.3f}, Tokens/sec {event['tokens_per_second']:.3f}, "
         f"Peak mem {event['peak_memory_gb']:.3f} GB"
     )
-

@@ -6,10 +6,10 @@ import difflib
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -27,7 +27,7 @@ from .prompt_file import reusable_cache, saving_when_prefilled
 from .sample import Sampler, logit_bias, repetition_penalty, sampling_problem
 from .speculative import speculative_generate_step
 from .step import PREFILL_STEP_SIZE, LogitsProcessor, Progress, generate_step
-from .streams import generation_stream
+from .thread_streams import generation_stream
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Options:
     grammar: str | None = None  # the reply follows this Lark grammar (llguidance's dialect)
 
     @classmethod
-    def of(cls, options: dict) -> "Options":
+    def of(cls, options: dict) -> Options:
         """Checked options from keyword arguments; an unknown name is refused with the list of valid ones."""
         names = [f.name for f in fields(cls)]
         for name in options:
@@ -130,19 +130,15 @@ class Options:
             processors.append(lambda seen, logits: logit_bias(logits, bias))
         return processors
 
-    def reply_processors(self, tokenizer) -> tuple[list[LogitsProcessor], Constraint | None]:
+    def reply_processors(self, processor) -> tuple[list[LogitsProcessor], Constraint | None]:
         """One reply's logits processors (`processors()`, then its constraint last) and that constraint (or None)."""
-        constraint = self.constraint(tokenizer)
+        constraint = self.constraint(processor)
         return [*self.processors(), *([constraint] if constraint is not None else [])], constraint
 
-    def constraint(self, tokenizer) -> Constraint | None:
+    def constraint(self, processor) -> Constraint | None:
         """A new Constraint (one per reply) for json_schema, regex or grammar; None when none is set."""
         text = grammar_text(self.json_schema, self.regex, self.grammar)
-        if text is None:
-            return None
-        if tokenizer is None:
-            raise Gemma3Error("constrained decoding needs the model's tokenizer.model, and this folder has none")
-        return Constraint(tokenizer, text)
+        return None if text is None else Constraint(processor, text)
 
     def sampler(self) -> Sampler:
         return Sampler(self.temp, self.top_k, self.top_p, self.min_p, self.seed)
@@ -159,18 +155,24 @@ def _number(value) -> bool:
 UNLIMITED = (-1, None)  # max_tokens values that mean: until the reply or the context ends
 # Each option's type and range (the sampling ranges are sample.sampling_problem's): (fits, what is allowed).
 OPTION_RULES = {
-    "max_tokens": (lambda v: v in UNLIMITED or _integer(v) and v >= 1,
-                   "a positive integer, or -1 / None for no limit (until the reply or the context ends)"),
+    "max_tokens": (
+        lambda v: v in UNLIMITED or _integer(v) and v >= 1,
+        "a positive integer, or -1 / None for no limit (until the reply or the context ends)",
+    ),
     "temp": (_number, "a number (0 is greedy)"),
     "top_p": (_number, "a number in (0, 1]"),
     "top_k": (_integer, "an integer (0 is off)"),
     "min_p": (_number, "a number in [0, 1]"),
     "seed": (lambda v: v is None or _integer(v), "an integer or None"),
     "repetition_penalty": (lambda v: v is None or _number(v) and v > 0, "a positive number (1 is off) or None"),
-    "logit_bias": (lambda v: v is None or isinstance(v, dict) and all(_integer(k) and _number(b) for k, b in v.items()),
-                   "a dict {token id: bias} or None"),
-    "logits_processors": (lambda v: isinstance(v, (list, tuple)) and all(map(callable, v)),
-                          "a list of callables (tokens, logits) -> logits"),
+    "logit_bias": (
+        lambda v: v is None or isinstance(v, dict) and all(_integer(k) and _number(b) for k, b in v.items()),
+        "a dict {token id: bias} or None",
+    ),
+    "logits_processors": (
+        lambda v: isinstance(v, (list, tuple)) and all(map(callable, v)),
+        "a list of callables (tokens, logits) -> logits",
+    ),
     "prefill_step_size": (lambda v: _integer(v) and v >= 1, "a positive integer (prompt tokens per forward)"),
     "prefill_progress": (lambda v: v is None or callable(v), "a callable (done, total) or None"),
     "kv_bits": (lambda v: v is None or v in KV_BITS, f"None or one of {KV_BITS}"),
@@ -181,12 +183,16 @@ OPTION_RULES = {
     "stop_ids": (lambda v: isinstance(v, (list, tuple, set)) and all(map(_integer, v)), "a list of token ids"),
     "pan_and_scan": (lambda v: isinstance(v, bool), "True or False"),
     "prompt_cache_file": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a file path or None"),
-    "draft_model": (lambda v: v is None or hasattr(v, "make_cache") and hasattr(v, "config"),
-                    "a model from mlx_gemma3.load() or None"),
+    "draft_model": (
+        lambda v: v is None or hasattr(v, "make_cache") and hasattr(v, "config"),
+        "a model from mlx_gemma3.load() or None",
+    ),
     "num_draft_tokens": (lambda v: _integer(v) and v >= 1, "a positive integer"),
     "prompt_lookup": (lambda v: _integer(v) and v >= 0, "a number of tokens to draft (0 is off)"),
-    "json_schema": (lambda v: v is None or isinstance(v, (dict, str)) or hasattr(v, "model_json_schema"),
-                    "a JSON schema (a dict or its JSON text), a pydantic model class, or None"),
+    "json_schema": (
+        lambda v: v is None or isinstance(v, (dict, str)) or hasattr(v, "model_json_schema"),
+        "a JSON schema (a dict or its JSON text), a pydantic model class, or None",
+    ),
     "regex": (lambda v: v is None or isinstance(v, str) and v != "", "a regular expression or None"),
     "grammar": (lambda v: v is None or isinstance(v, str) and v != "", "a Lark grammar (text) or None"),
 }
@@ -254,8 +260,11 @@ def image_sources(prompt) -> list:
     if not isinstance(prompt, list):
         return []
     items = [i for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), list) for i in m["content"]]
-    found = [next((i[k] for k in ("image", "url", "path") if i.get(k) is not None), None) for i in items
-             if isinstance(i, dict) and i.get("type") == "image"]
+    found = [
+        next((i[k] for k in ("image", "url", "path") if i.get(k) is not None), None)
+        for i in items
+        if isinstance(i, dict) and i.get("type") == "image"
+    ]
     return [source for source in found if source is not None]
 
 
@@ -283,10 +292,15 @@ def generate_ids(
             f"the prompt is {start + len(ids)} tokens; the model's context is {context}: shorten the prompt"
         )
     max_tokens = token_budget(opts, context - start - len(ids))
-    processors, constraint = opts.reply_processors(processor.tokenizer)
+    processors, constraint = opts.reply_processors(processor)
     step_options = dict(
-        sampler=opts.sampler(), logits_processors=processors, prefill_step_size=opts.prefill_step_size,
-        image_features=features, history=history, max_tokens=max_tokens, progress=opts.prefill_progress,
+        sampler=opts.sampler(),
+        logits_processors=processors,
+        prefill_step_size=opts.prefill_step_size,
+        image_features=features,
+        history=history,
+        max_tokens=max_tokens,
+        progress=opts.prefill_progress,
     )
     if opts.draft_tokens:
         steps = speculative_steps(model, ids, cache, opts, draft_cache, step_options)
@@ -294,8 +308,9 @@ def generate_ids(
         steps = generate_step(model, ids, cache, **step_options)
     detokenizer = processor.tokenizer.detokenizer() if processor.tokenizer else None
     with closing(steps):  # close it here, in this thread, not whenever it is garbage collected
-        yield from _responses(steps, ids, detokenizer, eos_ids(processor, opts.stop_ids), max_tokens, len(history),
-                              constraint)
+        yield from _responses(
+            steps, ids, detokenizer, eos_ids(processor, opts.stop_ids), max_tokens, len(history), constraint
+        )
 
 
 def speculative_steps(model, ids: list[int], cache, opts: Options, draft_cache, step_options: dict):
@@ -320,8 +335,15 @@ def token_budget(opts: Options, room: int) -> int | None:
     return room if opts.unlimited else min(opts.max_tokens, room)
 
 
-def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: int | None, reused: int,
-               constraint: Constraint | None = None):
+def _responses(
+    steps,
+    ids: list[int],
+    detokenizer,
+    stop: set[int],
+    max_tokens: int | None,
+    reused: int,
+    constraint: Constraint | None = None,
+):
     tic, prompt_tps = time.perf_counter(), 0.0
     for n, (token, logprobs, *from_draft) in enumerate(steps, start=1):
         if n == 1:
@@ -330,15 +352,25 @@ def _responses(steps, ids: list[int], detokenizer, stop: set[int], max_tokens: i
         text, finish = reply_piece(token, n, detokenizer, stop, max_tokens, constraint)
         rate = (n - 1) / max(time.perf_counter() - tic, 1e-9) if n > 1 else 0.0
         yield GenerationResponse(
-            text, token, finish, len(ids), prompt_tps, n, rate, mx.get_peak_memory() / 1e9, logprobs, reused,
+            text,
+            token,
+            finish,
+            len(ids),
+            prompt_tps,
+            n,
+            rate,
+            mx.get_peak_memory() / 1e9,
+            logprobs,
+            reused,
             bool(from_draft and from_draft[0]),
         )
         if finish:
             return
 
 
-def reply_piece(token: int, n: int, detokenizer, stop: set[int], max_tokens: int | None,
-                constraint: Constraint | None = None) -> tuple[str, str | None]:
+def reply_piece(
+    token: int, n: int, detokenizer, stop: set[int], max_tokens: int | None, constraint: Constraint | None = None
+) -> tuple[str, str | None]:
     """The text the n-th token adds, and why the reply ends with it ("stop", "length", "dead_end" when the
     constraint allowed nothing else; None: it goes on)."""
     finish = "stop" if token in stop else "length" if n == max_tokens else None
@@ -353,4 +385,3 @@ def reply_piece(token: int, n: int, detokenizer, stop: set[int], max_tokens: int
 def generate(model, processor, prompt, **options) -> str:
     """The whole reply as one string."""
     return "".join(response.text for response in stream_generate(model, processor, prompt, **options))
-

@@ -16,12 +16,12 @@ from itertools import chain
 from pathlib import Path
 
 from ..errors import Gemma3Error
-from ..generation.stream import TEXT_ONLY, Options, image_sources
+from ..generation.text_stream import TEXT_ONLY, Options, image_sources
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
 from ..processing.tools import parse_tool_calls
-from .page import page_file
 from .moderation import MODERATIONS_PATH, check_moderator, moderate, parse_moderation
+from .page import page_file
 from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .requests import Request, RequestError, parse_chat, parse_completion
 from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker, batchable
@@ -34,7 +34,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 # The page runs only its own files, talks only to this server, and shows images only from data:/blob: URLs.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
@@ -139,8 +139,13 @@ class Handler(BaseHTTPRequestHandler):
             elif self.path == "/health":
                 self.send_json(200, {"status": "ok"})
             elif self.path == "/v1/models":
-                model = {"id": self.state.model_id, "object": "model", "created": 0, "owned_by": "mlx_gemma3",
-                         "vision": self.state.model.config.vision is not None}
+                model = {
+                    "id": self.state.model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "mlx_gemma3",
+                    "vision": self.state.model.config.vision is not None,
+                }
                 self.send_json(200, {"object": "list", "data": [model]})
             else:
                 off = "" if self.state.web else " (the chat page is off: --no-web)"
@@ -181,7 +186,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.state.worker.submit(self.job)
         except QueueFull:
-            raise RequestError("the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}) from None
+            raise RequestError(
+                "the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}
+            ) from None
         steps = self.job.steps(self.client_gone)
         return self.stream_reply(request, steps) if request.stream else self.whole_reply(request, steps)
 
@@ -191,13 +198,16 @@ class Handler(BaseHTTPRequestHandler):
         state = self.state
         check_moderator(state.model)
         if state.mirror is not None:
-            raise RequestError("moderation does not run on a distributed server (--distributed): serve ShieldGemma 2 "
-                               "from one process")
+            raise RequestError(
+                "moderation does not run on a distributed server (--distributed): serve ShieldGemma 2 from one process"
+            )
         request = parse_moderation(self.read_json(), state.image_dirs)
         try:
             body = state.worker.call(lambda: moderate(state.model, state.processor, request, state.model_id))
         except QueueFull:
-            raise RequestError("the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}) from None
+            raise RequestError(
+                "the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}
+            ) from None
         self.send_json(200, body)
 
     def parse_chat(self, body: dict) -> Request:
@@ -248,16 +258,24 @@ class Handler(BaseHTTPRequestHandler):
         state = self.state
         options = Options.of({**request.options, **state.extra_options})
         if state.mirror is not None and not batchable(options):
-            raise RequestError("a distributed server (--distributed) decodes every request in its batch: "
-                               "max_kv_size and speculative decoding are not available on it")
+            raise RequestError(
+                "a distributed server (--distributed) decodes every request in its batch: "
+                "max_kv_size and speculative decoding are not available on it"
+            )
         sources = image_sources(request.prompt) if request.chat else []
         pixels, crops, vision = None, None, state.model.config.vision
         if sources:
             if vision is None:
                 raise RequestError(TEXT_ONLY)
             pixels, crops = process_images(sources, vision.image_size, options.pan_and_scan)
-        ids = prompt_ids(state.processor, request.prompt, options.system, options.use_chat_template, crops,
-                         vision.tokens_per_image if sources else None)
+        ids = prompt_ids(
+            state.processor,
+            request.prompt,
+            options.system,
+            options.use_chat_template,
+            crops,
+            vision.tokens_per_image if sources else None,
+        )
         context = state.model.config.text.max_position_embeddings
         if len(ids) >= context:
             raise RequestError(f"the prompt is {len(ids)} tokens; the model's context is {context}: shorten it")
@@ -277,8 +295,9 @@ class Handler(BaseHTTPRequestHandler):
         text, finish = "".join(p[0] for p in pieces), pieces[-1][1] if pieces else "length"
         logprobs = [entry for p in pieces for entry in p[2]] if request.logprobs else None
         reply_id = new_id(request.chat)
-        body = (chat_body if request.chat else completion_body)(reply_id, self.state.model_id, text, finish or "length",
-                                                                 tally.usage(), request.tools, logprobs)
+        body = (chat_body if request.chat else completion_body)(
+            reply_id, self.state.model_id, text, finish or "length", tally.usage(), request.tools, logprobs
+        )
         self.send_json(200, body)
         return tally.usage()
 
@@ -288,7 +307,8 @@ class Handler(BaseHTTPRequestHandler):
         first = next(pieces, None)  # errors of the generation's start still become a 4xx, not a broken stream
         self.send_stream_headers()
         chunk = lambda delta, finish=None, logprobs=None: self.send_event(  # noqa: E731
-            chunk_body(reply_id, model_id, delta, finish, request, logprobs))
+            chunk_body(reply_id, model_id, delta, finish, request, logprobs)
+        )
         if request.chat:
             chunk({"role": "assistant", "content": ""})
         rest = chain([first] if first else [], pieces)
@@ -298,8 +318,16 @@ class Handler(BaseHTTPRequestHandler):
             for text, finish, entries in rest:
                 chunk({"content": text} if request.chat else text, finish, entries if request.logprobs else None)
         if request.include_usage:
-            self.send_event({"id": reply_id, "object": chunk_kind(request.chat), "created": int(time.time()),
-                             "model": model_id, "choices": [], "usage": tally.usage()})
+            self.send_event(
+                {
+                    "id": reply_id,
+                    "object": chunk_kind(request.chat),
+                    "created": int(time.time()),
+                    "model": model_id,
+                    "choices": [],
+                    "usage": tally.usage(),
+                }
+            )
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
         return tally.usage()
@@ -394,9 +422,12 @@ class Tally:
             yield step
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.reused_tokens}}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.reused_tokens},
+        }
 
 
 def stream_with_stops(steps, stops: list[str]):
@@ -425,8 +456,14 @@ def new_id(chat: bool) -> str:
 
 
 def tool_calls_json(calls) -> list[dict]:
-    return [{"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
-             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]
+    return [
+        {
+            "id": f"call_{uuid.uuid4().hex[:12]}",
+            "type": "function",
+            "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)},
+        }
+        for c in calls
+    ]
 
 
 def chat_body(reply_id, model_id, text, finish, usage, tools: bool, logprobs) -> dict:
@@ -434,16 +471,32 @@ def chat_body(reply_id, model_id, text, finish, usage, tools: bool, logprobs) ->
     calls = parse_tool_calls(text) if tools else []
     if calls:
         message, finish = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(calls)}, "tool_calls"
-    choice = {"index": 0, "message": message, "finish_reason": finish,
-              "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
-    return {"id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
-            "choices": [choice], "usage": usage}
+    choice = {
+        "index": 0,
+        "message": message,
+        "finish_reason": finish,
+        "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+    }
+    return {
+        "id": reply_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_id,
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 def completion_body(reply_id, model_id, text, finish, usage, tools: bool, logprobs) -> dict:
     choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-    return {"id": reply_id, "object": "text_completion", "created": int(time.time()), "model": model_id,
-            "choices": [choice], "usage": usage}
+    return {
+        "id": reply_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model_id,
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 def chunk_kind(chat: bool) -> str:
@@ -452,10 +505,19 @@ def chunk_kind(chat: bool) -> str:
 
 def chunk_body(reply_id, model_id, delta, finish, request: Request, logprobs=None) -> dict:
     if request.chat:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish,
-                  "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "finish_reason": finish,
+            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+        }
     else:
         choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
-    body = {"id": reply_id, "object": chunk_kind(request.chat), "created": int(time.time()), "model": model_id,
-            "choices": [choice]}
+    body = {
+        "id": reply_id,
+        "object": chunk_kind(request.chat),
+        "created": int(time.time()),
+        "model": model_id,
+        "choices": [choice],
+    }
     return {**body, "usage": None} if request.include_usage else body

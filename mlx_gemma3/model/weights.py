@@ -1,107 +1,49 @@
-"""load(path) → (model, processor) from an MLX Gemma 3 folder, a .gguf file or a Hub repo id."""
+"""One MLX Gemma 3 folder's weights read into one process: build the model, read and check its tensors."""
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..distributed.group import check_mode, launched_with_peers
-from .config import ModelConfig, load_config
-from .device import FLOAT_TYPES, default_compute_dtype, on_cpu
 from ..errors import Gemma3Error
+from .config import ModelConfig
+from .device import FLOAT_TYPES, on_cpu
 from .gemma3 import Gemma3
-from ..processing.prompt import find_chat_template
 from .quantize import apply_quantization
-from .sources import SOURCES, model_folder
 from .text import Gemma3TextLM
-from ..processing.tokenizer import Tokenizer
 
 TIED_HEAD_KEYS = ("lm_head.", "language_model.lm_head.")
 SHIELD_WRAPPER = "model."  # ShieldGemma2ForImageClassification holds its Gemma 3 as `model`
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 
 
-@dataclass
-class Processor:
-    """What turns user input into model input: the tokenizer (None when the folder has none) and chat template."""
-
-    tokenizer: Tokenizer | None
-    config: ModelConfig
-    chat_template: str | None = None
-
-
-def load(
-    path: str | Path, compute_dtype: mx.Dtype | None = None, lazy_vision: bool = True, for_training: bool = False,
-    distributed: str | None = None, adapter_path: str | Path | None = None,
-):
-    """Load a Gemma 3 model; returns (model, processor). `path`: an MLX folder, a .gguf file (converted once
-    into the cache), or a Hugging Face repo id such as "mlx-community/gemma-3-1b-it-4bit" (downloaded once);
-    `mlx_gemma3.demo_model()` is the demo model's folder.
-
-    `lazy_vision`: a multimodal model reads its vision tower when the first image comes; until then its
-    parameters are placeholders. `for_training`: plain parameters to train or `save_weights`: both towers
-    read now and every array row-major (no CPU column-major layout); floats still in `compute_dtype`.
-    `adapter_path`: a folder written by `python -m mlx_gemma3.lora` (adapter_config.json + adapters.safetensors);
-    its LoRA/DoRA layers or fine-tuned weights are applied (a multimodal model then reads its vision tower now,
-    since the adapters may hold the projector); not with `distributed` yet.
-
-    `distributed`: "pipeline" or "tensor" in a process started by mlx.launch; every rank calls load and the same
-    generation calls, and each holds and reads only its share of the weights (see docs/distributed.md)."""
-    if distributed is not None:
-        check_mode(distributed)
-        if adapter_path is not None:
-            raise Gemma3Error("adapters (adapter_path) do not run distributed yet: fuse them first "
-                              "(python -m mlx_gemma3.fuse) and load the fused folder")
-    folder = model_path(path)
-    config = load_config(folder)
-    if distributed is not None and launched_with_peers():  # else one process holds it all, as without
-        return load_distributed(folder, config, compute_dtype or default_compute_dtype(), distributed, for_training)
+def load_model(
+    folder: Path, config: ModelConfig, dtype: mx.Dtype, lazy_vision: bool = True, for_training: bool = False
+) -> nn.Module:
+    """The whole model of an MLX folder in this process, evaluated. `lazy_vision`: a multimodal model reads its
+    vision tower when the first image comes. `for_training`: both towers read now, every array row-major."""
     model = build_model(config)
-    dtype = compute_dtype or default_compute_dtype()
     column_major = set() if for_training else column_major_keys(model, dtype)
     weights = model_weights(folder, config, dtype, column_major)
     quantization = config.raw.get("quantization", config.raw.get("quantization_config"))
     apply_quantization(model, quantization, weights, where=str(folder))
     check_weights(model, weights, where=str(folder))
-    defer = config.is_multimodal and lazy_vision and not for_training and adapter_path is None
+    defer = config.is_multimodal and lazy_vision and not for_training
     if defer:
         weights = {k: v for k, v in weights.items() if not k.startswith(VISION_PREFIXES)}
         model.defer_vision(lambda: vision_weights(model, folder, config, dtype))
     model.load_weights(list(weights.items()), strict=not defer)
     mx.eval(model.language_model.parameters() if defer else model.parameters())
-    if adapter_path is not None:
-        from ..train.adapters import apply_adapter_folder
-
-        apply_adapter_folder(model, adapter_path)
-    return model, Processor(Tokenizer.from_folder(folder), config, find_chat_template(folder))
+    return model
 
 
-def load_distributed(folder: Path, config: ModelConfig, dtype: mx.Dtype, mode: str, for_training: bool):
-    from ..distributed.load import load_sharded  # the distributed package builds on this module
-
-    if for_training:
-        raise Gemma3Error("for_training loads the whole model in one process: pass distributed=None")
-    model = load_sharded(folder, config, dtype, mode)
-    return model, Processor(Tokenizer.from_folder(folder), config, find_chat_template(folder))
-
-
-def model_path(path) -> Path:
-    """`path` resolved to an existing folder (see sources.model_folder), or one clear error."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise Gemma3Error(
-            f"load() needs a model folder path (str or Path), got {type(path).__name__}: pass {SOURCES} "
-            "(mlx_gemma3.demo_model() is the demo model)"
-        )
-    return Path(model_folder(path))
-
-
-def model_weights(folder: Path, config: ModelConfig, dtype: mx.Dtype, column_major: set[str] = frozenset()) -> dict[str, mx.array]:
+def model_weights(
+    folder: Path, config: ModelConfig, dtype: mx.Dtype, column_major: set[str] = frozenset()
+) -> dict[str, mx.array]:
     """The folder's tensors (not yet read: MLX loads lazily), floats in the compute dtype; the float matrices
     named in `column_major` keep their shape and values but are laid out column-major."""
     weights = {unwrapped_key(k, config): v for k, v in read_weights(folder).items()}
@@ -114,7 +56,7 @@ def unwrapped_key(key: str, config: ModelConfig) -> str:
     """A ShieldGemma 2 key without the wrapper's `model.` prefixes: the Hub nests Gemma 3 once
     (`model.language_model.model.…`), transformers 5 twice (`model.model.language_model.model.…`)."""
     while config.is_shield and key.startswith(SHIELD_WRAPPER):
-        key = key[len(SHIELD_WRAPPER):]
+        key = key[len(SHIELD_WRAPPER) :]
     return key
 
 
@@ -161,10 +103,14 @@ def weight_files(folder: Path) -> list[Path]:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise Gemma3Error(f"{index} is not a valid safetensors index ({e})") from None
-        outside = [name for name in names if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")]
+        outside = [
+            name for name in names if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")
+        ]
         if outside:
-            raise Gemma3Error(f"{index} names shard(s) outside its folder ({', '.join(map(repr, outside[:3]))}): a shard "
-                              "is a file name in the same folder; fix or re-download the index")
+            raise Gemma3Error(
+                f"{index} names shard(s) outside its folder ({', '.join(map(repr, outside[:3]))}): a shard "
+                "is a file name in the same folder; fix or re-download the index"
+            )
         files = [folder / name for name in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:

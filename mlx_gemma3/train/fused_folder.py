@@ -9,8 +9,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..model.load import load, read_weights
-from .adapters import fuse_adapters, write_json_atomically
+from ..model.config import load_config
+from ..model.device import default_compute_dtype
+from ..model.weights import load_model, read_weights
+from .adapters import apply_adapter_folder, fuse_adapters, write_json_atomically
 
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 
@@ -18,7 +20,9 @@ WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 def fuse_folder(source: Path, adapter_path: Path, out: Path, dequantize: bool = False) -> None:
     """Write `out`: the fused weights (model.safetensors), and every other file of `source` copied, config.json
     without its quantization block when `dequantize`. Floats keep the dtype the base stored them in."""
-    model, _ = load(source, for_training=True, adapter_path=adapter_path)
+    config = load_config(source)
+    model = load_model(source, config, default_compute_dtype(), for_training=True)
+    apply_adapter_folder(model, adapter_path)
     fuse_adapters(model, dequantize)
     weights = stored_dtypes(dict(tree_flatten(model.parameters())), read_weights(source))
     out.mkdir(parents=True, exist_ok=True)

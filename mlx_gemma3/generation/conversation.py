@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import mlx.core as mx
 
 from ..errors import Gemma3Error
 from ..model.cache import load_prompt_cache, same_layers, save_prompt_cache
 from .step import image_runs
-from .stream import GenerationResponse, Options, check_model, generate_ids, prepare_prompt
-from .streams import generation_stream
+from .text_stream import GenerationResponse, Options, check_model, generate_ids, prepare_prompt
+from .thread_streams import generation_stream
 
 CACHE_OPTIONS = ("kv_bits", "kv_group_size", "max_kv_size")
 
@@ -22,7 +22,9 @@ class Chat:
         check_model(model, processor, "Chat")
         Options.of({**options, "system": system})
         if options.get("prompt_cache_file") is not None:
-            raise Gemma3Error("a Chat keeps its own cache: use chat.save(path) and chat.load(path), not prompt_cache_file")
+            raise Gemma3Error(
+                "a Chat keeps its own cache: use chat.save(path) and chat.load(path), not prompt_cache_file"
+            )
         self.model, self.processor, self.options = model, processor, options
         self.system = system
         self.messages: list[dict] = []
@@ -60,7 +62,9 @@ class Chat:
         user = {"role": "user", "content": content}
         opts = Options.of({**self.options, **options})
         with mx.stream(generation_stream()):
-            ids, features = prepare_prompt(self.model, self.processor, self.conversation(user), None, opts, self.encoded_images)
+            ids, features = prepare_prompt(
+                self.model, self.processor, self.conversation(user), None, opts, self.encoded_images
+            )
         reused = self._reuse(ids, features is not None)
         if features is not None:
             features = features[sum(first < reused for first, _ in self._runs(ids)) :]
@@ -149,4 +153,3 @@ class Chat:
         self.cache, self.cached_ids = cache, ids
         self.messages, self.system = extra["messages"], extra.get("system")
         self.reset_draft_cache()
-

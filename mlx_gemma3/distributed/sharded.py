@@ -8,11 +8,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..errors import Gemma3Error
 from ..model.config import ModelConfig
 from ..model.device import on_cpu
-from ..model.load import VISION_PREFIXES, build_model, check_weights, in_column_major, model_weights, vision_weights
 from ..model.quantize import apply_quantization
-from ..errors import Gemma3Error
+from ..model.weights import VISION_PREFIXES, build_model, check_weights, in_column_major, model_weights, vision_weights
 from .group import LOAD_TIMEOUT_S, barrier, connect
 from .pipeline import TIED_HEAD_ONLY, join_pipeline, keep_stage_layers, module_bytes, stage_bounds, stage_keys
 from .tensor import ShardedEmbedding, check_divisible, shard_layers
@@ -82,14 +82,17 @@ def is_float_matrix(module: nn.Module) -> bool:
     """A linear or embedding layer (sharded or not) whose weight is a float matrix, not packed integers."""
     weight = module.get("weight") if isinstance(module, dict) else None
     return (
-        "scales" not in module and isinstance(weight, mx.array) and weight.ndim == 2
-        and mx.issubdtype(weight.dtype, mx.floating) and not isinstance(module, (nn.Conv2d,))
+        "scales" not in module
+        and isinstance(weight, mx.array)
+        and weight.ndim == 2
+        and mx.issubdtype(weight.dtype, mx.floating)
+        and not isinstance(module, (nn.Conv2d,))
         and type(module).__name__.endswith(("Linear", "Embedding"))
     )
 
 
 def in_cpu_layout(model: nn.Module, weights: dict[str, mx.array], dtype) -> dict[str, mx.array]:
-    """On the CPU in float32, linear and embedding matrices column-major (see model.load.column_major_keys)."""
+    """On the CPU in float32, linear and embedding matrices column-major (see model.weights.column_major_keys)."""
     if not on_cpu() or dtype != mx.float32:
         return weights
     matrices = {f"{path}.weight" for path, module in model.named_modules() if is_float_matrix(module)}

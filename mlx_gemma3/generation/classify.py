@@ -10,8 +10,8 @@ import numpy as np
 from ..errors import Gemma3Error
 from ..model.cache import batch_cache, filter_cache
 from ..processing.image import ONE_IMAGE_TYPES, process_images
-from ..processing.shield import policy_definitions, shield_prompt_ids
-from .streams import generation_stream
+from ..processing.shield_prompt import policy_definitions, shield_prompt_ids
+from .thread_streams import generation_stream
 
 # Gemma 3's "Yes" and "No" tokens, for a config.json that names none (yes_token_index / no_token_index).
 YES_TOKEN_ID, NO_TOKEN_ID = 10_784, 3771
@@ -48,8 +48,10 @@ def classify(
     shared = shared_prefix(prompts, model.config.vision)
     images = [images] if isinstance(images, ONE_IMAGE_TYPES) else images
     if not isinstance(images, (list, tuple)):
-        raise Gemma3Error(f"images: give an image or a list of images (paths, bytes, PIL images or arrays), "
-                          f"got {type(images).__name__}")
+        raise Gemma3Error(
+            f"images: give an image or a list of images (paths, bytes, PIL images or arrays), "
+            f"got {type(images).__name__}"
+        )
     pixels, _ = process_images(images, model.config.vision.image_size)
     if not len(pixels):
         raise Gemma3Error("no image to classify: give at least one image")
@@ -115,7 +117,13 @@ def policy_scores(logits: np.ndarray, first_image: int, names: list[str]) -> lis
     probabilities = np.exp(wide - wide.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     return [
-        PolicyScore(first_image + row // len(names), names[row % len(names)], float(probabilities[row, 0]),
-                    float(probabilities[row, 1]), float(logits[row, 0]), float(logits[row, 1]))
+        PolicyScore(
+            first_image + row // len(names),
+            names[row % len(names)],
+            float(probabilities[row, 0]),
+            float(probabilities[row, 1]),
+            float(logits[row, 0]),
+            float(logits[row, 1]),
+        )
         for row in range(len(logits))
     ]
