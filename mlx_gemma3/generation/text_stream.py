@@ -22,7 +22,7 @@ from ..processing.grammar import grammar_text
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
 from ..processing.tokenizer import EOS_IDS
-from .constrain import DEAD_END, Constraint
+from .constrain import DEAD_END, Constraint, budget_problem
 from .prompt_file import reusable_cache, saving_when_prefilled
 from .sample import Sampler, logit_bias, repetition_penalty, sampling_problem
 from .speculative import speculative_generate_step
@@ -45,6 +45,7 @@ class GenerationResponse:
     logprobs: mx.array | None = field(default=None, repr=False)  # log-softmax of this step's processed logits [V]
     reused_tokens: int = 0  # prompt tokens that were already in the cache (a chat's earlier turns, a prompt cache file)
     from_draft: bool = False  # speculative decoding: the draft (model or prompt lookup) proposed this token
+    finish_detail: str | None = None  # why a constrained reply ended with "length": no valid reply fitted max_tokens
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Options:
     json_schema: object = None  # the reply is JSON valid under this schema (a dict, its JSON text, a pydantic class)
     regex: str | None = None  # the reply matches this regular expression
     grammar: str | None = None  # the reply follows this Lark grammar (llguidance's dialect)
+    json_limits: bool = True  # JSON parts of a constraint keep to numbers a parser keeps and bounded whitespace
 
     @classmethod
     def of(cls, options: dict) -> Options:
@@ -130,15 +132,23 @@ class Options:
             processors.append(lambda seen, logits: logit_bias(logits, bias))
         return processors
 
-    def reply_processors(self, processor) -> tuple[list[LogitsProcessor], Constraint | None]:
-        """One reply's logits processors (`processors()`, then its constraint last) and that constraint (or None)."""
-        constraint = self.constraint(processor)
+    def reply_processors(
+        self, processor, max_tokens: int | None = None
+    ) -> tuple[list[LogitsProcessor], Constraint | None]:
+        """One reply's logits processors (`processors()`, then its constraint last) and that constraint (or None);
+        `max_tokens`: the reply's budget, which the constraint closes the reply within."""
+        constraint = self.constraint(processor, max_tokens)
         return [*self.processors(), *([constraint] if constraint is not None else [])], constraint
 
-    def constraint(self, processor) -> Constraint | None:
+    def constraint(self, processor, max_tokens: int | None = None) -> Constraint | None:
         """A new Constraint (one per reply) for json_schema, regex or grammar; None when none is set."""
         text = grammar_text(self.json_schema, self.regex, self.grammar)
-        return None if text is None else Constraint(processor, text)
+        return None if text is None else Constraint(processor, text, max_tokens, self.json_limits)
+
+    def budget_problem(self, processor, max_tokens: int) -> str | None:
+        """Why no reply the constraint allows fits in `max_tokens` tokens; None when one does, or there is none."""
+        text = grammar_text(self.json_schema, self.regex, self.grammar)
+        return None if text is None else budget_problem(processor, text, max_tokens, self.json_limits)
 
     def sampler(self) -> Sampler:
         return Sampler(self.temp, self.top_k, self.top_p, self.min_p, self.seed)
@@ -195,6 +205,7 @@ OPTION_RULES = {
     ),
     "regex": (lambda v: v is None or isinstance(v, str) and v != "", "a regular expression or None"),
     "grammar": (lambda v: v is None or isinstance(v, str) and v != "", "a Lark grammar (text) or None"),
+    "json_limits": (lambda v: isinstance(v, bool), "True or False"),
 }
 
 
@@ -292,7 +303,7 @@ def generate_ids(
             f"the prompt is {start + len(ids)} tokens; the model's context is {context}: shorten the prompt"
         )
     max_tokens = token_budget(opts, context - start - len(ids))
-    processors, constraint = opts.reply_processors(processor)
+    processors, constraint = opts.reply_processors(processor, max_tokens)
     step_options = dict(
         sampler=opts.sampler(),
         logits_processors=processors,
@@ -363,6 +374,7 @@ def _responses(
             logprobs,
             reused,
             bool(from_draft and from_draft[0]),
+            constraint.unfit if finish == "length" and constraint is not None else None,
         )
         if finish:
             return
@@ -372,8 +384,10 @@ def reply_piece(
     token: int, n: int, detokenizer, stop: set[int], max_tokens: int | None, constraint: Constraint | None = None
 ) -> tuple[str, str | None]:
     """The text the n-th token adds, and why the reply ends with it ("stop", "length", "dead_end" when the
-    constraint allowed nothing else; None: it goes on)."""
+    constraint allowed nothing else; None: it goes on). A constrained reply complete at max_tokens ends "stop"."""
     finish = "stop" if token in stop else "length" if n == max_tokens else None
+    if finish == "length" and constraint is not None and constraint.completes(n, token):
+        finish = "stop"
     if finish == "stop" and constraint is not None and constraint.dead_end is not None:
         finish = DEAD_END
     text = "" if detokenizer is None or token in stop else detokenizer.add(token)

@@ -16,7 +16,7 @@ from itertools import chain
 from pathlib import Path
 
 from ..errors import Gemma3Error
-from ..generation.text_stream import TEXT_ONLY, Options, image_sources
+from ..generation.text_stream import TEXT_ONLY, Options, image_sources, token_budget
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
 from ..processing.tools import parse_tool_calls
@@ -279,6 +279,10 @@ class Handler(BaseHTTPRequestHandler):
         context = state.model.config.text.max_position_embeddings
         if len(ids) >= context:
             raise RequestError(f"the prompt is {len(ids)} tokens; the model's context is {context}: shorten it")
+        budget = token_budget(options, context - len(ids))
+        problem = None if budget is None else options.budget_problem(state.processor, budget)
+        if problem is not None:
+            raise RequestError(problem, param="max_tokens")
         return Job(ids, pixels, options, request.top_logprobs if request.logprobs else None)
 
     def client_gone(self) -> bool:

@@ -238,7 +238,7 @@ class Worker:
         context = self.model.config.text.max_position_embeddings
         budget, stop = token_budget(opts, context - len(job.ids)), eos_ids(self.processor, opts.stop_ids)
         detokenizer = self.processor.tokenizer.detokenizer()
-        processors, constraint = opts.reply_processors(self.processor)
+        processors, constraint = opts.reply_processors(self.processor, budget)
         progress = opts.prefill_progress if self.mirror is None else self.mirror.progress(opts.prefill_progress)
         row = self.batch.add(
             job.ids[len(held) :],
