@@ -7,7 +7,8 @@ For each schema of tests/data/structured_270m.json and three budgets (tight: its
 instance plus 3 tokens; normal: twice that instance; generous: 128 tokens), --samples replies sampled at
 temperature 1.0 (seeds 0…N-1) with budget-aware closing (the library's default) and as many without it (the same
 grammar and JSON limits, max_tokens not given to the constraint): a reply counts when it parses as JSON and
-validates with jsonschema; its length is in tokens.
+validates with jsonschema; its length is in tokens. Until the budget is watched both ways give the same reply for
+a seed, so a reply that ended before then stands for both.
 
 The constraint's cost is the CPU time of its own work per step (bringing its matchers to the new token, both masks,
 the finish search and, once the budget is watched, the candidates weighed), timed after the forward has finished
@@ -100,27 +101,38 @@ def budgets(processor, case: dict) -> dict[str, int]:
     return {"tight": shortest + 3, "normal": 2 * shortest, "generous": GENEROUS}
 
 
-def reply(model, processor, case: dict, budget: int, closing: bool, seed: int) -> tuple[bool, int]:
-    """(valid, length in tokens) of one sampled reply; without closing the constraint is not told the budget."""
-    options = dict(max_tokens=budget, temp=1.0, seed=seed)
-    if closing:
-        options["json_schema"] = case["schema"]
-    else:
-        options["logits_processors"] = [Constraint(processor, grammar_text(json_schema=case["schema"]))]
-    out = list(mlx_gemma3.stream_generate(model, processor, case["prompt"], **options))
-    return valid("".join(o.text for o in out), case["schema"]), len(out)
+def reply(model, processor, case: dict, budget: int, closing: bool, seed: int) -> tuple[bool, int, bool]:
+    """(valid, length in tokens, whether the budget was watched) of one sampled reply; without closing the
+    constraint is not told the budget."""
+    text = grammar_text(json_schema=case["schema"])
+    constraint = Constraint(processor, text, budget if closing else None)
+    out = list(
+        mlx_gemma3.stream_generate(
+            model, processor, case["prompt"], max_tokens=budget, temp=1.0, seed=seed, logits_processors=[constraint]
+        )
+    )
+    return valid("".join(o.text for o in out), case["schema"]), len(out), constraint.watched
 
 
 def rates(model, processor, cases: list[dict], samples: int) -> list[dict]:
+    """Per schema and budget: each sample with closing and without. Until the budget is watched both ways mask
+    alike and sample alike (the same seed), so a reply that ended before it was watched is its own unclosed twin
+    and is not run again."""
     rows = []
     for case in cases:
         row = {"prompt": case["prompt"], "budgets": budgets(processor, case)}
         for name, budget in row["budgets"].items():
-            for closing in (True, False):
-                runs = [reply(model, processor, case, budget, closing, seed) for seed in range(samples)]
-                row[f"{name}_{'closing' if closing else 'no_closing'}"] = {
-                    "valid": sum(ok for ok, _ in runs) / samples,
-                    "mean_tokens": statistics.mean(length for _, length in runs),
+            runs = {"closing": [], "no_closing": []}
+            for seed in range(samples):
+                ok, length, watched = reply(model, processor, case, budget, True, seed)
+                runs["closing"].append((ok, length))
+                runs["no_closing"].append(
+                    reply(model, processor, case, budget, False, seed)[:2] if watched else (ok, length)
+                )
+            for way, results in runs.items():
+                row[f"{name}_{way}"] = {
+                    "valid": sum(ok for ok, _ in results) / samples,
+                    "mean_tokens": statistics.mean(length for _, length in results),
                 }
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -47,6 +47,8 @@ class Constraint:
         self.max_tokens = max_tokens
         self.closer = Closer(grammar, ll_tokenizer, self.matchers) if max_tokens is not None else None
         self.unfit: str | None = None  # why no reply the grammar allows fits in max_tokens, when that is so
+        self.watched = False  # whether the budget has been watched (tokens held to a finish within it)
+        self.last_finish: tuple[int, int] | None = None  # (reply length, finish length) when last searched
         self.start: int | None = None
         self.followed: list[int] = []  # the reply's tokens the matcher has consumed
         self.refused: int | None = None  # the first token after `followed` that the grammar refused
@@ -116,13 +118,21 @@ class Constraint:
 
     def within_budget(self, allowed: np.ndarray, logits: mx.array) -> np.ndarray:
         """`allowed` held to the budget: unchanged while more than the shortest finish plus CLOSING_MARGIN tokens
-        are left; then only the tokens after which a finish still fits (see the class)."""
-        left = self.max_tokens - len(self.followed)  # tokens still to make, this one included
+        are left; then only the tokens after which a finish still fits (see the class). The finish is searched
+        again only once the tokens made since the last search could have grown it (by CLOSING_MARGIN a token, at
+        most, as the margin assumes) to where the budget is watched."""
+        made, left = len(self.followed), self.max_tokens - len(self.followed)  # left: this token included
+        if self.last_finish is not None and not self.watched:
+            searched_at, length = self.last_finish
+            if left - length - CLOSING_MARGIN > CLOSING_MARGIN * (made - searched_at):
+                return allowed
         finish = self.closer.finish()
-        if not self.followed and self.unfit is None and finish is not None and len(finish) > left:
+        self.last_finish = None if finish is None else (made, len(finish))
+        if not made and self.unfit is None and finish is not None and len(finish) > left:
             self.unfit = unfit_reason(self.max_tokens, finish)
         if self.unfit is not None or finish is None or left > len(finish) + CLOSING_MARGIN:
             return allowed
+        self.watched = True
         kept = np.zeros_like(allowed)
         if finish:
             kept[finish[0]] = True

@@ -41,6 +41,7 @@ CHAT_FIELDS = COMMON_FIELDS | {
     "logprobs",
     "top_logprobs",
     "response_format",
+    "json_limits",
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 MAX_TOP_LOGPROBS = 20
@@ -79,7 +80,7 @@ def parse_chat(body: dict, max_tokens_limit: int, image_dirs: tuple[Path, ...] =
     top = number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, int)
     if top and not logprobs:
         raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    options = {**generation_options(body, max_tokens_limit), **constraint_options(body, tools)}
+    options = {**generation_options(body, max_tokens_limit), **constraint_options(body, tools), **limits_option(body)}
     return Request(
         True,
         messages,
@@ -178,6 +179,12 @@ def constraint_options(body: dict, tools: list) -> dict:
     except Gemma3Error as e:
         raise RequestError(f"response_format: {e}", param="response_format") from None
     return {"json_schema": schema}
+
+
+def limits_option(body: dict) -> dict:
+    """`json_limits` (ours, default true): false lets a constrained reply's JSON numbers and whitespace run as long
+    as the schema allows."""
+    return {} if body.get("json_limits") is None else {"json_limits": flag(body, "json_limits")}
 
 
 def tools_grammar(tools: list, choice) -> str:
