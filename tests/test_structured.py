@@ -557,3 +557,17 @@ def test_the_shortest_finish_is_valid_and_no_longer_than_the_hand_written_one(ti
         finish = Constraint(processor, grammar_text(json_schema=case["schema"]), 100).closer.finish()
         jsonschema.validate(json.loads(processor.tokenizer.decode(finish)), case["schema"])
         assert len(finish) <= tokens_of(processor, case["shortest"]), case["shortest"]
+
+
+def test_server_json_limits_field(server):
+    """`json_limits` (our extra body field) is true or false; false is accepted and the reply still validates."""
+    ask = lambda limits: server.chat.completions.create(  # noqa: E731
+        model="tiny",
+        messages=[{"role": "user", "content": "JSON"}],
+        max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "note", "schema": NOTE}},
+        extra_body={"json_limits": limits},
+    )
+    jsonschema.validate(json.loads(ask(False).choices[0].message.content), NOTE)
+    with pytest.raises(openai.BadRequestError, match="'json_limits' must be true or false"):
+        ask("no")
