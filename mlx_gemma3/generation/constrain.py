@@ -124,7 +124,7 @@ class Constraint:
         made, left = len(self.followed), self.max_tokens - len(self.followed)  # left: this token included
         if self.last_finish is not None and not self.watched:
             searched_at, length = self.last_finish
-            if left - length - CLOSING_MARGIN > CLOSING_MARGIN * (made - searched_at):
+            if made >= searched_at and left - length - CLOSING_MARGIN > CLOSING_MARGIN * (made - searched_at):
                 return allowed
         finish = self.closer.finish()
         self.last_finish = None if finish is None else (made, len(finish))
