@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TINY_TEXT, convert, random_ids, tiny_text_model
+from conftest import TINY_TEXT, random_ids
 
 import mlx_gemma3
 from mlx_gemma3.generation.batch import BatchGenerator
@@ -26,10 +26,8 @@ class Counted:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("batchgen")
-    tiny_text_model(seed=7).save_pretrained(folder / "hf")
-    return mlx_gemma3.load(convert(folder / "hf", folder / "mlx"))[0]
+def model(converted_tiny):
+    return mlx_gemma3.load(converted_tiny(seed=7).folder)[0]
 
 
 def penalty(seen, logits):

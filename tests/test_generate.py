@@ -15,8 +15,8 @@ NEW_TOKENS = 100
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return greedy_fixture(tmp_path_factory.mktemp("gen"), 1, 3 * WINDOW, NEW_TOKENS, 5)
+def tiny(converted_tiny):
+    return greedy_fixture(converted_tiny(seed=1), 3 * WINDOW, NEW_TOKENS, 5)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, WINDOW - 1, WINDOW, WINDOW + 1, None])

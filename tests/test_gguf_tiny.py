@@ -133,9 +133,9 @@ def write_mmproj(path: Path, model) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def gguf_pair(tmp_path_factory):
+def gguf_pair(tmp_path_factory, converted_tiny):
     folder = tmp_path_factory.mktemp("gguf")
-    model = tiny_multimodal_model(seed=9, image_tokens=SPM_IMAGE_TOKENS)
+    model = converted_tiny(seed=9, vision=True, image_tokens=SPM_IMAGE_TOKENS).reference
     stored = write_text_gguf(folder / "text.gguf", model, folder)
     stored.update(write_mmproj(folder / "mmproj.gguf", model))
     reference = copy.deepcopy(model)
