@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -248,14 +249,22 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 class StepCounter:
-    """A logits processor that changes nothing and counts the decode steps it saw."""
+    """A logits processor that changes nothing and counts the decode steps it saw; `reached` is set at step
+    `wake_at`."""
 
-    def __init__(self):
-        self.steps = 0
+    def __init__(self, wake_at: int = 1):
+        self.steps, self.wake_at, self.reached = 0, wake_at, threading.Event()
 
     def __call__(self, tokens, logits):
         self.steps += 1
+        if self.steps >= self.wake_at:
+            self.reached.set()
         return logits
+
+
+def running_jobs(worker) -> list:
+    """The jobs a server's worker is decoding now (each job's `ended` event is set when the worker is done with it)."""
+    return [active.job for active in list(worker.active.values())]
 
 
 # Markers by what a test reaches: the names its code, its fixtures' code and the tests/ helpers they call refer to

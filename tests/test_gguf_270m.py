@@ -47,6 +47,7 @@ def largest_tensor_bytes(folder: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess  # the conversion fixture, picked by name below, runs the converter in a child process
 @pytest.mark.parametrize("conversion", ["lossless_conversion", "q4_conversion"])
 def test_peak_memory_stays_near_the_largest_tensor(request, gguf_file, conversion):
     measured = request.getfixturevalue(conversion)
@@ -250,8 +251,9 @@ def q4_reference(reference, q4_conversion):
     model = copy.deepcopy(hf_model)
     quantized = dict(model.named_modules())
     with torch.no_grad():
-        for path, parts in tensors.items():
-            value = mx.dequantize(*parts, group_size=64, bits=4).astype(mx.float32)
+        for path, (weight, scales, biases) in tensors.items():
+            scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)  # exact: no float16 rounding
+            value = mx.dequantize(weight, scales, biases, group_size=64, bits=4)
             quantized[path].weight.copy_(torch.tensor(np.array(value)))
     return tensors, model.eval()
 
