@@ -95,8 +95,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def greedy_fixture(tiny: Tiny, prompt_length: int, new_tokens: int, prompt_seed: int):
-    """A tiny model of the session cache, loaded, and transformers' greedy continuation of a random prompt:
+def greedy_fixture(folder: Path, seed: int, prompt_length: int, new_tokens: int, prompt_seed: int):
+    """greedy_reference of a tiny model built and converted in `folder` (converted_tiny shares one per session)."""
+    reference = tiny_text_model(seed=seed)
+    reference.save_pretrained(folder / "hf")
+    tiny = Tiny(convert(folder / "hf", folder / "mlx"), reference, folder / "hf")
+    return greedy_reference(tiny, prompt_length, new_tokens, prompt_seed)
+
+
+def greedy_reference(tiny: Tiny, prompt_length: int, new_tokens: int, prompt_seed: int):
+    """A tiny model, loaded, and transformers' greedy continuation of a random prompt:
     (model, processor, prompt ids, generated ids, log-probabilities of each step [new_tokens, V])."""
     import mlx_gemma3
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import TINY_TEXT, greedy_fixture, random_ids
+from conftest import TINY_TEXT, greedy_reference, random_ids
 
 import mlx_gemma3
 from mlx_gemma3.generation.text_stream import generate, stream_generate
@@ -16,7 +16,7 @@ NEW_TOKENS = 100
 
 @pytest.fixture(scope="module")
 def tiny(converted_tiny):
-    return greedy_fixture(converted_tiny(seed=1), 3 * WINDOW, NEW_TOKENS, 5)
+    return greedy_reference(converted_tiny(seed=1), 3 * WINDOW, NEW_TOKENS, 5)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, WINDOW - 1, WINDOW, WINDOW + 1, None])
