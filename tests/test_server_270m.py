@@ -50,7 +50,7 @@ def test_a_long_chat_reuses_the_whole_previous_prompt_every_turn(clients):
     """Every turn is served from the previous turn's cache; the last one, which reuses keys and values from every
     turn before it, replies as a server that computes its whole prompt afresh (greedy: any difference in what the
     cache held would show as other tokens). Only the last turn is replayed: a fresh 2,000-token prefill of the
-    270M costs about a minute of CPU here."""
+    270M costs about two minutes of CPU time on two CI cores."""
     cached, uncached = clients
     messages, previous = [], None
     while previous is None or previous.prompt_tokens < HISTORY:
