@@ -1,4 +1,6 @@
-"""Command line: `python -m mlx_gemma3.convert --hf-path IN --mlx-path OUT`."""
+"""Command line: `python -m mlx_gemma3.convert --hf-path IN --mlx-path OUT`.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

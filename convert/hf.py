@@ -1,4 +1,6 @@
-"""Hugging Face Gemma 3 checkpoints (safetensors, single or sharded) → MLX folders."""
+"""Hugging Face Gemma 3 checkpoints (safetensors, single or sharded) → MLX folders.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""`mlx-gemma3 COMMAND ...` and `python -m mlx_gemma3`: one entry point for every command line."""
+"""`mlx-gemma3 COMMAND ...` and `python -m mlx_gemma3`: one entry point for every command line.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""`python -m mlx_gemma3.chat`: an interactive chat that keeps its cache between turns."""
+"""`python -m mlx_gemma3.chat`: an interactive chat that keeps its cache between turns.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Shared command-line pieces: one-line argument errors, the model and sampling flags, error-to-exit handling."""
+"""Shared command-line pieces: one-line argument errors, the model and sampling flags, error-to-exit handling.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

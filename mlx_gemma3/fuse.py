@@ -1,4 +1,6 @@
-"""`python -m mlx_gemma3.fuse`: fold trained adapters into the model's weights and write an ordinary model folder."""
+"""`python -m mlx_gemma3.fuse`: fold trained adapters into the model's weights and write an ordinary model folder.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""`python -m mlx_gemma3.generate`: print a model's continuation of a prompt, then speed and memory."""
+"""`python -m mlx_gemma3.generate`: print a model's continuation of a prompt, then speed and memory.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""`python -m mlx_gemma3.server`: an OpenAI-compatible local HTTP API for a Gemma 3 model."""
+"""`python -m mlx_gemma3.server`: an OpenAI-compatible local HTTP API for a Gemma 3 model.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ import random
 
 import mlx.core as mx
 
+__all__ = ["Sampler"]
+
 
 class Sampler:
     """Picks the next token from log-probabilities (or logits) [B, V]; greedy at temp 0; owns its PRNG key, so a

@@ -12,6 +12,8 @@ from .sample import Sampler
 from .step import PREFILL_STEP_SIZE, LogitsProcessor, Progress, prefill
 from .thread_streams import generation_stream
 
+__all__ = ["speculative_generate_step"]
+
 LOOKUP_NGRAM = 3  # prompt lookup matches the longest suffix of 3, 2 or 1 tokens
 
 

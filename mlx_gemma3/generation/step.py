@@ -9,6 +9,8 @@ import mlx.core as mx
 from ..errors import Gemma3Error
 from .thread_streams import generation_stream
 
+__all__ = ["generate_step"]
+
 Sampler = Callable[[mx.array], mx.array]  # log-probabilities [1, V] → token [1]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V]) → logits [1, V]
 Progress = Callable[[int, int], None]  # (prompt tokens prefilled so far, prompt tokens to prefill)

@@ -1,4 +1,6 @@
-"""stream_generate and generate: prompts and images in, text out, with stops and statistics over generate_step."""
+"""stream_generate and generate: prompts and images in, text out, with stops and statistics over generate_step.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -12,6 +12,17 @@ import mlx.core as mx
 from ..errors import Gemma3Error
 from .quantize import DEFAULT_GROUP_SIZE, KV_BITS
 
+__all__ = [
+    "Cache",
+    "batch_cache",
+    "extract_cache",
+    "filter_cache",
+    "left_padded",
+    "load_prompt_cache",
+    "merge_caches",
+    "save_prompt_cache",
+]
+
 REWIND = 16  # tokens a sliding cache keeps beyond its window so trim() works after the ring has wrapped
 STEP = 256  # full caches grow by this many slots at a time
 SINK_TOKENS = 4  # first tokens a cache bounded by max_kv_size never evicts (as mlx-lm's rotating cache)

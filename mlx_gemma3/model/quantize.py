@@ -1,4 +1,6 @@
-"""Which layers are quantized and how: the converter's recipes, and the module swap `load` does from config.json."""
+"""Which layers are quantized and how: the converter's recipes, and the module swap `load` does from config.json.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from ..errors import Gemma3Error
 from .tokenizer import BOS_ID
 
+__all__ = ["is_base_model"]
+
 ROLES = {"user": "user", "assistant": "model", "model": "model"}
 # What one render of a chat template may build: range() items over all its loops, the length a `*` makes, an
 # integer argument to a call (str.ljust, ...). Far above any real chat; it keeps a hostile or broken template

@@ -1,4 +1,6 @@
-"""The OpenAI-compatible HTTP server (standard library only): checks, prepares, queues and replies to requests."""
+"""The OpenAI-compatible HTTP server (standard library only): checks, prepares, queues and replies to requests.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The chat page's files (HTML, CSS, JavaScript in serve/web/), served by the server at GET /."""
+"""The chat page's files (HTML, CSS, JavaScript in serve/web/), served by the server at GET /.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

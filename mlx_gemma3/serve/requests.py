@@ -1,4 +1,6 @@
-"""OpenAI request bodies → checked requests: accepted fields, JSON types, chat messages, image sources."""
+"""OpenAI request bodies → checked requests: accepted fields, JSON types, chat messages, image sources.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
