@@ -1,3 +1,3 @@
 """Converters from Hugging Face checkpoints to MLX Gemma 3 folders (`python -m mlx_gemma3.convert`).
 
-Internal: not part of the public API, which docs/api.md lists."""
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""

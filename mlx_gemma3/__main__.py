@@ -1,6 +1,6 @@
 """`mlx-gemma3 COMMAND ...` and `python -m mlx_gemma3`: one entry point for every command line.
 
-Internal: not part of the public API, which docs/api.md lists."""
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 

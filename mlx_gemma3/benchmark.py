@@ -1,7 +1,7 @@
 """`python -m mlx_gemma3.benchmark --model M`: prefill and decode speed, time to first token and peak memory
 of a Gemma 3 model on this machine (medians over --runs, after a short warm-up that compiles the kernels).
 
-Internal: not part of the public API, which docs/api.md lists."""
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`python -m mlx_gemma3.lora`: fine-tune a Gemma 3 model (LoRA, DoRA or full) on jsonl data, mlx-lm's flags.
 
-Internal: not part of the public API, which docs/api.md lists."""
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`python -m mlx_gemma3.server`: an OpenAI-compatible local HTTP API for a Gemma 3 model.
 
-Internal: not part of the public API, which docs/api.md lists."""
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 
