@@ -496,6 +496,7 @@ def test_page_files_are_served_with_a_strict_policy_and_no_key(tiny_chat_model):
     try:
         page_status, html, page_response = get(port, "/")
         script = get(port, "/app.js")
+        vendored = [get(port, f"/vendor/{name}") for name in ("marked.umd.js", "purify.min.js")]
         models = get(port, "/v1/models")[0]
         other_host = get(port, "/", {"Host": "evil.example"})[0]
         unknown = get(port, "/../pyproject.toml", {"Authorization": "Bearer sesame"})[0]
@@ -506,6 +507,8 @@ def test_page_files_are_served_with_a_strict_policy_and_no_key(tiny_chat_model):
     assert page_response.getheader("Content-Type") == "text/html; charset=utf-8"
     assert "script-src 'self'" in page_response.getheader("Content-Security-Policy")
     assert script[0] == 200 and script[2].getheader("Content-Type") == "text/javascript; charset=utf-8"
+    assert [status for status, _, _ in vendored] == [200, 200]
+    assert b"marked v18.3.0" in vendored[0][1] and b"DOMPurify 3.5.0" in vendored[1][1]
     assert (models, other_host, unknown) == (401, 403, 404)
 
 
