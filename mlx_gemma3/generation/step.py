@@ -70,10 +70,12 @@ def prompt_token_ids(prompt, caller: str) -> list[int]:
     """A step loop's prompt as a list of ids, or one error that says which types it takes."""
     ids = as_token_ids(prompt)
     if ids is None:
-        what = f"an mx.array of shape {list(prompt.shape)} and type {prompt.dtype}" if hasattr(prompt, "shape") else ""
+        what = type(prompt).__name__
+        if hasattr(prompt, "shape") and hasattr(prompt, "dtype"):
+            what += f" of shape {list(prompt.shape)} and type {prompt.dtype}"
         raise Gemma3Error(
             f"{caller} takes the prompt as token ids: a list of ints, or a 1-D (or [1, N]) integer mx.array or "
-            f"numpy array; got {what or type(prompt).__name__} (text goes through stream_generate or the tokenizer)"
+            f"numpy array; got {what} (text goes through stream_generate or the tokenizer)"
         )
     if not ids:
         raise Gemma3Error(f"{caller} needs at least one prompt token")
