@@ -20,7 +20,7 @@ from .hub import resolve_hf_path
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(
-        prog="python -m mlx_gemma3.convert",
+        "convert",
         description="Convert a Hugging Face Gemma 3 checkpoint into an MLX folder.",
     )
     source = parser.add_mutually_exclusive_group(required=True)

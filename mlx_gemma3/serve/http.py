@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import Gemma3Error
 from ..generation.text_stream import TEXT_ONLY, Options, image_sources
 from ..processing.image import process_images
-from ..processing.prompt import prompt_ids
+from ..processing.prompt import is_base_model, prompt_ids
 from ..processing.tools import parse_tool_calls
 from .moderation import MODERATIONS_PATH, check_moderator, moderate, parse_moderation
 from .page import page_file
@@ -147,6 +147,7 @@ class Handler(BaseHTTPRequestHandler):
                     "created": 0,
                     "owned_by": "mlx_gemma3",
                     "vision": self.state.model.config.vision is not None,
+                    "base_model": is_base_model(self.state.processor),  # no chat template: it continues text
                 }
                 self.send_json(200, {"object": "list", "data": [model]})
             else:
