@@ -24,7 +24,7 @@ from .cli import (
 from .distributed.group import rank, stall_guard
 from .distributed.serving import Follower, Leader, follow
 from .errors import Gemma3Error
-from .loader import load
+from .loader import load, load_embedding
 from .model.sources import model_folder
 from .serve.http import MAX_BATCH, MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
 from .serve.prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help=f"requests decoded together, each joining after its prefill (default {MAX_BATCH}; 1: one at a time)",
     )
+    parser.add_argument(
+        "--embedding-model",
+        metavar="MODEL",
+        help="also answer POST /v1/embeddings with this EmbeddingGemma model (a folder converted with "
+        "mlx_gemma3.convert, or a Hub repo id of one)",
+    )
     parser.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API only)")
     add_speculative_flags(parser)
     add_distributed_flag(parser)
@@ -138,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             max_batch=args.max_batch,
             web=not args.no_web,
         )
+        if args.embedding_model:
+            embedding_folder = model_folder(args.embedding_model)
+            state.embedding, state.embedding_id = load_embedding(embedding_folder), Path(embedding_folder).name
         with stall_guard(args.distributed) or nullcontext() as guard:
             if guard is not None:
                 state.mirror = Leader(mx.distributed.init(), guard)
