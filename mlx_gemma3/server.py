@@ -13,6 +13,7 @@ import mlx.core as mx
 from .cli import (
     Parser,
     add_adapter_flag,
+    add_chat_template_args_flag,
     add_distributed_flag,
     add_speculative_flags,
     exit_with,
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model", help="MLX model folder, .gguf file or Hugging Face repo id (default: the demo 270M, a base model)"
     )
     add_adapter_flag(parser)
+    add_chat_template_args_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=port_number, default=8080, help="port (default 8080; 0: any free port)")
     parser.add_argument(
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt_cache_bytes=args.prompt_cache_bytes,
             max_batch=args.max_batch,
             web=not args.no_web,
+            chat_template_args=args.chat_template_args or {},
         )
         if args.embedding_model:
             embedding_folder = model_folder(args.embedding_model)

@@ -51,6 +51,7 @@ class ServerState:
     max_tokens_limit: int = MAX_TOKENS_LIMIT
     max_body_bytes: int = MAX_BODY_BYTES
     extra_options: dict = field(default_factory=dict)  # e.g. logits_processors, for embedding apps and tests
+    chat_template_args: dict = field(default_factory=dict)  # template variables for every chat request (it may add)
     image_dirs: tuple[Path, ...] = ()  # folders local image paths may name; none: only data URLs
     api_key: str | None = None
     cors_origin: str | None = None
@@ -237,7 +238,11 @@ class Handler(BaseHTTPRequestHandler):
         return {"prompt_tokens": body["usage"]["prompt_tokens"], "completion_tokens": 0}
 
     def parse_chat(self, body: dict) -> Request:
-        return parse_chat(body, self.state.max_tokens_limit, self.state.image_dirs)
+        state = self.state
+        request = parse_chat(body, state.max_tokens_limit, state.image_dirs, state.processor.tool_style)
+        template_kwargs = {**state.chat_template_args, **(request.options.get("chat_template_kwargs") or {})}
+        request.options["chat_template_kwargs"] = template_kwargs or None
+        return request
 
     def parse_completion(self, body: dict) -> Request:
         return parse_completion(body, self.state.max_tokens_limit)
@@ -301,6 +306,8 @@ class Handler(BaseHTTPRequestHandler):
             options.use_chat_template,
             crops,
             vision.tokens_per_image if sources else None,
+            options.tools,
+            options.chat_template_kwargs,
         )
         context = state.model.config.text.max_position_embeddings
         if len(ids) >= context:
