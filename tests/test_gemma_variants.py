@@ -136,6 +136,7 @@ def translate_gemma(tmp_path_factory):
     return variant_folder(tmp_path_factory.mktemp("translategemma"), "translategemma_chat_template.jinja")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_function_gemma_prompts_equal_transformers(function_gemma, name):
     folder, tokenizer = function_gemma
@@ -209,6 +210,7 @@ def accepts(processor, grammar: str, text: str) -> bool:
     return all(m.consume_token(i) for i in ids) and m.is_accepting()
 
 
+@pytest.mark.slow
 def test_function_gemma_grammar_holds_calls_to_their_schemas(function_gemma):
     _, processor = mlx_gemma3.load(function_gemma[0])
     required = tool_call_grammar([WEATHER, ALARM], FUNCTION_GEMMA, "required")
@@ -239,6 +241,7 @@ def test_function_gemma_grammar_holds_calls_to_their_schemas(function_gemma):
             jsonschema.validate(call.arguments, schema)
 
 
+@pytest.mark.slow
 def test_function_gemma_stops_at_the_response_marker(function_gemma):
     model, processor = mlx_gemma3.load(function_gemma[0])
     stop = processor.tokenizer.token_id(RESPONSE_START)
@@ -266,6 +269,7 @@ def test_function_gemma_stops_at_the_response_marker(function_gemma):
         jsonschema.validate(call.arguments, WEATHER["function"]["parameters"])
 
 
+@pytest.mark.slow
 def test_translate_gemma_prompts_equal_transformers(translate_gemma):
     folder, tokenizer = translate_gemma
     _, processor = mlx_gemma3.load(folder)
@@ -289,6 +293,7 @@ def test_translate_gemma_prompts_equal_transformers(translate_gemma):
     )
 
 
+@pytest.mark.slow
 def test_template_arguments_errors(translate_gemma, function_gemma):
     _, processor = mlx_gemma3.load(translate_gemma[0])
     for kwargs, message in (
@@ -305,6 +310,7 @@ def test_template_arguments_errors(translate_gemma, function_gemma):
         prompt_ids(processor, [{"role": "robot", "content": "x"}])
 
 
+@pytest.mark.slow
 def test_command_lines_take_chat_template_args(translate_gemma):
     folder, tokenizer = translate_gemma
     codes = {"source_lang_code": "en", "target_lang_code": "fr"}
@@ -344,6 +350,7 @@ def closing_bias(processor) -> dict[int, float]:
     return {i: 1e3 for i in closing + processor.tokenizer.encode("}", False)}
 
 
+@pytest.mark.slow
 def test_server_function_gemma_tool_calls(function_gemma):
     """The server (in this process, to add the closing bias) through the openai client: FunctionGemma's template
     renders the OpenAI tools, calls and results as transformers does; the forced calls come back as tool_calls."""
@@ -395,6 +402,7 @@ def test_server_function_gemma_tool_calls(function_gemma):
         httpd.server_close()
 
 
+@pytest.mark.slow
 def test_server_translate_gemma_template_kwargs(translate_gemma):
     import openai
 

@@ -12,7 +12,7 @@ from .function_gemma import FUNCTION_GEMMA, RESPONSE_START
 from .grammar import ll_tokenizer
 from .prompt import find_chat_template
 from .tokenizer import Tokenizer
-from .tools import tool_style
+from .tools import template_tool_style
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Processor:
     @cached_property
     def tool_style(self) -> str:
         """How this model calls tools (processing.tools.STYLES): from its chat template."""
-        return tool_style(self.chat_template)
+        return template_tool_style(self.chat_template)
 
     @cached_property
     def stop_ids(self) -> tuple[int, ...]:

@@ -131,7 +131,7 @@ def _json_type(hint) -> tuple[dict, bool]:
     return ({"type": simple[hint]} if hint in simple else {}), False
 
 
-def tool_style(chat_template: str | None) -> str:
+def template_tool_style(chat_template: str | None) -> str:
     """How a model folder calls tools: FunctionGemma's tokens when its template declares them, else Gemma 3's
     Python-style list."""
     return FUNCTION_GEMMA if is_function_gemma(chat_template) else "python"

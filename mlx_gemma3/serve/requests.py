@@ -73,7 +73,7 @@ class Request:
 
 
 def parse_chat(body: dict, max_tokens_limit: int, image_dirs: tuple[Path, ...] = (), style: str = "python") -> Request:
-    """A chat request for a model whose tool calls take `style` (processing.tools.tool_style): FunctionGemma's
+    """A chat request for a model whose tool calls take `style` (Processor.tool_style): FunctionGemma's
     template renders the tools, calls and results itself; for Gemma 3 they become text turns."""
     check_fields(body, CHAT_FIELDS)
     tools = chat_tools(body)
