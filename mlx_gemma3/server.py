@@ -15,6 +15,7 @@ import mlx.core as mx
 from .cli import (
     Parser,
     add_adapter_flag,
+    add_chat_template_args_flag,
     add_distributed_flag,
     add_speculative_flags,
     exit_with,
@@ -26,7 +27,7 @@ from .cli import (
 from .distributed.group import rank, stall_guard
 from .distributed.serving import Follower, Leader, follow
 from .errors import Gemma3Error
-from .loader import load
+from .loader import load, load_embedding
 from .model.sources import model_folder
 from .serve.http import MAX_BATCH, MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
 from .serve.prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model", help="MLX model folder, .gguf file or Hugging Face repo id (default: the demo 270M, a base model)"
     )
     add_adapter_flag(parser)
+    add_chat_template_args_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=port_number, default=8080, help="port (default 8080; 0: any free port)")
     parser.add_argument(
@@ -111,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help=f"requests decoded together, each joining after its prefill (default {MAX_BATCH}; 1: one at a time)",
     )
+    parser.add_argument(
+        "--embedding-model",
+        metavar="MODEL",
+        help="also answer POST /v1/embeddings with this EmbeddingGemma model (a folder converted with "
+        "mlx_gemma3.convert, or a Hub repo id of one)",
+    )
     parser.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API only)")
     add_speculative_flags(parser)
     add_distributed_flag(parser)
@@ -139,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             prompt_cache_bytes=args.prompt_cache_bytes,
             max_batch=args.max_batch,
             web=not args.no_web,
+            chat_template_args=args.chat_template_args or {},
         )
+        if args.embedding_model:
+            embedding_folder = model_folder(args.embedding_model)
+            state.embedding, state.embedding_id = load_embedding(embedding_folder), Path(embedding_folder).name
         with stall_guard(args.distributed) or nullcontext() as guard:
             if guard is not None:
                 state.mirror = Leader(mx.distributed.init(), guard)

@@ -22,6 +22,7 @@ from ..generation.text_stream import TEXT_ONLY, Options, image_sources
 from ..processing.image import process_images
 from ..processing.prompt import is_base_model, prompt_ids
 from ..processing.tools import parse_tool_calls
+from .embeddings import EMBEDDINGS_PATH, embeddings_body, parse_embeddings
 from .moderation import MODERATIONS_PATH, check_moderator, moderate, parse_moderation
 from .page import page_file
 from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
@@ -52,6 +53,7 @@ class ServerState:
     max_tokens_limit: int = MAX_TOKENS_LIMIT
     max_body_bytes: int = MAX_BODY_BYTES
     extra_options: dict = field(default_factory=dict)  # e.g. logits_processors, for embedding apps and tests
+    chat_template_args: dict = field(default_factory=dict)  # template variables for every chat request (it may add)
     image_dirs: tuple[Path, ...] = ()  # folders local image paths may name; none: only data URLs
     api_key: str | None = None
     cors_origin: str | None = None
@@ -63,6 +65,8 @@ class ServerState:
     max_batch: int = MAX_BATCH  # requests decoded together
     web: bool = True  # serve the chat page at GET /
     mirror: object = None  # distributed: rank 0's link to the other ranks (distributed/serving.py Leader)
+    embedding: object = None  # an EmbeddingModel answering /v1/embeddings (mlx_gemma3.load_embedding), or None
+    embedding_id: str = ""
     worker: Worker | None = None
 
 
@@ -149,7 +153,7 @@ class Handler(BaseHTTPRequestHandler):
                     "vision": self.state.model.config.vision is not None,
                     "base_model": is_base_model(self.state.processor),  # no chat template: it continues text
                 }
-                self.send_json(200, {"object": "list", "data": [model]})
+                self.send_json(200, {"object": "list", "data": [model, *self.embedding_models()]})
             else:
                 off = "" if self.state.web else " (the chat page is off: --no-web)"
                 raise RequestError(f"no route GET {self.path}{off}", 404)
@@ -177,9 +181,16 @@ class Handler(BaseHTTPRequestHandler):
                     self.job.ended.wait(timeout=5)
         self.log_timings(started, usage)
 
+    def embedding_models(self) -> list[dict]:
+        if self.state.embedding is None:
+            return []
+        return [{"id": self.state.embedding_id, "object": "model", "created": 0, "owned_by": "mlx_gemma3"}]
+
     def post(self) -> dict | None:
         if self.path == MODERATIONS_PATH:
             return self.moderate()
+        if self.path == EMBEDDINGS_PATH:
+            return self.embeddings()
         parse = {"/v1/chat/completions": self.parse_chat, "/v1/completions": self.parse_completion}.get(self.path)
         self.check_access()
         if parse is None:
@@ -213,8 +224,28 @@ class Handler(BaseHTTPRequestHandler):
             ) from None
         self.send_json(200, body)
 
+    def embeddings(self) -> dict:
+        """EmbeddingGemma vectors for the request's inputs, computed on the worker's thread (one call)."""
+        self.check_access()
+        state = self.state
+        if state.embedding is None:
+            raise RequestError("this server has no embedding model: start it with --embedding-model MODEL", 404)
+        request = parse_embeddings(self.read_json(), state.embedding)
+        try:
+            body = state.worker.call(lambda: embeddings_body(state.embedding, request, state.embedding_id))
+        except QueueFull:
+            raise RequestError(
+                "the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}
+            ) from None
+        self.send_json(200, body)
+        return {"prompt_tokens": body["usage"]["prompt_tokens"], "completion_tokens": 0}
+
     def parse_chat(self, body: dict) -> Request:
-        return parse_chat(body, self.state.max_tokens_limit, self.state.image_dirs)
+        state = self.state
+        request = parse_chat(body, state.max_tokens_limit, state.image_dirs, state.processor.tool_style)
+        template_kwargs = {**state.chat_template_args, **(request.options.get("chat_template_kwargs") or {})}
+        request.options["chat_template_kwargs"] = template_kwargs or None
+        return request
 
     def parse_completion(self, body: dict) -> Request:
         return parse_completion(body, self.state.max_tokens_limit)
@@ -278,6 +309,8 @@ class Handler(BaseHTTPRequestHandler):
             options.use_chat_template,
             crops,
             vision.tokens_per_image if sources else None,
+            options.tools,
+            options.chat_template_kwargs,
         )
         context = state.model.config.text.max_position_embeddings
         if len(ids) >= context:
