@@ -10,13 +10,14 @@ from pathlib import Path
 
 from mlx_gemma3.cli import Parser
 from mlx_gemma3.errors import Gemma3Error
+from mlx_gemma3.model.embedding_model import is_sentence_folder
 from mlx_gemma3.model.quantize import BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 from .gguf import convert_gguf
 from .gguf_file import check_sha256
 from .hf import DTYPES, Quantization, convert_hf
 from .hub import resolve_hf_path
-from .sentence_folder import convert_sentence_folder, is_sentence_folder
+from .sentence_folder import convert_sentence_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

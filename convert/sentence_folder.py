@@ -16,7 +16,6 @@ from mlx_gemma3.model.embedding_model import (
     PROMPTS_FILE,
     SEQUENCE_FILE,
     Gemma3Embedding,
-    is_sentence_folder,
     load_sentence_config,
     sentence_modules,
 )
