@@ -19,7 +19,7 @@ EPILOG = (
 
 
 def parse_args(argv: list[str] | None):
-    parser = Parser(prog="python -m mlx_gemma3.embed", description="Embed texts with EmbeddingGemma.", epilog=EPILOG)
+    parser = Parser("embed", description="Embed texts with EmbeddingGemma.", epilog=EPILOG)
     parser.add_argument("--model", required=True, help="EmbeddingGemma MLX folder (or a Hub repo id of one)")
     parser.add_argument("--text", "-t", action="append", default=[], help="a text to embed (repeatable)")
     parser.add_argument("--input", metavar="FILE", help="a file of texts, one per line ('-': standard input)")
