@@ -1,0 +1,180 @@
+"""The models one server serves, by name: chat, embedding and draft models, loaded on first use and evicted least
+recently used beyond a number of loaded models or a byte budget (a model in use is never evicted)."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlx.utils import tree_flatten
+
+from .worker import Worker
+
+KINDS = ("chat", "embedding", "draft")  # a draft model is never asked for by name: its chat models use it
+
+
+class UnknownModel(LookupError):
+    """No model of the kind asked for goes by this name."""
+
+    def __init__(self, name: str, kind: str, known: list[str]):
+        super().__init__(f"the model {name!r} is not served here; {kind} models: {', '.join(known) or 'none'}")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the server can serve: its name, where it loads from (a folder, a .gguf file, a Hub repo id), its
+    kind and (a chat model) the name of the draft model that speeds it up."""
+
+    name: str
+    source: str
+    kind: str = "chat"
+    draft: str | None = None
+
+
+@dataclass
+class Served:
+    """A loaded model: its processor, its worker (the thread that runs it; None for a draft model) and the options
+    every request to it adds (a draft model for speculative decoding)."""
+
+    spec: ModelSpec
+    model: object
+    processor: object
+    worker: Worker | None
+    nbytes: int
+    options: dict = field(default_factory=dict)
+    users: int = 0  # requests (and chat models, for a draft) using it now
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def model_bytes(model) -> int:
+    """The bytes of a loaded model's parameters."""
+    return sum(array.nbytes for _, array in tree_flatten(model.parameters()))
+
+
+def source_bytes(source: str) -> int:
+    """The bytes a model's weights take on disk (a folder's safetensors, a .gguf file): what loading it is
+    expected to take (0 when not known yet: a Hub repo not downloaded)."""
+    path = Path(source) if source else None
+    if path is not None and path.is_file():
+        return path.stat().st_size
+    if path is not None and path.is_dir():
+        return sum(weights.stat().st_size for weights in path.glob("*.safetensors"))
+    return 0
+
+
+class Registry:
+    """Models by name. `load(spec)` gives (model, processor); `start(model, processor)` the Worker that will run
+    it. At most `max_loaded` models (0: no bound) of at most `max_bytes` together (0: no bound) stay loaded;
+    the least recently used that no request holds go first. With one model of a kind, every name asks for it."""
+
+    def __init__(
+        self,
+        specs: list[ModelSpec],
+        load: Callable[[ModelSpec], tuple[object, object]],
+        start: Callable[[object, object], Worker],
+        max_loaded: int = 0,
+        max_bytes: int = 0,
+    ):
+        self.specs = {spec.name: spec for spec in specs}
+        self.load_model, self.start, self.max_loaded, self.max_bytes = load, start, max_loaded, max_bytes
+        self.loaded: OrderedDict[str, Served] = OrderedDict()  # least recently used first
+        self.lock = threading.RLock()
+
+    def listed(self) -> list[ModelSpec]:
+        """What requests may ask for: the chat and embedding models."""
+        return [spec for spec in self.specs.values() if spec.kind != "draft"]
+
+    def resolve(self, name: str | None, kind: str = "chat") -> ModelSpec:
+        """The spec a request's `model` names; any name (or none) gives the one model of a kind when there is one,
+        no name the first; raises UnknownModel."""
+        of_kind = [spec for spec in self.specs.values() if spec.kind == kind]
+        spec = self.specs.get(name) if name is not None else (of_kind[0] if of_kind else None)
+        if spec is not None and spec.kind == kind:
+            return spec
+        if len(of_kind) == 1:
+            return of_kind[0]
+        raise UnknownModel(str(name), kind, [spec.name for spec in of_kind])
+
+    @contextmanager
+    def use(self, name: str | None, kind: str = "chat") -> Iterator[Served]:
+        """The loaded model a request asks for, held (never evicted) until the block ends."""
+        with self.lock:
+            served = self.acquire(self.resolve(name, kind))
+        try:
+            yield served
+        finally:
+            with self.lock:
+                served.users -= 1
+
+    def preload(self, name: str | None = None, kind: str = "chat") -> Served:
+        """Load a model now (the server's first model, so that its errors show at start)."""
+        with self.use(name, kind) as served:
+            return served
+
+    def add(self, spec: ModelSpec, model, processor) -> Served:
+        """Register a model loaded elsewhere (a server made around one model)."""
+        with self.lock:
+            self.specs[spec.name] = spec
+            served = Served(spec, model, processor, self.start(model, processor), model_bytes(model))
+            self.loaded[spec.name] = served
+            return served
+
+    def acquire(self, spec: ModelSpec) -> Served:
+        served = self.loaded.get(spec.name)
+        if served is None:
+            self.make_room(source_bytes(spec.source), 1)
+            served = self.load(spec)
+            self.loaded[spec.name] = served
+        self.loaded.move_to_end(spec.name)
+        served.users += 1
+        self.make_room(0, 0)  # what loading took, measured
+        return served
+
+    def load(self, spec: ModelSpec) -> Served:
+        model, processor = self.load_model(spec)
+        options = {}
+        if spec.draft is not None:
+            draft = self.acquire(self.specs[spec.draft])  # held while this model stays loaded
+            options = {"draft_model": draft.model}
+        worker = None if spec.kind == "draft" else self.start(model, processor)
+        return Served(spec, model, processor, worker, model_bytes(model), options)
+
+    def make_room(self, incoming: int, joining: int) -> None:
+        """Evict the least recently used models nothing holds until `joining` more models of `incoming` more bytes
+        fit (the models in use stay, over the bounds if need be)."""
+        for name in list(self.loaded):
+            if self.fits(incoming, joining):
+                return
+            if self.loaded[name].users == 0:
+                self.evict(name)
+
+    def fits(self, incoming: int, joining: int) -> bool:
+        count_ok = not self.max_loaded or len(self.loaded) + joining <= self.max_loaded
+        bytes_ok = not self.max_bytes or self.nbytes + incoming <= self.max_bytes
+        return count_ok and bytes_ok
+
+    def evict(self, name: str) -> None:
+        served = self.loaded.pop(name)
+        if served.worker is not None:
+            served.worker.stop()
+        if served.spec.draft is not None and served.spec.draft in self.loaded:
+            self.loaded[served.spec.draft].users -= 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(served.nbytes for served in self.loaded.values())
+
+    def close(self) -> None:
+        with self.lock:
+            for served in self.loaded.values():
+                if served.worker is not None:
+                    served.worker.stop()
+            self.loaded.clear()
