@@ -57,7 +57,7 @@ def model_name(model: str | os.PathLike | None) -> str:
         return DEMO_STEM
     path = Path(model).expanduser()
     if path.is_dir():
-        return path.resolve().name
+        return Path(os.path.abspath(path)).name  # "." named, a link by its own name
     if path.suffix == ".gguf":
         return path.stem
     return str(model)

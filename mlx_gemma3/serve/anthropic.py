@@ -70,7 +70,7 @@ def error_body(error: RequestError) -> dict:
 def messages(exchange) -> None:
     body = exchange.read_json()
     request = parse_messages(body, exchange.state.max_tokens_limit, exchange.state.image_dirs)
-    served = exchange.chat_model(body.get("model"))
+    served = exchange.served_model(body.get("model"))
     events = exchange.generate(served, request)
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
     if request.stream:
@@ -84,7 +84,7 @@ def count_tokens(exchange) -> None:
     body = exchange.read_json()
     check_fields(body, COUNT_FIELDS)
     request = parse_messages({**body, "max_tokens": 1}, exchange.state.max_tokens_limit, exchange.state.image_dirs)
-    served = exchange.chat_model(body.get("model"))
+    served = exchange.served_model(body.get("model"))
     exchange.send_json(200, {"input_tokens": len(exchange.prepare(served, request).ids)})
 
 

@@ -101,7 +101,9 @@ def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -
         store = PromptCacheStore(state.prompt_cache_size, state.prompt_cache_bytes)
         return Worker(model, processor, state.max_queue, store, state.max_batch, state.mirror)
 
-    state.registry = Registry(state.models, state.load_model, start, state.max_loaded_models, state.max_model_bytes)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    limits = (state.max_loaded_models, state.max_model_bytes)
+    state.registry = Registry(state.models, state.load_model, start, *limits, log)
     if state.model is not None:
         state.worker = state.registry.add(ModelSpec(state.model_id, ""), state.model, state.processor).worker
     state.responses = responses.ResponseStore(state.stored_responses)
@@ -294,13 +296,13 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError("the body must be a JSON object")
         return body
 
-    def chat_model(self, name) -> Served:
-        """The chat model a request's `model` field names (loaded if need be), held until the request ends; a 404
-        for a name no model goes by."""
+    def served_model(self, name, kind: str = "chat") -> Served:
+        """The model of `kind` (chat, embedding) a request's `model` field names, loaded if need be and held until
+        the request ends; a 404 for a name no such model goes by."""
         if name is not None and not isinstance(name, str):
             raise RequestError("'model' must be a string", param="model")
         try:
-            return self.held.enter_context(self.state.registry.use(name, "chat"))
+            return self.held.enter_context(self.state.registry.use(name, kind))
         except UnknownModel as e:
             raise RequestError(str(e), 404, param="model", code="model_not_found") from None
 
@@ -396,7 +398,7 @@ class Handler(BaseHTTPRequestHandler):
     def moderate(self) -> None:
         """ShieldGemma 2 scores for the request's images, computed on the worker's thread (one call)."""
         body = self.read_json()
-        served = self.chat_model(body.get("model"))
+        served = self.served_model(body.get("model"))
         check_moderator(served.model)
         if self.state.mirror is not None:
             raise RequestError(

@@ -25,7 +25,7 @@ def completion(exchange) -> None:
 
 
 def answer(exchange, request: Request, model: str | None) -> None:
-    served = exchange.chat_model(model)
+    served = exchange.served_model(model)
     events = exchange.generate(served, request)
     reply_id = f"{'chatcmpl' if request.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if request.stream:

@@ -55,8 +55,9 @@ class Served:
 
 
 def model_bytes(model) -> int:
-    """The bytes of a loaded model's parameters."""
-    return sum(array.nbytes for _, array in tree_flatten(model.parameters()))
+    """The bytes of a loaded model's parameters (an embedding model's: those of its network, `.model`)."""
+    module = model if hasattr(model, "parameters") else getattr(model, "model", None)
+    return 0 if module is None else sum(array.nbytes for _, array in tree_flatten(module.parameters()))
 
 
 def source_bytes(source: str) -> int:
@@ -72,8 +73,9 @@ def source_bytes(source: str) -> int:
 
 class Registry:
     """Models by name. `load(spec)` gives (model, processor); `start(model, processor)` the Worker that will run
-    it. At most `max_loaded` models (0: no bound) of at most `max_bytes` together (0: no bound) stay loaded;
-    the least recently used that no request holds go first. With one model of a kind, every name asks for it."""
+    it (a chat model's generations, an embedding model's calls). At most `max_loaded` models (0: no bound) of at
+    most `max_bytes` together (0: no bound) stay loaded; the least recently used that no request holds go first.
+    With one model of a kind, every name asks for it. `log` gets a line when a model loads or leaves."""
 
     def __init__(
         self,
@@ -82,9 +84,11 @@ class Registry:
         start: Callable[[object, object], Worker],
         max_loaded: int = 0,
         max_bytes: int = 0,
+        log: Callable[[str], None] = lambda line: None,
     ):
         self.specs = {spec.name: spec for spec in specs}
         self.load_model, self.start, self.max_loaded, self.max_bytes = load, start, max_loaded, max_bytes
+        self.log = log
         self.loaded: OrderedDict[str, Served] = OrderedDict()  # least recently used first
         self.lock = threading.RLock()
 
@@ -115,8 +119,10 @@ class Registry:
                 served.users -= 1
 
     def preload(self, name: str | None = None, kind: str = "chat") -> Served:
-        """Load a model now (the server's first model, so that its errors show at start)."""
-        with self.use(name, kind) as served:
+        """Load a model now, unannounced (the server's first model, so that its errors show at start)."""
+        with self.lock:
+            served = self.acquire(self.resolve(name, kind), announce=False)
+            served.users -= 1
             return served
 
     def add(self, spec: ModelSpec, model, processor) -> Served:
@@ -127,12 +133,14 @@ class Registry:
             self.loaded[spec.name] = served
             return served
 
-    def acquire(self, spec: ModelSpec) -> Served:
+    def acquire(self, spec: ModelSpec, announce: bool = True) -> Served:
         served = self.loaded.get(spec.name)
         if served is None:
             self.make_room(source_bytes(spec.source), 1)
             served = self.load(spec)
             self.loaded[spec.name] = served
+            if announce:
+                self.log(f"loaded {spec.kind} model {spec.name} ({served.nbytes / 1e6:.1f} MB)")
         self.loaded.move_to_end(spec.name)
         served.users += 1
         self.make_room(0, 0)  # what loading took, measured
@@ -144,7 +152,7 @@ class Registry:
         if spec.draft is not None:
             draft = self.acquire(self.specs[spec.draft])  # held while this model stays loaded
             options = {"draft_model": draft.model}
-        worker = None if spec.kind == "draft" else self.start(model, processor)
+        worker = None if spec.kind == "draft" else self.start(model, processor)  # a draft runs on its model's
         return Served(spec, model, processor, worker, model_bytes(model), options)
 
     def make_room(self, incoming: int, joining: int) -> None:
@@ -163,6 +171,7 @@ class Registry:
 
     def evict(self, name: str) -> None:
         served = self.loaded.pop(name)
+        self.log(f"unloaded {served.spec.kind} model {name} (least recently used, to make room)")
         if served.worker is not None:
             served.worker.stop()
         if served.spec.draft is not None and served.spec.draft in self.loaded:

@@ -111,7 +111,7 @@ def create(exchange) -> None:
     state = exchange.state
     body = exchange.read_json()
     parsed = parse_response(body, state.max_tokens_limit, state.image_dirs, state.responses)
-    served = exchange.chat_model(body.get("model"))
+    served = exchange.served_model(body.get("model"))
     events = exchange.generate(served, parsed.request)
     reply = ResponseReply(parsed, served.name, state.responses)
     if parsed.request.stream:
