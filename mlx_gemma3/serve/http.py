@@ -22,13 +22,16 @@ from ..errors import Gemma3Error
 from ..generation.text_stream import TEXT_ONLY, Options, image_sources
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
-from . import anthropic, openai_chat, responses
+from .anthropic import COUNT_TOKENS_PATH, MESSAGES_PATH, count_tokens, messages
+from .anthropic import error_body as anthropic_error
 from .moderation import MODERATIONS_PATH, check_moderator, moderate, parse_moderation
+from .openai_chat import CHAT_PATH, COMPLETIONS_PATH, chat, completion
 from .page import page_file
 from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .registry import ModelSpec, Registry, Served, UnknownModel
 from .reply import Ending, reply_events
 from .requests import Request, RequestError, openai_error
+from .responses import RESPONSES_PATH, STORED_RESPONSES, ResponseStore, create, delete, retrieve
 from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker, batchable
 
 MAX_BODY_BYTES = 20 * 2**20
@@ -73,9 +76,9 @@ class ServerState:
     load_model: Callable | None = None
     max_loaded_models: int = MAX_LOADED_MODELS  # 0: no bound
     max_model_bytes: int = 0  # the loaded models' weights together (0: no bound)
-    stored_responses: int = responses.STORED_RESPONSES  # /v1/responses kept for previous_response_id and GET
+    stored_responses: int = STORED_RESPONSES  # /v1/responses kept for previous_response_id and GET
     registry: Registry | None = None
-    responses: responses.ResponseStore | None = None
+    responses: ResponseStore | None = None
     worker: Worker | None = None
 
 
@@ -106,25 +109,21 @@ def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -
     state.registry = Registry(state.models, state.load_model, start, *limits, log)
     if state.model is not None:
         state.worker = state.registry.add(ModelSpec(state.model_id, ""), state.model, state.processor).worker
-    state.responses = responses.ResponseStore(state.stored_responses)
+    state.responses = ResponseStore(state.stored_responses)
     return server
-
-
-def openai_shape(error: RequestError) -> dict:
-    return openai_error(error)
 
 
 # Each route: its handlers by method, and the shape of its errors. A path ending in "/" takes an id after it.
 ROUTES = {
-    "/health": ({"GET": lambda x: x.send_json(200, {"status": "ok"})}, openai_shape),
-    "/v1/models": ({"GET": lambda x: x.send_json(200, x.models_json())}, openai_shape),
-    openai_chat.CHAT_PATH: ({"POST": openai_chat.chat}, openai_shape),
-    openai_chat.COMPLETIONS_PATH: ({"POST": openai_chat.completion}, openai_shape),
-    MODERATIONS_PATH: ({"POST": lambda x: x.moderate()}, openai_shape),
-    responses.RESPONSES_PATH: ({"POST": responses.create}, openai_shape),
-    responses.RESPONSES_PATH + "/": ({"GET": responses.retrieve, "DELETE": responses.delete}, openai_shape),
-    anthropic.MESSAGES_PATH: ({"POST": anthropic.messages}, anthropic.error_body),
-    anthropic.COUNT_TOKENS_PATH: ({"POST": anthropic.count_tokens}, anthropic.error_body),
+    "/health": ({"GET": lambda x: x.send_json(200, {"status": "ok"})}, openai_error),
+    "/v1/models": ({"GET": lambda x: x.send_json(200, x.models_json())}, openai_error),
+    CHAT_PATH: ({"POST": chat}, openai_error),
+    COMPLETIONS_PATH: ({"POST": completion}, openai_error),
+    MODERATIONS_PATH: ({"POST": lambda x: x.moderate()}, openai_error),
+    RESPONSES_PATH: ({"POST": create}, openai_error),
+    RESPONSES_PATH + "/": ({"GET": retrieve, "DELETE": delete}, openai_error),
+    MESSAGES_PATH: ({"POST": messages}, anthropic_error),
+    COUNT_TOKENS_PATH: ({"POST": count_tokens}, anthropic_error),
 }
 
 
@@ -137,8 +136,7 @@ def route(path: str) -> tuple[dict, Callable[[RequestError], dict], str | None]:
     prefix, _, tail = path.rpartition("/")
     if tail and prefix + "/" in ROUTES:
         return *ROUTES[prefix + "/"], tail
-    shape = anthropic.error_body if path.startswith(anthropic.MESSAGES_PATH) else openai_shape
-    return {}, shape, None
+    return {}, anthropic_error if path.startswith(MESSAGES_PATH) else openai_error, None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -148,7 +146,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         # A kept-alive connection carries several requests, each with its own state (setup() runs once per connection).
         self.status, self.body_read, self.sent_headers, self.job, self.ending = 0, False, False, None, None
-        self.stream, self.error_shape, self.path_id = None, openai_shape, None
+        self.stream, self.error_shape, self.path_id = None, openai_error, None
         super().handle_one_request()
 
     def log_request(self, code="-", size="-"):  # the request's own line (with timings) is written when it ends
