@@ -34,9 +34,14 @@ def chat(served: ServerProcess, model: str, max_tokens: int = 8) -> openai.types
     return client.chat.completions.create(model=model, messages=ASK, max_tokens=max_tokens, **SAMPLED)
 
 
-def loaded(served: ServerProcess) -> dict[str, bool]:
+def listed(served: ServerProcess, field: str = "loaded") -> dict[str, bool]:
+    """Each listed model's `field` (/v1/models)."""
     with urllib.request.urlopen(served.url + "/v1/models") as response:
-        return {model["id"]: model["loaded"] for model in json.load(response)["data"]}
+        return {model["id"]: model[field] for model in json.load(response)["data"]}
+
+
+def loaded(served: ServerProcess) -> dict[str, bool]:
+    return listed(served, "loaded")
 
 
 def library_reply(folder: Path) -> str:
@@ -48,6 +53,7 @@ def test_two_models_answer_by_name_and_unknown_names_are_404s(folders):
     served = serve(folders)
     try:
         assert loaded(served) == {"text": True, "vision": False}  # the first loads at start, the other when asked
+        assert listed(served, "vision") == {"text": False, "vision": True}  # read from its config before it loads
         for name, folder in folders.items():
             reply = chat(served, name)
             assert reply.model == name and reply.choices[0].message.content == library_reply(folder)

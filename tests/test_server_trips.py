@@ -57,6 +57,7 @@ def test_a_busy_port_is_one_error_line(tiny_chat_model):
         ("POST", "/v1/models", "GET"),
         ("PUT", "/v1/responses", "POST"),
         ("POST", "/v1/responses/resp_1", "DELETE, GET"),
+        ("POST", "/", "GET"),
     ],
 )
 def test_a_wrong_method_is_405_with_allow(server, method, path, allowed):

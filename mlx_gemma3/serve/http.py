@@ -232,11 +232,6 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 — one failed request must not leave its client without an answer
             self.reply_error(RequestError(f"internal error: {type(e).__name__}: {e}", 500))
-        finally:
-            if self.job is not None:
-                self.job.cancelled.set()
-                if self.job.started_at is not None:  # a cancelled job leaves at the worker's next step
-                    self.job.ended.wait(timeout=5)
         self.log_timings(started)
 
     def dispatch(self, handlers: dict) -> None:
@@ -245,6 +240,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.command != "POST":
             self.body_read = True  # only a POST is taken to carry a body
+        if not handlers and self.state.web and page_file(self.path) is not None:
+            handlers = {"GET": None}  # the chat page's files
         if handlers:
             allowed = ", ".join(sorted(handlers))
             raise RequestError(
@@ -335,6 +332,7 @@ class Handler(BaseHTTPRequestHandler):
     def generate(self, served: Served, request: Request) -> Iterator:
         """The reply's events (reply.Delta, then its reply.Ending) as the model makes them."""
         self.job = self.prepare(served, request)
+        self.held.callback(self.end_job)  # before the model is released: a model whose job runs is never unloaded
         try:
             served.worker.submit(self.job)
         except QueueFull:
@@ -345,6 +343,13 @@ class Handler(BaseHTTPRequestHandler):
             if isinstance(event, Ending):
                 self.ending = event
             yield event
+
+    def end_job(self) -> None:
+        """Cancel the request's job if it still runs (its client went, or its reply failed) and wait for it to
+        leave the worker (at its next step)."""
+        self.job.cancelled.set()
+        if self.job.started_at is not None:
+            self.job.ended.wait(timeout=5)
 
     def client_gone(self) -> bool:
         """Whether the client closed its connection (checked between tokens, without consuming anything)."""
@@ -388,8 +393,8 @@ class Handler(BaseHTTPRequestHandler):
             served = registry.loaded.get(spec.name)
             entry = {"id": spec.name, "object": "model", "created": 0, "owned_by": "mlx_gemma3", "kind": spec.kind}
             entry["loaded"] = served is not None
-            if served is not None and spec.kind == "chat":
-                entry["vision"] = served.model.config.vision is not None
+            if spec.kind == "chat":
+                entry["vision"] = registry.reads_images(spec)
             data.append(entry)
         return {"object": "list", "data": data}
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
+from ..errors import Gemma3Error
+from ..model.config import load_config
 from .worker import Worker
 
 KINDS = ("chat", "embedding", "draft")  # a draft model is never asked for by name: its chat models use it
@@ -95,6 +97,19 @@ class Registry:
     def listed(self) -> list[ModelSpec]:
         """What requests may ask for: the chat and embedding models."""
         return [spec for spec in self.specs.values() if spec.kind != "draft"]
+
+    def reads_images(self, spec: ModelSpec) -> bool | None:
+        """Whether a chat model reads images: from the loaded model, else from its folder's config (None when
+        neither is at hand: a .gguf file or a Hub repo not loaded yet)."""
+        served = self.loaded.get(spec.name)
+        if served is not None:
+            return served.model.config.vision is not None
+        if not (Path(spec.source) / "config.json").is_file():
+            return None
+        try:
+            return load_config(spec.source).vision is not None
+        except Gemma3Error:
+            return None
 
     def resolve(self, name: str | None, kind: str = "chat") -> ModelSpec:
         """The spec a request's `model` names; any name (or none) gives the one model of a kind when there is one,
