@@ -32,6 +32,7 @@ def call(port: int, method: str, path: str, body: dict | None = None):
     return response.status, response.getheader("Allow"), payload
 
 
+@pytest.mark.slow
 def test_a_busy_port_is_one_error_line(tiny_chat_model):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -72,6 +73,7 @@ def test_a_wrong_method_on_the_messages_api_is_405_in_its_shape(server):
     assert call(server.port, "GET", "/v1/nothing")[0] == 404
 
 
+@pytest.mark.slow
 def test_the_demo_is_served_by_its_name_without_the_cache_hash(tiny_chat_model, tmp_path):
     """No --model: the demo's folder in the cache (a tiny model put where the demo's conversion goes) is served as
     the GGUF's name, not as the cache folder's name with its hash."""
@@ -87,6 +89,7 @@ def test_the_demo_is_served_by_its_name_without_the_cache_hash(tiny_chat_model, 
         served.stop()
 
 
+@pytest.mark.slow
 def test_served_model_name(tiny_chat_model):
     served = ServerProcess("--model", str(tiny_chat_model[0]), "--served-model-name", "my-gemma")
     try:
