@@ -1,5 +1,7 @@
 """`python -m mlx_gemma3.server`: a local HTTP API (OpenAI's chat completions and Responses, Anthropic's Messages)
-for one or several Gemma 3 models."""
+for one or several Gemma 3 models.
+
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 
@@ -62,7 +64,9 @@ def whole(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python -m mlx_gemma3.server", description="Serve a Gemma 3 model over an OpenAI-style API.")
+    parser = Parser(
+        "server", description="Serve Gemma 3 models over the OpenAI (chat, Responses) and Anthropic (Messages) APIs."
+    )
     parser.add_argument(
         "--model",
         action="append",

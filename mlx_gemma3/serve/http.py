@@ -1,6 +1,8 @@
 """The HTTP server (standard library only): routes, access checks, request bodies, the models' lookup, the reply's
 transport (JSON or server-sent events) and errors in each endpoint's own shape. The protocols live beside it:
-openai_chat.py, responses.py, anthropic.py, moderation.py."""
+openai_chat.py, responses.py, anthropic.py, moderation.py.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -395,6 +397,7 @@ class Handler(BaseHTTPRequestHandler):
             entry["loaded"] = served is not None
             if spec.kind == "chat":
                 entry["vision"] = registry.reads_images(spec)
+                entry["base_model"] = registry.is_base_model(spec)  # no chat template: it continues text
             data.append(entry)
         return {"object": "list", "data": data}
 

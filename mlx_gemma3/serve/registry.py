@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import Gemma3Error
 from ..model.config import load_config
+from ..processing.prompt import find_chat_template, is_base_model
 from .worker import Worker
 
 KINDS = ("chat", "embedding", "draft")  # a draft model is never asked for by name: its chat models use it
@@ -108,6 +109,19 @@ class Registry:
             return None
         try:
             return load_config(spec.source).vision is not None
+        except Gemma3Error:
+            return None
+
+    def is_base_model(self, spec: ModelSpec) -> bool | None:
+        """Whether a chat model is a base model (no chat template): from the loaded model, else from its folder
+        (None when neither is at hand)."""
+        served = self.loaded.get(spec.name)
+        if served is not None:
+            return is_base_model(served.processor)
+        if not (Path(spec.source) / "config.json").is_file():
+            return None
+        try:
+            return find_chat_template(spec.source) is None
         except Gemma3Error:
             return None
 
