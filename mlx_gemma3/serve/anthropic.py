@@ -1,5 +1,7 @@
 """POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API — system, content blocks (text,
-base64 images, tool_use, tool_result), tools and tool_choice (constrained), its replies, events and errors."""
+base64 images, tool_use, tool_result), tools and tool_choice (constrained), its replies, events and errors.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""POST /v1/chat/completions and /v1/completions: OpenAI's chat and text completion replies, whole or streamed."""
+"""POST /v1/chat/completions and /v1/completions: OpenAI's chat and text completion replies, whole or streamed.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """The models one server serves, by name: chat, embedding and draft models, loaded on first use and evicted least
-recently used beyond a number of loaded models or a byte budget (a model in use is never evicted)."""
+recently used beyond a number of loaded models or a byte budget (a model in use is never evicted).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

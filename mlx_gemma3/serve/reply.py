@@ -1,4 +1,6 @@
-"""A reply's bookkeeping, shared by every protocol: usage, stop strings, tool calls held back and parsed, the end."""
+"""A reply's bookkeeping, shared by every protocol: usage, stop strings, tool calls held back and parsed, the end.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """POST /v1/responses, GET and DELETE /v1/responses/{id}: OpenAI's Responses API — input items (messages, images,
 function calls and their outputs), instructions, function tools, text.format (constrained), output items and
-their events, and stored responses that a later request continues (previous_response_id) from the prompt cache."""
+their events, and stored responses that a later request continues (previous_response_id) from the prompt cache.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
