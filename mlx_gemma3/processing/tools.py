@@ -250,10 +250,11 @@ def _literal(node) -> Any:
     return ast.literal_eval(node)
 
 
-def tool_call_grammar(tools, style: str = "python", choice: str = "required") -> str:
+def tool_call_grammar(tools, style: str = "python", choice: str = "required", parallel: bool = True) -> str:
     """A Lark grammar (llguidance's dialect) for replies that call the tools in `style`, each call's arguments valid
     under its tool's schema. "required": the reply is a call; "auto": a reply that opens like a call ('[' in the
-    python style, '{' or '[' in the json style) must be one, any other reply is free prose."""
+    python style, '{' or '[' in the json style) must be one, any other reply is free prose. Not `parallel`: one
+    call per reply (the json style's grammar always takes one)."""
     if style not in STYLES:
         raise Gemma3Error(f"tool style must be one of {STYLES}, got {style!r}")
     if choice not in CHOICES:
@@ -264,7 +265,8 @@ def tool_call_grammar(tools, style: str = "python", choice: str = "required") ->
     if style == FUNCTION_GEMMA:
         return calls_grammar([(t.name, t.parameters) for t in known], choice)
     if style == "python":
-        calls = '"[" call (", " call)* "]"\ncall: ' + " | ".join(_python_call(t) for t in known)
+        more = '(", " call)*' if parallel else ""
+        calls = f'"[" call {more} "]"\ncall: ' + " | ".join(_python_call(t) for t in known)
         opening = "\\["
     else:
         schema = {"anyOf": [_json_call_schema(t) for t in known], "x-guidance": JSON_LAYOUT}

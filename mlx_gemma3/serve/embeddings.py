@@ -87,3 +87,11 @@ def encoded(vector: np.ndarray, encoding: str):
     if encoding == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode()
     return vector.tolist()
+
+
+def embeddings(exchange) -> None:
+    """POST /v1/embeddings: the vectors, computed on the embedding model's worker thread (one call)."""
+    body = exchange.read_json()
+    served = exchange.served_model(body.get("model"), "embedding")
+    request = parse_embeddings(body, served.model)
+    exchange.send_json(200, exchange.on_worker(served, lambda: embeddings_body(served.model, request, served.name)))

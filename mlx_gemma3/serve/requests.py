@@ -53,11 +53,25 @@ MAX_TOP_LOGPROBS = 20
 
 
 class RequestError(Exception):
-    """A client mistake: becomes an OpenAI-style error body with this HTTP status."""
+    """A client mistake: becomes an error body in the endpoint's shape with this HTTP status (`code`: OpenAI's
+    machine-readable code, such as model_not_found)."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        headers: dict | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.param, self.headers = status, param, headers or {}
+        self.status, self.param, self.headers, self.code = status, param, headers or {}, code
+
+
+def openai_error(error: RequestError) -> dict:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    return {"error": {"message": str(error), "type": kind, "param": error.param, "code": error.code}}
 
 
 @dataclass
@@ -193,17 +207,26 @@ def constraint_options(body: dict, tools: list, style: str = "python") -> dict:
                 "'response_format' and 'tools' cannot constrain one reply together: send one", param="response_format"
             )
         return {"grammar": tools_grammar(tools, body.get("tool_choice") or "auto", style)}
-    if schema is None:
-        return {}
+    return {} if schema is None else {"json_schema": checked_schema(schema, "response_format")}
+
+
+def checked_schema(schema: dict, param: str) -> dict:
+    """A JSON schema the reply can be held to, or a 400 saying why not."""
     try:
         grammar_text(json_schema=schema)
     except Gemma3Error as e:
-        raise RequestError(f"response_format: {e}", param="response_format") from None
-    return {"json_schema": schema}
+        raise RequestError(f"{param}: {e}", param=param) from None
+    return schema
 
 
 def tools_grammar(tools: list, choice, style: str = "python") -> str:
-    name = forced_name(choice)
+    return call_grammar(tools, "auto" if choice == "auto" else "required", forced_name(choice), style=style)
+
+
+def call_grammar(tools: list, mode: str, name: str | None = None, parallel: bool = True, style: str = "python") -> str:
+    """The grammar of a reply under a tool choice: "auto" (a reply that opens a call is a valid call) or
+    "required" (a call), to the tool `name` only when given, several calls in one reply unless not `parallel`,
+    written in the model's tool-call `style`."""
     if name is not None:
         tools = [t for t in tools if t.name == name]
         if not tools:
@@ -211,7 +234,7 @@ def tools_grammar(tools: list, choice, style: str = "python") -> str:
                 f"'tool_choice' names {name!r}, which is not among the request's tools", param="tool_choice"
             )
     try:
-        return tool_call_grammar(tools, style, "auto" if choice == "auto" else "required")
+        return tool_call_grammar(tools, style, mode, parallel)
     except Gemma3Error as e:
         raise RequestError(str(e), param="tools") from None
 
@@ -305,15 +328,15 @@ def to_gemma_messages(messages: list, image_dirs: tuple[Path, ...] = ()) -> list
             raise RequestError(f"messages[{i}] must be an object with a 'role'", param="messages")
         role = message["role"]
         if role == "tool":
-            _append(
+            append_turn(
                 out,
                 "user",
                 tool_results_text([ToolCall(_tool_name(message, call_names), {})], [message.get("content")]),
             )
         elif role == "assistant" and message.get("tool_calls"):
-            _append(out, "assistant", "[" + ", ".join(_call_text(c, call_names) for c in _calls(message, i)) + "]")
+            append_turn(out, "assistant", "[" + ", ".join(_call_text(c, call_names) for c in _calls(message, i)) + "]")
         elif role in ("system", "developer", "user", "assistant"):
-            _append(out, "system" if role == "developer" else role, _content(message.get("content"), i, image_dirs))
+            append_turn(out, "system" if role == "developer" else role, _content(message.get("content"), i, image_dirs))
         else:
             raise RequestError(
                 f"messages[{i}] has role {role!r}: use system, developer, user, assistant or tool", param="messages"
@@ -353,7 +376,7 @@ def to_template_messages(messages: list, image_dirs: tuple[Path, ...] = ()) -> l
 
 def _template_call(call: dict, call_names: dict[str, str]) -> dict:
     function = call["function"]
-    arguments = _arguments(function)
+    arguments = json_arguments(function.get("arguments"), "messages")
     if isinstance(call.get("id"), str):
         call_names[call["id"]] = str(function.get("name"))
     return {"type": "function", "function": {"name": function.get("name"), "arguments": arguments}}
@@ -372,7 +395,7 @@ def _result(content, i: int):
     return value if isinstance(value, dict) else content
 
 
-def _append(out: list[dict], role: str, content) -> None:
+def append_turn(out: list[dict], role: str, content) -> None:
     """Consecutive turns of one role (several tool results, say) merge into one, as Gemma's roles alternate."""
     if out and out[-1]["role"] == role and role != "system":
         previous = out[-1]["content"]
@@ -400,22 +423,27 @@ def _calls(message: dict, i: int) -> list[dict]:
     return calls
 
 
-def _arguments(function: dict) -> dict:
-    try:
-        arguments = json.loads(function.get("arguments") or "{}")
-    except (json.JSONDecodeError, TypeError):
-        arguments = None
-    if not isinstance(arguments, dict):
-        raise RequestError("tool_calls arguments must be a JSON object string", param="messages")
-    return arguments
-
-
 def _call_text(call: dict, call_names: dict[str, str]) -> str:
     function = call["function"]
-    arguments = _arguments(function)
     if isinstance(call.get("id"), str):
         call_names[call["id"]] = str(function.get("name"))
-    return f"{function.get('name')}(" + ", ".join(f"{k}={v!r}" for k, v in arguments.items()) + ")"
+    return call_text(str(function.get("name")), json_arguments(function.get("arguments"), "messages"))
+
+
+def json_arguments(arguments, param: str) -> dict:
+    """A call's arguments from their JSON text (as OpenAI sends them): an object, or a 400."""
+    try:
+        value = json.loads(arguments or "{}")
+    except (json.JSONDecodeError, TypeError):
+        value = None
+    if not isinstance(value, dict):
+        raise RequestError("a tool call's arguments must be a JSON object string", param=param)
+    return value
+
+
+def call_text(name: str, arguments: dict) -> str:
+    """A call as the model writes one in the prompt's python style: name(k=v, ...)."""
+    return f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in arguments.items()) + ")"
 
 
 def _content(content, i: int, image_dirs: tuple[Path, ...]):
