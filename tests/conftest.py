@@ -405,6 +405,34 @@ def image_chat_model(converted_tiny, tmp_path_factory):
     return tiny.folder, model, processor, tiny.reference, gemma3_processor(spm, TINY_VISION["image_size"], 4)
 
 
+def lively(folder: Path, reference) -> Path:
+    """`reference` saved with the tiny tokenizer and chat template, converted."""
+    import shutil
+
+    from spm_fixture import train_tokenizer
+
+    reference.save_pretrained(folder / "hf")
+    train_tokenizer(folder / "hf")
+    shutil.copyfile(FIXTURES / "gemma3_chat_template.jinja", folder / "hf" / "chat_template.jinja")
+    return convert(folder / "hf", folder / "mlx")
+
+
+# The tiny chat models with their logits capped at ±2 (Gemma's final_logit_softcapping): a random model's logits
+# otherwise peak on one token, and every reply would be that token repeated. Sample them (a temperature, a seed).
+LIVELY = dict(final_logit_softcapping=2.0)
+
+
+@pytest.fixture(scope="session")
+def lively_chat_model(converted_tiny) -> Path:
+    return converted_tiny(LIVELY, seed=2, tokenizer=True, chat_template=True).folder
+
+
+@pytest.fixture(scope="session")
+def lively_image_model(converted_tiny) -> Path:
+    tiny = converted_tiny(LIVELY, seed=6, vision=True, image_tokens=SPM_IMAGE_TOKENS, tokenizer=True, chat_template=True)
+    return tiny.folder
+
+
 # The real Gemma 3 270M from the test extra's GGUF package, and its lossless conversion (once per session).
 GGUF_270M = "gemma-3-270m-q4_k_m.gguf"
 

@@ -24,26 +24,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TEMPERATURE = 1.0  # sampled with a seed: each token depends on the logits being right on every rank
 
 
-# The tiny chat models with their logits capped at ±2 (Gemma's final_logit_softcapping): a random model's logits
-# otherwise peak on one token, and every reply would be that token repeated.
-LIVELY = dict(final_logit_softcapping=2.0)
-
-
-@pytest.fixture(scope="module")
-def lively_chat_model(converted_tiny) -> Path:
-    return converted_tiny(LIVELY, seed=2, tokenizer=True, chat_template=True).folder
-
-
-@pytest.fixture(scope="module")
-def lively_image_model(converted_tiny) -> Path:
-    from conftest import SPM_IMAGE_TOKENS
-
-    tiny = converted_tiny(
-        LIVELY, seed=6, vision=True, image_tokens=SPM_IMAGE_TOKENS, tokenizer=True, chat_template=True
-    )
-    return tiny.folder
-
-
 def asks() -> list[dict]:
     """Sampled requests (seeded) of different lengths, one with stop strings, and a greedy one."""
     out = [
