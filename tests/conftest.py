@@ -429,7 +429,9 @@ def lively_chat_model(converted_tiny) -> Path:
 
 @pytest.fixture(scope="session")
 def lively_image_model(converted_tiny) -> Path:
-    tiny = converted_tiny(LIVELY, seed=6, vision=True, image_tokens=SPM_IMAGE_TOKENS, tokenizer=True, chat_template=True)
+    tiny = converted_tiny(
+        LIVELY, seed=6, vision=True, image_tokens=SPM_IMAGE_TOKENS, tokenizer=True, chat_template=True
+    )
     return tiny.folder
 
 
