@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -368,6 +369,15 @@ def tiny_chat_model(converted_tiny):
     """A converted tiny model with a trained tokenizer and a Gemma-style chat template: (mlx folder, hf folder, model)."""
     tiny = converted_tiny(seed=2, tokenizer=True, chat_template=True)
     return tiny.folder, tiny.hf, tiny.reference
+
+
+@pytest.fixture(scope="session")
+def tiny_base_folder(tiny_chat_model, tmp_path_factory) -> str:
+    """The tiny chat model without its chat template: a base model by the folder rule, with the same weights."""
+    folder = tmp_path_factory.mktemp("base") / "tiny-pt"
+    shutil.copytree(tiny_chat_model[0], folder)
+    (folder / "chat_template.jinja").unlink()
+    return str(folder)
 
 
 def gemma3_processor(folder: Path, image_size: int, tokens_per_image: int):

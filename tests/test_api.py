@@ -3,8 +3,6 @@ prompt cache files, base-model detection."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from conftest import TINY_TEXT, random_ids, run_cli
 
@@ -20,15 +18,6 @@ NO_EOS = {1: -1e9, 106: -1e9}  # keeps a random tiny model from stopping early
 def tiny(tiny_chat_model):
     folder, _, _ = tiny_chat_model
     return mlx_gemma3.load(folder)
-
-
-@pytest.fixture(scope="module")
-def base_folder(tiny_chat_model, tmp_path_factory):
-    """The tiny chat model without its chat template: a base model by the folder rule."""
-    folder = tmp_path_factory.mktemp("base") / "mlx"
-    shutil.copytree(tiny_chat_model[0], folder)
-    (folder / "chat_template.jinja").unlink()
-    return folder
 
 
 BAD_VALUES = [
@@ -205,8 +194,8 @@ def test_extra_stop_tokens_must_be_single_tokens(tiny):
         single_token_ids(processor.tokenizer, ["a long phrase of several words"])
 
 
-def test_base_model_rule_and_its_system_prompt(tiny, base_folder):
-    model, processor = mlx_gemma3.load(base_folder)
+def test_base_model_rule_and_its_system_prompt(tiny, tiny_base_folder):
+    model, processor = mlx_gemma3.load(tiny_base_folder)
     assert is_base_model(processor) and not is_base_model(tiny[1])
     # a system prompt makes a conversation, in Gemma 3's chat format (the same weights with the template agree)
     on_base = mlx_gemma3.generate(model, processor, "Hi", system="Be brief.", max_tokens=4)

@@ -29,15 +29,6 @@ def chat_folder(tiny_chat_model):
     return str(tiny_chat_model[0])
 
 
-@pytest.fixture(scope="module")
-def base_folder(tiny_chat_model, tmp_path_factory):
-    """The tiny chat model without its chat template: a base model by the folder rule, with the same weights."""
-    folder = tmp_path_factory.mktemp("base") / "tiny-pt"
-    shutil.copytree(tiny_chat_model[0], folder)
-    (folder / "chat_template.jinja").unlink()
-    return str(folder)
-
-
 def one_error_line(result: subprocess.CompletedProcess) -> str:
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -51,9 +42,9 @@ def quiet_generate(folder: str, *args: str) -> subprocess.CompletedProcess:
 # --- a system prompt on a model without a chat template: Gemma 3's own chat format, everywhere -----------------
 
 
-def test_a_base_models_system_prompt_goes_into_gemmas_chat_format(base_folder, chat_folder):
+def test_a_base_models_system_prompt_goes_into_gemmas_chat_format(tiny_base_folder, chat_folder):
     """Reference: Gemma 3's own chat template (the fixture, Google's template) renders the same conversation."""
-    _, base = mlx_gemma3.load(base_folder)
+    _, base = mlx_gemma3.load(tiny_base_folder)
     _, chat = mlx_gemma3.load(chat_folder)
     assert base.chat_template is None and chat.chat_template is not None
     from mlx_gemma3.processing.prompt import prompt_ids
@@ -65,8 +56,8 @@ def test_a_base_models_system_prompt_goes_into_gemmas_chat_format(base_folder, c
 
 
 @pytest.mark.slow
-def test_generate_takes_a_system_prompt_on_a_base_model_as_chat_and_server_do(base_folder, chat_folder):
-    on_base = quiet_generate(base_folder, "--prompt", "Hi", "--system", SYSTEM)
+def test_generate_takes_a_system_prompt_on_a_base_model_as_chat_and_server_do(tiny_base_folder, chat_folder):
+    on_base = quiet_generate(tiny_base_folder, "--prompt", "Hi", "--system", SYSTEM)
     on_chat = quiet_generate(chat_folder, "--prompt", "Hi", "--system", SYSTEM)
     assert on_base.returncode == 0, on_base.stderr
     assert on_base.stdout == on_chat.stdout  # same weights, same prompt: the chat format with the system folded in
@@ -75,8 +66,8 @@ def test_generate_takes_a_system_prompt_on_a_base_model_as_chat_and_server_do(ba
 
 
 @pytest.mark.slow
-def test_chat_says_on_stdout_that_the_model_is_a_base_model(base_folder, chat_folder):
-    on_base = run_cli("mlx_gemma3.chat", "--model", base_folder, "--max-tokens", "3", stdin="Hi\n")
+def test_chat_says_on_stdout_that_the_model_is_a_base_model(tiny_base_folder, chat_folder):
+    on_base = run_cli("mlx_gemma3.chat", "--model", tiny_base_folder, "--max-tokens", "3", stdin="Hi\n")
     on_chat = run_cli("mlx_gemma3.chat", "--model", chat_folder, "--max-tokens", "3", stdin="Hi\n")
     assert on_base.returncode == on_chat.returncode == 0, on_base.stderr
     first, *reply = on_base.stdout.splitlines()
@@ -93,9 +84,9 @@ def serve(folder: str):
     return httpd
 
 
-def test_the_server_tells_clients_whether_the_model_is_a_base_model(base_folder, chat_folder):
+def test_the_server_tells_clients_whether_the_model_is_a_base_model(tiny_base_folder, chat_folder):
     replies, flags = [], []
-    for folder in (base_folder, chat_folder):
+    for folder in (tiny_base_folder, chat_folder):
         httpd = serve(folder)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="x", max_retries=0)
         try:
