@@ -24,11 +24,14 @@ from .cli import (
 from .distributed.group import rank, stall_guard
 from .distributed.serving import Follower, Leader, follow
 from .errors import Gemma3Error
+from .generation.step import PREFILL_STEP_SIZE
 from .loader import load
 from .model.sources import model_folder
 from .serve.http import MAX_BATCH, MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
 from .serve.prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .serve.worker import Worker
+
+CACHE_LIMIT_BYTES = 2**30  # MLX keeps at most this much freed memory for reuse (mx.set_cache_limit)
 
 
 def port_number(text: str) -> int:
@@ -109,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help=f"requests decoded together, each joining after its prefill (default {MAX_BATCH}; 1: one at a time)",
     )
+    parser.add_argument(
+        "--prefill-step-size",
+        type=positive,
+        default=PREFILL_STEP_SIZE,
+        metavar="N",
+        help=f"prompt tokens prefilled per iteration, across waiting requests, between two tokens of the running "
+        f"ones (default {PREFILL_STEP_SIZE})",
+    )
     parser.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API only)")
     add_speculative_flags(parser)
     add_distributed_flag(parser)
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         refuse_distributed(args, "server")
         folder = model_folder(args.model)
+        mx.set_cache_limit(CACHE_LIMIT_BYTES)  # this process serves for long: MLX's freed buffers stay bounded
         model, processor = load(folder, adapter_path=args.adapter_path, distributed=args.distributed)
         if rank(args.distributed) > 0:
             return follow_rank_zero(model, processor, args)
@@ -136,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt_cache_size=args.prompt_cache_size,
             prompt_cache_bytes=args.prompt_cache_bytes,
             max_batch=args.max_batch,
+            prefill_step_size=args.prefill_step_size,
             web=not args.no_web,
         )
         with stall_guard(args.distributed) or nullcontext() as guard:
@@ -166,7 +179,14 @@ def follow_rank_zero(model, processor, args) -> int:
     """A distributed server's rank > 0: no HTTP, it replays rank 0's batch until rank 0 stops."""
     store = PromptCacheStore(args.prompt_cache_size, args.prompt_cache_bytes, evicts=False)
     with stall_guard(args.distributed) as guard:
-        worker = Worker(model, processor, store=store, mirror=Follower(guard), threaded=False)
+        worker = Worker(
+            model,
+            processor,
+            store=store,
+            mirror=Follower(guard),
+            threaded=False,
+            prefill_step_size=args.prefill_step_size,
+        )
         follow(worker, mx.distributed.init(), guard)
     return 0
 

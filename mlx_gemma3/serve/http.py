@@ -16,6 +16,7 @@ from itertools import chain
 from pathlib import Path
 
 from ..errors import Gemma3Error
+from ..generation.step import PREFILL_STEP_SIZE
 from ..generation.text_stream import TEXT_ONLY, Options, image_sources
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
@@ -24,7 +25,7 @@ from .moderation import MODERATIONS_PATH, check_moderator, moderate, parse_moder
 from .page import page_file
 from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .requests import Request, RequestError, parse_chat, parse_completion
-from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker, batchable
+from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker, distributable
 
 MAX_BODY_BYTES = 20 * 2**20
 MAX_TOKENS_LIMIT = 4096
@@ -59,6 +60,7 @@ class ServerState:
     prompt_cache_size: int = DEFAULT_ENTRIES  # KV caches kept across requests (0: no prompt cache)
     prompt_cache_bytes: int = DEFAULT_BYTES  # their bytes together (0: no prompt cache)
     max_batch: int = MAX_BATCH  # requests decoded together
+    prefill_step_size: int = PREFILL_STEP_SIZE  # prompt tokens prefilled per iteration of the worker's loop
     web: bool = True  # serve the chat page at GET /
     mirror: object = None  # distributed: rank 0's link to the other ranks (distributed/serving.py Leader)
     worker: Worker | None = None
@@ -78,7 +80,15 @@ def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -
     handler = type("Handler", (Handler,), {"state": state, "timeout": state.request_timeout})
     server = Server((host, port), handler)
     store = PromptCacheStore(state.prompt_cache_size, state.prompt_cache_bytes)
-    state.worker = Worker(state.model, state.processor, state.max_queue, store, state.max_batch, state.mirror)
+    state.worker = Worker(
+        state.model,
+        state.processor,
+        state.max_queue,
+        store,
+        state.max_batch,
+        state.mirror,
+        prefill_step_size=state.prefill_step_size,
+    )
     return server
 
 
@@ -257,10 +267,10 @@ class Handler(BaseHTTPRequestHandler):
         """Options checked, prompt rendered and tokenized, images loaded: every client mistake is found here."""
         state = self.state
         options = Options.of({**request.options, **state.extra_options})
-        if state.mirror is not None and not batchable(options):
+        if state.mirror is not None and not distributable(options):
             raise RequestError(
-                "a distributed server (--distributed) decodes every request in its batch: "
-                "max_kv_size and speculative decoding are not available on it"
+                "a distributed server (--distributed) serves neither max_kv_size nor speculative decoding: "
+                "serve them from one process"
             )
         sources = image_sources(request.prompt) if request.chat else []
         pixels, crops, vision = None, None, state.model.config.vision
