@@ -243,3 +243,27 @@ def test_an_image_conversation_reuses_its_image_next_turn_and_never_another(imag
         for httpd in (cached, plain):
             httpd.shutdown()
             httpd.server_close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{"max_kv_size": 40}, {"prompt_lookup": 3}], ids=["max_kv_size", "speculative"])
+def test_bounded_and_speculative_requests_reuse_the_prompt_cache_exactly(loaded, options):  # noqa: F811
+    extra = {"logits_processors": [PlainText(loaded[1])], **options}
+    cached, _ = serving(loaded, extra_options=dict(extra))
+    plain, _ = serving(loaded, prompt_cache_size=0, extra_options=dict(extra))
+    try:
+        history, usages = [], []
+        for n in range(3):
+            history.append({"role": "user", "content": message(n, 12)})
+            got = ask(cached.server_address[1], history)
+            want = ask(plain.server_address[1], history)
+            assert got[0] == want[0] and abs(got[1] - want[1]) < 1e-4
+            history.append({"role": "assistant", "content": got[0]})
+            usages.append(got[2])
+        assert usages[-1].prompt_tokens > 40  # past the bounded cache's size and the window of 16
+        for before, after in zip(usages, usages[1:]):  # the previous turn's whole prompt came from the cache
+            assert after.prompt_tokens_details.cached_tokens >= before.prompt_tokens
+    finally:
+        for httpd in (cached, plain):
+            httpd.shutdown()
+            httpd.server_close()

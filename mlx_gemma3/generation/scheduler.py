@@ -157,7 +157,7 @@ class Scheduler:
         sequence.feeds = []
         if sequence.speculation is not None:
             if sequence.keep_prompt_cache:
-                sequence.prompt_cache = [layer.copy() for layer in sequence.cache]
+                sequence.prompt_cache = copied(sequence.cache)
             self.speculating.append(sequence)
             return
         lane_key = self.lane_key(sequence.cache)
@@ -168,10 +168,11 @@ class Scheduler:
         lane.join(row, sequence.cache)
         self.lanes[lane_key] = lane
         sequence.row, sequence.lane = row, lane
-        if sequence.keep_prompt_cache:  # a batch took a copy of its keys; a cache decoding alone goes on changing
-            sequence.prompt_cache = sequence.cache if batchable(sequence.cache) else [c.copy() for c in sequence.cache]
         if batchable(sequence.cache):
-            sequence.cache = None  # the batch holds its keys now
+            sequence.prompt_cache = sequence.cache if sequence.keep_prompt_cache else None  # the batch took a copy
+            sequence.cache = None
+        elif sequence.keep_prompt_cache:  # a cache decoding alone goes on changing
+            sequence.prompt_cache = copied(sequence.cache)
 
     @staticmethod
     def lane_key(cache: list) -> object:
@@ -196,3 +197,10 @@ class Scheduler:
             if not lane.rows:
                 self.lanes = {key: other for key, other in self.lanes.items() if other is not lane}
             return cache
+
+
+def copied(cache: list) -> list:
+    """A copy of the cache, evaluated now (so that the original's next write is still made in place)."""
+    copy = [layer.copy() for layer in cache]
+    mx.eval([layer.state for layer in copy])
+    return copy

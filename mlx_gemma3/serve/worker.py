@@ -352,8 +352,7 @@ class Worker:
         cache = self.scheduler.remove(active.sequence, untaken)
         sequence = active.sequence
         if active.layout is not None:
-            keys = [*active.keys, *active.reply.tokens]
-            held = held_keys(cache, keys) if cache is not None else None
+            held = held_keys(cache, [*active.keys, *active.reply.tokens])
             checkpoint = sequence.prompt_cache
             checkpoint_ids = held_keys(checkpoint, active.keys) if checkpoint is not None else None
             if checkpoint_ids is None:
