@@ -265,10 +265,12 @@ def stall(folder: str, args, processor, *flags: str) -> dict:
         stop, threads, times = threading.Event(), [], [[] for _ in range(args.streams)]
         for i in range(args.streams):
             prompt = f"Story {i}: once upon a time, in a quiet harbor town, there lived"
-            thread = threading.Thread(target=stream_times, args=(served.client, prompt, 100_000, times[i], stop))
+            thread = threading.Thread(target=stream_times, args=(served.client, prompt, 4096, times[i], stop))
             thread.start()
             threads.append(thread)
         while min(len(t) for t in times) < 3:
+            if not all(thread.is_alive() for thread in threads):
+                raise SystemExit("a running stream ended before the long prompt was sent")
             time.sleep(0.05)
         sent = time.perf_counter()
         result = ask(served.client, [{"role": "user", "content": long_prompt(args.long_prompt, processor)}], 1)
