@@ -1,4 +1,6 @@
-"""Command line: `python -m mlx_gemma3.convert --hf-path IN --mlx-path OUT`."""
+"""Command line: `python -m mlx_gemma3.convert --hf-path IN --mlx-path OUT`.
+
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from .hub import resolve_hf_path
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(
-        prog="python -m mlx_gemma3.convert",
+        "convert",
         description="Convert a Hugging Face Gemma 3 checkpoint into an MLX folder.",
     )
     source = parser.add_mutually_exclusive_group(required=True)

@@ -1,4 +1,6 @@
-"""Hugging Face Gemma 3 checkpoints (safetensors, single or sharded) → MLX folders."""
+"""Hugging Face Gemma 3 checkpoints (safetensors, single or sharded) → MLX folders.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -10,12 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from safetensors import safe_open
 
 from mlx_gemma3.errors import Gemma3Error
 from mlx_gemma3.model.config import FLOAT_DTYPES, FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
-from mlx_gemma3.model.quantize import DEFAULT_BITS, DEFAULT_GROUP_SIZE, quantization_json, quantization_plan
+from mlx_gemma3.model.quantize import (
+    DEFAULT_BITS,
+    DEFAULT_GROUP_SIZE,
+    parameter_count,
+    quantization_json,
+    quantization_plan,
+)
 from mlx_gemma3.model.weights import build_model, check_shapes, unwrapped_key, weight_files
 
 from .output import ShardWriter, output_folder
@@ -233,7 +240,7 @@ def _check_shapes(headers: dict, mapping: dict, config: ModelConfig, where: str)
 
 
 def report_size(model, writer: ShardWriter) -> None:
-    parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
+    parameters = parameter_count(model)
     print(f"{parameters:,} parameters, {8 * writer.total_bytes / parameters:.2f} bits per weight", file=sys.stderr)
 
 

@@ -1,4 +1,6 @@
-"""`python -m mlx_gemma3.chat`: an interactive chat that keeps its cache between turns."""
+"""`python -m mlx_gemma3.chat`: an interactive chat that keeps its cache between turns.
+
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from .cli import (
     add_model_flags,
     add_sampling_flags,
     add_speculative_flags,
+    check_cache_file_flag,
     notice_base_model,
     refuse_distributed,
     run,
@@ -35,7 +38,7 @@ PROMPT = ">> "
 
 
 def parse_args(argv: list[str] | None):
-    parser = Parser(prog="python -m mlx_gemma3.chat", description="Chat with a Gemma 3 model.")
+    parser = Parser("chat", description="Chat with a Gemma 3 model.")
     add_model_flags(parser)
     add_sampling_flags(parser)
     add_speculative_flags(parser)
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         refuse_distributed(args, "chat")
+        check_cache_file_flag(args)
         folder = model_folder(args.model)
         model, processor = load(folder, adapter_path=args.adapter_path, distributed=args.distributed)
         with ExitStack() as stack:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(redirect_stdout(quiet))
                 stack.enter_context(redirect_stderr(quiet))
             guard = stack.enter_context(stall_guard(args.distributed) or nullcontext())
-            notice_base_model(processor, folder)
+            notice_base_model(processor, folder, sys.stdout)  # with the conversation, where it is read
             chat = Chat(
                 model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **chat_options(args, processor)
             )

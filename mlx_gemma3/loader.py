@@ -1,4 +1,6 @@
-"""load(path): a model from any source — folder, .gguf, Hub id — in one process or sharded, with adapters."""
+"""load(path): a model from any source — folder, .gguf, Hub id — in one process or sharded, with adapters.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""`python -m mlx_gemma3.server`: an OpenAI-compatible local HTTP API for a Gemma 3 model."""
+"""`python -m mlx_gemma3.server`: an OpenAI-compatible local HTTP API for a Gemma 3 model.
+
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python -m mlx_gemma3.server", description="Serve a Gemma 3 model over an OpenAI-style API.")
+    parser = Parser("server", description="Serve a Gemma 3 model over an OpenAI-style API.")
     parser.add_argument(
         "--model", help="MLX model folder, .gguf file or Hugging Face repo id (default: the demo 270M, a base model)"
     )

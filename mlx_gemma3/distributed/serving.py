@@ -5,7 +5,9 @@ model's own collectives) as one frozen `Iteration`: the jobs joining (their prom
 explicit seed, and the prompt-cache entry each takes), the jobs cancelled, and the prompt-cache entries kept; a
 `Shutdown` ends the server. The others run the same Worker and scheduler code on those decisions, so every rank
 runs the same forwards, samples the same tokens and keeps the same prompt cache entries. While a rank waits for
-requests (or a person) its stall guard is paused."""
+requests (or a person) its stall guard is paused.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

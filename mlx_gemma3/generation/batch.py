@@ -1,4 +1,6 @@
-"""Continuous batching: sequences decode together one forward per step, joining and leaving the batch in place."""
+"""Continuous batching: sequences decode together one forward per step, joining and leaving the batch in place.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Options: everything stream_generate, Chat and the server accept besides the model, processor and prompt, with
-each option's type and range checked in one place."""
+each option's type and range checked in one place.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

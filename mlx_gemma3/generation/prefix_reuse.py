@@ -4,7 +4,9 @@ that, and which tokens a cache holds after a generation.
 
 Prompts are compared as keys: the token ids, with every token of an image replaced by a key made from the image's
 content hash (a negative number, never a token id). The same image in the next turn is reused; a different image
-at the same place is not, though both have the same ids."""
+at the same place is not, though both have the same ids.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """One reply's bookkeeping, shared by stream_generate and the server: its token budget, stop ids, detokenizer and
-structured-output constraint, the text each token adds and why the reply ends."""
+structured-output constraint, the text each token adds and why the reply ends.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

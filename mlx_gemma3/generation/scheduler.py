@@ -1,6 +1,8 @@
 """The scheduler: every sequence in one loop. Each iteration runs one decode step for every decoding sequence (one
 forward per batch of rows, one round per speculative sequence) and then prefills at most a budget of waiting
-prompt tokens, so a long prompt is read a chunk per iteration while the others keep receiving tokens."""
+prompt tokens, so a long prompt is read a chunk per iteration while the others keep receiving tokens.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

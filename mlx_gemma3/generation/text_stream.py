@@ -1,4 +1,6 @@
-"""stream_generate and generate: prompts and images in, text out, with stops and statistics over generate_step."""
+"""stream_generate and generate: prompts and images in, text out, with stops and statistics over generate_step.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import Gemma3Error
+from ..model.cache import writable_cache_path
 from ..model.text import TEXT_ONLY
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
@@ -64,6 +67,8 @@ def stream_generate(
     Close the generator to cancel."""
     check_model(model, processor, "stream_generate")
     opts = Options.of(options)
+    if opts.prompt_cache_file is not None:
+        writable_cache_path(opts.prompt_cache_file)  # before any work: a bad path is refused up front
     with mx.stream(generation_stream()):
         ids, features = prepare_prompt(model, processor, prompt, images, opts, encoded_images)
     if image_features is not None:

@@ -1,4 +1,6 @@
-"""Gemma 3 config.json → frozen dataclasses, for both key generations and both layouts."""
+"""Gemma 3 config.json → frozen dataclasses, for both key generations and both layouts.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Where a model comes from: an MLX folder, a .gguf file (converted once into the cache), a Hub repo id, or the demo."""
+"""Where a model comes from: an MLX folder, a .gguf file (converted once into the cache), a Hub repo id, or the demo.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

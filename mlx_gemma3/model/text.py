@@ -1,4 +1,6 @@
-"""Gemma 3 text tower: RMSNorm, attention, MLP, decoder layers and the tied-head causal LM."""
+"""Gemma 3 text tower: RMSNorm, attention, MLP, decoder layers and the tied-head causal LM.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""One MLX Gemma 3 folder's weights read into one process: build the model, read and check its tensors."""
+"""One MLX Gemma 3 folder's weights read into one process: build the model, read and check its tensors.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

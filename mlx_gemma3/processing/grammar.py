@@ -1,5 +1,7 @@
 """Grammars for constrained decoding: llguidance's view of our SentencePiece vocabulary, and JSON schemas, regular
-expressions and Lark grammars turned into llguidance grammars."""
+expressions and Lark grammars turned into llguidance grammars.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ from .grammar import ll_tokenizer
 from .prompt import find_chat_template
 from .tokenizer import Tokenizer
 
+__all__ = ["Processor"]
+
 
 @dataclass
 class Processor:

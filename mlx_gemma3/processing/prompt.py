@@ -6,8 +6,12 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import Gemma3Error
 from .tokenizer import BOS_ID
+
+__all__ = ["is_base_model"]
 
 ROLES = {"user": "user", "assistant": "model", "model": "model"}
 # What one render of a chat template may build: range() items over all its loops, the length a `*` makes, an
@@ -15,6 +19,10 @@ ROLES = {"user": "user", "assistant": "model", "model": "model"}
 # from filling memory or looping for hours.
 TEMPLATE_BUDGET = 1_000_000
 IMAGE_MARK = "<start_of_image>"
+SYSTEM_WITHOUT_CHAT = (
+    "a system prompt needs the chat format, and use_chat_template=False (--no-chat-template) completes plain text: "
+    "drop one of the two"
+)
 
 
 def find_chat_template(folder: str | Path) -> str | None:
@@ -198,6 +206,24 @@ def as_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
     return messages
 
 
+def as_token_ids(value) -> list[int] | None:
+    """`value` as a list of token ids when it is one: a list or tuple of integers, or a 1-D (or [1, N]) integer
+    mx.array or numpy array; None when it is something else (text, chat messages, floats, a batch of prompts)."""
+    if value is None or isinstance(value, (str, bytes, dict)):
+        return None
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 1:
+        return None
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        return None
+    return [int(t) for t in array.tolist()]
+
+
 def prompt_ids(
     processor,
     prompt,
@@ -211,12 +237,14 @@ def prompt_ids(
     A string is wrapped as one user turn when the folder ships a chat template (instruction-tuned models)
     and completed as it is otherwise (base models) or with use_chat_template=False. With images
     (`crops_per_image`: one entry per image), each image placeholder expands to its image tokens."""
+    ids = None if isinstance(prompt, str) else as_token_ids(prompt)
+    if ids:
+        return ids
     if not isinstance(prompt, (str, list, tuple)):
         raise Gemma3Error(
-            f"a prompt is a string, a list of chat messages or a list of token ids; got {type(prompt).__name__}"
+            "a prompt is a string, a list of chat messages or a list of token ids (or a 1-D integer mx.array or "
+            f"numpy array of them); got {type(prompt).__name__}"
         )
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-        return list(prompt)
     tokenizer = processor.tokenizer
     if tokenizer is None:
         raise Gemma3Error("this model folder has no tokenizer.model: pass token ids, or add the tokenizer file")
@@ -230,26 +258,20 @@ def prompt_ids(
 
 
 def prompt_text(processor, prompt, system: str | None, use_chat_template: bool) -> tuple[str, bool]:
-    """(text, whether BOS must be added): plain completion, or the conversation in the chat format."""
-    if isinstance(prompt, str) and (not use_chat_template or processor.chat_template is None):
+    """(text, whether BOS must be added): plain completion, or the conversation in the chat format.
+
+    A string is completed as it is with use_chat_template=False, and on a base model (no chat template) when no
+    system prompt comes with it. A system prompt makes it a conversation: on a base model that conversation is
+    written in Gemma 3's own chat format (the system text folded into the first user turn), as chat messages
+    always are, so a system prompt means the same in generate, chat, the server and the chat page."""
+    if isinstance(prompt, str) and not use_chat_template:
         if system is not None:
-            raise Gemma3Error(system_without_chat(use_chat_template))
+            raise Gemma3Error(SYSTEM_WITHOUT_CHAT)
+        return prompt, True
+    if isinstance(prompt, str) and processor.chat_template is None and system is None:
         return prompt, True
     text = chat_text(as_messages(prompt, system), processor.chat_template)
     return text, not text.startswith("<bos>")
-
-
-def system_without_chat(use_chat_template: bool) -> str:
-    """Why a system prompt cannot go with a plain-text prompt, for each of the two ways to get one."""
-    if not use_chat_template:
-        return (
-            "a system prompt needs the chat format, and use_chat_template=False (--no-chat-template) completes "
-            "plain text: drop one of the two"
-        )
-    return (
-        "this model folder has no chat template (a base model: it continues text), so a system prompt has no "
-        "place in its prompt: drop the system prompt, or use an instruction-tuned model"
-    )
 
 
 def expand_image_tokens(text: str, crops_per_image: list[int], tokens_per_image: int) -> str:

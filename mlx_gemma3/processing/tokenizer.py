@@ -1,4 +1,6 @@
-"""SentencePiece tokenizer with Gemma 3's special tokens, parsed in text and kept in decoded text."""
+"""SentencePiece tokenizer with Gemma 3's special tokens, parsed in text and kept in decoded text.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ from typing import Any
 from ..errors import Gemma3Error
 from .grammar import JSON_LAYOUT
 
+__all__ = ["Tool", "ToolCall", "ToolRun", "parse_tool_calls", "run_tools", "tool_call_grammar", "tools_prompt"]
+
 STYLES = ("python", "json")
 CHOICES = ("auto", "required")  # tool_choice values that constrain: a call or prose opening otherwise, a call
 FENCE = re.compile(r"```[ \t]*([A-Za-z_]*)[ \t]*\n?(.*?)```", re.DOTALL)

@@ -1,4 +1,6 @@
-"""The OpenAI-compatible HTTP server (standard library only): checks, prepares, queues and replies to requests."""
+"""The OpenAI-compatible HTTP server (standard library only): checks, prepares, queues and replies to requests.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from ..errors import Gemma3Error
 from ..generation.step import PREFILL_STEP_SIZE
 from ..generation.text_stream import TEXT_ONLY, Options, image_sources
 from ..processing.image import process_images
-from ..processing.prompt import prompt_ids
+from ..processing.prompt import is_base_model, prompt_ids
 from ..processing.tools import parse_tool_calls
 from .moderation import MODERATIONS_PATH, check_moderator, moderate, parse_moderation
 from .page import page_file
@@ -155,6 +157,7 @@ class Handler(BaseHTTPRequestHandler):
                     "created": 0,
                     "owned_by": "mlx_gemma3",
                     "vision": self.state.model.config.vision is not None,
+                    "base_model": is_base_model(self.state.processor),  # no chat template: it continues text
                 }
                 self.send_json(200, {"object": "list", "data": [model]})
             else:

@@ -8,7 +8,9 @@ exactly (prefix_reuse.reusable), so reuse never changes the logits. Entries are 
 max_kv_size, rewind): every kind of request uses the store. What a request uses is taken out of the store (the
 entry's other half stays) and the request's own entry is put back after; the least recently used go first when
 there are more than `max_entries` or more than `max_bytes` (the bytes the caches' arrays hold).
-"""
+
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

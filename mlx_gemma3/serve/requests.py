@@ -1,4 +1,6 @@
-"""OpenAI request bodies → checked requests: accepted fields, JSON types, chat messages, image sources."""
+"""OpenAI request bodies → checked requests: accepted fields, JSON types, chat messages, image sources.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import Gemma3Error
+from ..generation.sample import TEMP_RANGE
 from ..processing.grammar import grammar_text
 from ..processing.tools import ToolCall, as_tool, tool_call_grammar, tool_results_text, with_tools
 
@@ -244,7 +247,7 @@ def number(body: dict, key: str, default, low, high, kind=float):
 def generation_options(body: dict, limit: int) -> dict:
     return {
         "max_tokens": max_tokens(body, limit),
-        "temp": number(body, "temperature", 0.0, 0.0, 2.0),
+        "temp": number(body, "temperature", 0.0, *TEMP_RANGE),
         "top_p": number(body, "top_p", 1.0, 1e-9, 1.0),
         "top_k": number(body, "top_k", 0, 0, 2**20, int),
         "min_p": number(body, "min_p", 0.0, 0.0, 1.0),

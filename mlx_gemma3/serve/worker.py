@@ -1,5 +1,7 @@
 """The generation worker: one thread owns the model and runs the scheduler's loop over every request; HTTP threads
-wait on their job's steps (one per generated token)."""
+wait on their job's steps (one per generated token).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
