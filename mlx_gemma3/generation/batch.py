@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from ..errors import Gemma3Error
 from ..model.cache import BatchCache, KVCache
 from .sample import LogitsProcessor, draw, processed_logprobs
 from .step import Progress, decode_one_token, prefill
@@ -88,7 +89,7 @@ class BatchGenerator:
         with mx.stream(generation_stream()):
             if not batchable(cache):
                 if self.rows:
-                    raise ValueError(
+                    raise Gemma3Error(
                         "a cache bounded by max_kv_size decodes alone: give it a BatchGenerator of its own"
                     )
                 self.cache = cache

@@ -1,6 +1,7 @@
 """The scheduler: every sequence in one loop. Each iteration runs one decode step for every decoding sequence (one
-forward per batch of rows, one round per speculative sequence) and then prefills at most a budget of waiting
-prompt tokens, so a long prompt is read a chunk per iteration while the others keep receiving tokens.
+forward per batch of rows, one round per speculative sequence) and then one prefill chunk of a waiting prompt
+(at most a budget of tokens), so a long prompt is read a chunk per iteration while the others keep receiving
+tokens.
 
 Internal: not part of the public API, which docs/api.md lists."""
 
@@ -73,10 +74,9 @@ class Scheduler:
     """Sequences from prefill to their last token. `add` queues one; `iterate` runs one iteration; `remove` takes
     one out (prefilling or decoding) and returns its cache. Batchable sequences of one cache layout share a batch;
     a sequence whose cache cannot be batched (max_kv_size) decodes alone, one step per iteration; a speculative
-    one runs one draft-and-verify round per iteration. Waiting prompts are prefilled in arrival order, up to
-    `prefill_step_size` tokens per iteration (several short ones may share an iteration). Nothing else happens
-    between iterations, so whatever a caller runs between them waits at most one iteration. Every call must come
-    from one thread."""
+    one runs one draft-and-verify round per iteration. Waiting prompts are prefilled in arrival order, one chunk of
+    at most `prefill_step_size` tokens per iteration. Nothing else happens between iterations, so whatever a
+    caller runs between them waits at most one iteration. Every call must come from one thread."""
 
     def __init__(self, model, prefill_step_size: int = PREFILL_STEP_SIZE):
         if prefill_step_size < 1:
@@ -119,7 +119,7 @@ class Scheduler:
         self.waiting.append(sequence)
 
     def iterate(self) -> Outcome:
-        """One decode step for every decoding sequence, then a prefill budget of waiting prompts."""
+        """One decode step for every decoding sequence, then one prefill chunk of a waiting prompt."""
         done = Outcome()
         with mx.stream(generation_stream()):
             for key, lane in list(self.lanes.items()):
@@ -138,16 +138,22 @@ class Scheduler:
         return done
 
     def prefill(self, done: Outcome) -> None:
-        budget = self.prefill_step_size
-        while self.waiting and budget > 0:
+        """One chunk (at most `prefill_step_size` tokens) of the first waiting prompt; the prompts that are in start
+        decoding (their first token is handed out at the next iteration, not after other prompts' chunks)."""
+        fed = False
+        while self.waiting:
             sequence = self.waiting[0]
             try:
                 feed = next((feed for feed in sequence.feeds if feed.remaining), None)
                 if feed is not None:
-                    budget -= feed.feed(min(budget, sequence.chunk))
-                if not any(feed.remaining for feed in sequence.feeds):
-                    self.waiting.pop(0)
-                    self.start(sequence)
+                    if fed:
+                        return
+                    feed.feed(min(self.prefill_step_size, sequence.chunk))
+                    fed = True
+                if any(feed.remaining for feed in sequence.feeds):
+                    return
+                self.waiting.pop(0)
+                self.start(sequence)
             except Exception as e:  # noqa: BLE001
                 if sequence in self.waiting:
                     self.waiting.remove(sequence)
