@@ -1,7 +1,7 @@
 """A soak run of the server (not part of the test suite): mixed clients for --minutes on loopback, every request
 answered or refused with a clear status, and the server's memory sampled throughout.
 
-    python benchmarks/soak.py [--minutes 10] [--max-requests 4000] [--clients 6] [--json results/soak.json]
+    python benchmarks/soak.py [--minutes 10] [--max-requests 20000] [--clients 6] [--json results/soak.json]
 
 Two server processes on 127.0.0.1 serve a tiny random multimodal Gemma 3 (built here with transformers, as the
 tests build theirs: the demo 270M reads text only, and a tiny model turns many requests over in ten minutes).
@@ -65,7 +65,7 @@ KINDS = ("long", "image", "constrained", "short", "speculative", "disconnect")
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--max-requests", type=int, default=4000, help="stop after this many requests")
+    parser.add_argument("--max-requests", type=int, default=20000, help="stop after this many requests")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--period", type=float, default=5.0, help="seconds between memory samples")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -222,7 +222,7 @@ def memory(samples: list[dict], start: float, end: float) -> dict:
     span = end - start
     warm = [s for s in samples if start + 0.2 * span <= s["t"] <= start + 0.4 * span]
     late = [s for s in samples if s["t"] >= end - 0.2 * span]
-    out = {}
+    out = {"per_minute_mb": per_minute(samples, start, end)}
     for key in ("active", "cache", "rss"):
         out[key] = {
             "after_warm_up_mb": statistics.mean(s[key] for s in warm) / 2**20 if warm else None,
@@ -230,6 +230,17 @@ def memory(samples: list[dict], start: float, end: float) -> dict:
             "peak_mb": max(s[key] for s in samples) / 2**20,
         }
     return out
+
+
+def per_minute(samples: list[dict], start: float, end: float) -> list[dict]:
+    """Each minute's mean active memory and resident set, in MB."""
+    minutes = []
+    for minute in range(int((end - start) // 60) + 1):
+        inside = [s for s in samples if start + 60 * minute <= s["t"] < start + 60 * (minute + 1)]
+        if inside:
+            means = {key: round(statistics.mean(s[key] for s in inside) / 2**20, 2) for key in ("active", "rss")}
+            minutes.append({"minute": minute + 1, **means})
+    return minutes
 
 
 def main() -> None:

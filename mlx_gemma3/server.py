@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         type=positive,
         default=PREFILL_STEP_SIZE,
         metavar="N",
-        help=f"prompt tokens prefilled per iteration, across waiting requests, between two tokens of the running "
-        f"ones (default {PREFILL_STEP_SIZE})",
+        help=f"most prompt tokens prefilled between two tokens of the running requests: one chunk per iteration "
+        f"(default {PREFILL_STEP_SIZE})",
     )
     parser.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API only)")
     add_speculative_flags(parser)

@@ -132,7 +132,8 @@ class Active:
 
 class Worker:
     """The thread that owns the model and runs one loop (generation/scheduler.py): each iteration every decoding
-    job gets a token, and waiting prompts are prefilled by at most `prefill_step_size` tokens. Up to `max_batch`
+    job gets a token, and the first waiting prompt is prefilled by one chunk of at most `prefill_step_size`
+    tokens. Up to `max_batch`
     jobs are started at once (prefilling or decoding), `max_queue` more may wait (0: no bound); a `Call` (the
     moderation endpoint) runs between two iterations.
 
