@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "generate": "generate text from a prompt",
     "chat": "chat in the terminal (keeps the cache between turns)",
+    "embed": "embed texts into vectors with EmbeddingGemma",
     "server": "serve an OpenAI-compatible HTTP API",
     "convert": "convert a Hugging Face checkpoint or a GGUF file into an MLX folder",
     "benchmark": "measure prefill and decode speed and memory",

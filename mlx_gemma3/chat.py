@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from .cli import (
     Parser,
+    add_chat_template_args_flag,
     add_model_flags,
     add_sampling_flags,
     add_speculative_flags,
@@ -40,6 +41,7 @@ PROMPT = ">> "
 def parse_args(argv: list[str] | None):
     parser = Parser("chat", description="Chat with a Gemma 3 model.")
     add_model_flags(parser)
+    add_chat_template_args_flag(parser)
     add_sampling_flags(parser)
     add_speculative_flags(parser)
     parser.add_argument("--pan-and-scan", action="store_true", help="add up to 4 crops of wide or tall images")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 def chat_options(args, processor) -> dict:
     options = sampling_options(args, processor)
     options.pop("prefill_progress", None)  # a chat turn prefills only the new turn
-    return {**options, **speculative_options(args)}
+    return {**options, **speculative_options(args), "chat_template_kwargs": args.chat_template_args}
 
 
 def local_input(interactive: bool) -> Callable[[], tuple[str, bytes | None] | None]:

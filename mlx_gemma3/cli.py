@@ -5,6 +5,7 @@ Internal: not part of the public API, which docs/api.md lists."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -55,6 +56,29 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="system prompt (folded into the first user turn, as Gemma 3 expects)",
     )
     add_distributed_flag(parser)
+
+
+def add_chat_template_args_flag(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    """--chat-template-args JSON (mlx_lm.server's name; `aliases` add mlx_lm.generate's --chat-template-config)."""
+    parser.add_argument(
+        "--chat-template-args",
+        *aliases,
+        dest="chat_template_args",
+        type=template_args,
+        metavar="JSON",
+        help="variables for the model's chat template, a JSON object, e.g. TranslateGemma's "
+        '\'{"source_lang_code": "en", "target_lang_code": "de"}\'',
+    )
+
+
+def template_args(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--chat-template-args is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--chat-template-args must be a JSON object")
+    return value
 
 
 def add_distributed_flag(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 
 from .cli import (
     Parser,
+    add_chat_template_args_flag,
     add_constraint_flags,
     add_model_flags,
     add_sampling_flags,
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None):
         action="store_true",
         help="complete the prompt as plain text",
     )
+    add_chat_template_args_flag(parser, "--chat-template-config")
     parser.add_argument(
         "--verbose",
         type=boolean,
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(
             sampling_options(args, processor), system=args.system, use_chat_template=not args.no_chat_template
         )
+        options["chat_template_kwargs"] = args.chat_template_args
         options.update(pan_and_scan=args.pan_and_scan, images=images or None, prompt_cache_file=args.prompt_cache_file)
         options.update(speculative_options(args))
         guard = stall_guard(args.distributed)

@@ -47,6 +47,8 @@ class Options:
     json_schema: object = None  # the reply is JSON valid under this schema (a dict, its JSON text, a pydantic class)
     regex: str | None = None  # the reply matches this regular expression
     grammar: str | None = None  # the reply follows this Lark grammar (llguidance's dialect)
+    tools: list | None = None  # functions the model may call (see processing.prompt.chat_text): chat prompts only
+    chat_template_kwargs: dict | None = None  # further variables for the folder's chat template
 
     @classmethod
     def of(cls, options: dict) -> Options:
@@ -183,4 +185,9 @@ OPTION_RULES = {
     ),
     "regex": (lambda v: v is None or isinstance(v, str) and v != "", "a regular expression or None"),
     "grammar": (lambda v: v is None or isinstance(v, str) and v != "", "a Lark grammar (text) or None"),
+    "tools": (
+        lambda v: v is None or isinstance(v, (list, tuple)),
+        "a list of tools (functions, JSON schemas) or None",
+    ),
+    "chat_template_kwargs": (lambda v: v is None or isinstance(v, dict), "a dict of template variables or None"),
 }

@@ -18,10 +18,10 @@ from ..model.cache import writable_cache_path
 from ..model.text import TEXT_ONLY
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
+from .generated_reply import Reply
 from .options import Options
 from .prefix_reuse import image_digests
 from .prompt_file import reusable_cache, saving_when_prefilled
-from .reply import Reply
 from .speculative import speculative_generate_step
 from .step import generate_step
 from .thread_streams import generation_stream
@@ -94,13 +94,16 @@ def prepare_prompt(model, processor, prompt, images, opts: Options, encoded: dic
 def render_prompt(model, processor, prompt, images, opts: Options) -> tuple[list[int], np.ndarray | None]:
     """(token ids, the images' pixels or None): images preprocessed and their placeholders expanded."""
     sources = [*image_sources(prompt), *(images or [])]
+    chat = dict(tools=opts.tools, template_kwargs=opts.chat_template_kwargs)
     if not sources:
-        return prompt_ids(processor, prompt, opts.system, opts.use_chat_template), None
+        return prompt_ids(processor, prompt, opts.system, opts.use_chat_template, **chat), None
     vision = model.config.vision
     if vision is None:
         raise Gemma3Error(TEXT_ONLY)
     pixels, crops = process_images(sources, vision.image_size, opts.pan_and_scan)
-    return prompt_ids(processor, prompt, opts.system, opts.use_chat_template, crops, vision.tokens_per_image), pixels
+    return prompt_ids(
+        processor, prompt, opts.system, opts.use_chat_template, crops, vision.tokens_per_image, **chat
+    ), pixels
 
 
 def image_sources(prompt) -> list:

@@ -52,6 +52,19 @@ def model_folder(model: str | os.PathLike | None) -> str:
     raise Gemma3Error(f"model folder {path} does not exist: pass {SOURCES}")
 
 
+def model_name(model: str | os.PathLike | None) -> str:
+    """The name a model source goes by: a folder's name, a .gguf file's stem, a Hub repo id as written, the
+    demo's GGUF stem (never the hash suffix of a converted GGUF's cache folder)."""
+    if model is None:
+        return DEMO_STEM
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return Path(os.path.abspath(path)).name  # "." named, a link by its own name
+    if path.suffix == ".gguf":
+        return path.stem
+    return str(model)
+
+
 def demo_model() -> Path:
     """The folder of the demo model (Google's pre-trained Gemma 3 270M, a base model), converted on first use."""
     return _converted_once(_demo_gguf_into, gguf_folder(DEMO_STEM, _demo_sha256()), "the bundled Gemma 3 270M")

@@ -11,8 +11,9 @@ from .options import Options
 
 
 def eos_ids(processor, extra: tuple[int, ...] = ()) -> set[int]:
-    """Every id that ends a reply: <eos>, <end_of_turn>, the config's and the caller's."""
-    return {*EOS_IDS, *processor.config.eos_token_ids, *extra}
+    """Every id that ends a reply: <eos>, <end_of_turn>, the config's, the model's own (FunctionGemma's
+    <start_function_response>) and the caller's."""
+    return {*EOS_IDS, *processor.config.eos_token_ids, *getattr(processor, "stop_ids", ()), *extra}
 
 
 class Reply:
