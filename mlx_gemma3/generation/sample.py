@@ -57,13 +57,9 @@ class Sampler:
         self.key, key = mx.random.split(self.key)
         return key
 
-    def noise(self, shape: tuple[int, ...]) -> mx.array:
-        """Gumbel noise for one draw: argmax(filtered logits + noise) is a sample of their softmax."""
-        return mx.random.gumbel(shape=shape, key=self.next_key())
-
     def pick(self, filtered: mx.array) -> mx.array:
-        """A token [N] drawn from filtered logits [N, V]."""
-        return mx.argmax(filtered + self.noise(filtered.shape), axis=-1)
+        """A token [N] drawn from filtered logits [N, V] (one key for the whole call)."""
+        return mx.random.categorical(filtered, key=self.next_key())
 
     def draw(self, logprobs: mx.array) -> mx.array:
         """The next token [N] for log-probabilities [N, V] (one key for the whole call)."""
@@ -76,8 +72,8 @@ class Sampler:
 
 def draw(samplers: Sequence[Callable[[mx.array], mx.array]], logprobs: mx.array) -> mx.array:
     """Row i's next token by samplers[i], for log-probabilities [N, V]: rows whose Samplers share settings are
-    filtered and drawn in one go, each sampling row with noise from its own key (so each row draws what its
-    sampler draws alone); any other callable draws its own row."""
+    filtered in one go (greedy ones take one argmax), and each sampling row draws with its own key (so it draws
+    what its sampler draws alone); any other callable draws its own row."""
     groups: dict[object, list[int]] = {}
     for i, sampler in enumerate(samplers):
         group = sampler.settings if isinstance(sampler, Sampler) else ("own", i)
@@ -100,8 +96,9 @@ def draw_group(samplers: list, logprobs: mx.array) -> mx.array:
     if first.greedy:
         return mx.argmax(logprobs, axis=-1)
     filtered = first.filter(logprobs)
-    noise = mx.concatenate([sampler.noise((1, logprobs.shape[-1])) for sampler in samplers])
-    return mx.argmax(filtered + noise, axis=-1)
+    if len(samplers) == 1:
+        return first.pick(filtered)
+    return mx.concatenate([sampler.pick(filtered[i : i + 1]) for i, sampler in enumerate(samplers)])
 
 
 def processed_logprobs(
