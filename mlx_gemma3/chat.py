@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.prompt_cache_file and Path(args.prompt_cache_file).is_file():
                 chat.load(args.prompt_cache_file)
-                print(f"[continuing {args.prompt_cache_file}: {len(chat.cached_ids)} tokens reused]", file=sys.stderr)
+                print(f"[continuing {args.prompt_cache_file}: {len(chat.cached_keys)} tokens reused]", file=sys.stderr)
             print(HELP, file=sys.stderr)
             interactive = sys.stdin.isatty()
             repl(chat, shared_input(interactive, guard) if guard is not None else local_input(interactive), guard)

@@ -27,6 +27,7 @@ from .cli import (
 from .distributed.group import rank, stall_guard
 from .distributed.serving import Follower, Leader, follow
 from .errors import Gemma3Error
+from .generation.step import PREFILL_STEP_SIZE
 from .loader import load, load_embedding
 from .model.sources import SOURCES, is_repo_id, model_folder, model_name
 from .serve.http import (
@@ -44,6 +45,7 @@ from .serve.responses import STORED_RESPONSES
 from .serve.worker import Worker
 
 DRAFT_NAME = "draft"  # the registry's name for --draft-model
+CACHE_LIMIT_BYTES = 2**30  # MLX keeps at most this much freed memory for reuse (mx.set_cache_limit)
 
 
 def port_number(text: str) -> int:
@@ -166,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"requests decoded together, each joining after its prefill (default {MAX_BATCH}; 1: one at a time)",
     )
     parser.add_argument(
+        "--prefill-step-size",
+        type=positive,
+        default=PREFILL_STEP_SIZE,
+        metavar="N",
+        help=f"most prompt tokens prefilled between two tokens of the running requests: one chunk per iteration "
+        f"(default {PREFILL_STEP_SIZE})",
+    )
+    parser.add_argument(
         "--embedding-model",
         metavar="MODEL",
         help="also answer POST /v1/embeddings with this EmbeddingGemma model (a folder converted with "
@@ -178,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         refuse_distributed(args, "server")
+        mx.set_cache_limit(CACHE_LIMIT_BYTES)  # this process serves for long: MLX's freed buffers stay bounded
         specs = model_specs(args)
         policy = dict(
             max_tokens_limit=args.max_tokens_limit,
@@ -191,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt_cache_size=args.prompt_cache_size,
             prompt_cache_bytes=args.prompt_cache_bytes,
             max_batch=args.max_batch,
+            prefill_step_size=args.prefill_step_size,
             web=not args.no_web,
             max_loaded_models=args.max_loaded_models,
             max_model_bytes=args.max_model_bytes,
@@ -309,7 +321,14 @@ def follow_rank_zero(model, processor, args) -> int:
     """A distributed server's rank > 0: no HTTP, it replays rank 0's batch until rank 0 stops."""
     store = PromptCacheStore(args.prompt_cache_size, args.prompt_cache_bytes, evicts=False)
     with stall_guard(args.distributed) as guard:
-        worker = Worker(model, processor, store=store, mirror=Follower(guard), threaded=False)
+        worker = Worker(
+            model,
+            processor,
+            store=store,
+            mirror=Follower(guard),
+            threaded=False,
+            prefill_step_size=args.prefill_step_size,
+        )
         follow(worker, mx.distributed.init(), guard)
     return 0
 

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import Gemma3Error
-from .prompt_file import common_prefix
+from .prefix_reuse import common_prefix
 
 DEAD_END = "dead_end"  # the finish reason of a reply the grammar could not continue
 

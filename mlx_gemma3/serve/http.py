@@ -21,6 +21,7 @@ from itertools import chain
 from pathlib import Path
 
 from ..errors import Gemma3Error
+from ..generation.step import PREFILL_STEP_SIZE
 from ..generation.text_stream import TEXT_ONLY, Options, image_sources
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
@@ -35,7 +36,7 @@ from .registry import ModelSpec, Registry, Served, UnknownModel
 from .reply import Ending, reply_events
 from .requests import Request, RequestError, openai_error
 from .responses import RESPONSES_PATH, STORED_RESPONSES, ResponseStore, create, delete, retrieve
-from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker, batchable
+from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker, distributable
 
 MAX_BODY_BYTES = 20 * 2**20
 MAX_TOKENS_LIMIT = 4096
@@ -74,6 +75,7 @@ class ServerState:
     prompt_cache_size: int = DEFAULT_ENTRIES  # KV caches kept across requests, per model (0: no prompt cache)
     prompt_cache_bytes: int = DEFAULT_BYTES  # their bytes together (0: no prompt cache)
     max_batch: int = MAX_BATCH  # requests decoded together
+    prefill_step_size: int = PREFILL_STEP_SIZE  # prompt tokens prefilled per iteration of the worker's loop
     web: bool = True  # serve the chat page at GET /
     mirror: object = None  # distributed: rank 0's link to the other ranks (distributed/serving.py Leader)
     models: list[ModelSpec] = field(default_factory=list)
@@ -106,7 +108,15 @@ def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -
 
     def start(model, processor) -> Worker:
         store = PromptCacheStore(state.prompt_cache_size, state.prompt_cache_bytes)
-        return Worker(model, processor, state.max_queue, store, state.max_batch, state.mirror)
+        return Worker(
+            model,
+            processor,
+            state.max_queue,
+            store,
+            state.max_batch,
+            state.mirror,
+            prefill_step_size=state.prefill_step_size,
+        )
 
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     limits = (state.max_loaded_models, state.max_model_bytes)
@@ -310,10 +320,10 @@ class Handler(BaseHTTPRequestHandler):
         """Options checked, prompt rendered and tokenized, images loaded: every client mistake is found here."""
         state = self.state
         options = Options.of({**request.options, **served.options, **state.extra_options})
-        if state.mirror is not None and not batchable(options):
+        if state.mirror is not None and not distributable(options):
             raise RequestError(
-                "a distributed server (--distributed) decodes every request in its batch: "
-                "max_kv_size and speculative decoding are not available on it"
+                "a distributed server (--distributed) serves neither max_kv_size nor speculative decoding: "
+                "serve them from one process"
             )
         sources = image_sources(request.prompt) if request.chat else []
         pixels, crops, vision = None, None, served.model.config.vision
