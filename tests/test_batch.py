@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import TINY_TEXT, convert, random_ids, tiny_text_model
+from conftest import TINY_TEXT, WIDE_HEAD, random_ids
 
 import mlx_gemma3
 from mlx_gemma3.model.cache import (
@@ -24,14 +24,12 @@ STEPS = 30
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(converted_tiny):
     """The tiny model (head_dim 16) for float caches, and one with head_dim 64 for 8-bit KV (groups of 64)."""
-    folder = tmp_path_factory.mktemp("batch")
-    built = {}
-    for name, overrides in (("tiny", {}), ("wide", dict(head_dim=64, query_pre_attn_scalar=64))):
-        tiny_text_model(seed=4, **overrides).save_pretrained(folder / name)
-        built[name] = mlx_gemma3.load(convert(folder / name, folder / f"{name}-mlx"))[0]
-    return built
+    return {
+        "tiny": mlx_gemma3.load(converted_tiny(seed=4).folder)[0],
+        "wide": mlx_gemma3.load(converted_tiny(WIDE_HEAD, seed=3).folder)[0],
+    }
 
 
 def prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TINY_TEXT, convert, random_ids, tiny_text_model
+from conftest import TINY_TEXT, random_ids
 
 import mlx_gemma3
 from mlx_gemma3.generation.batch import BatchGenerator
@@ -26,10 +26,8 @@ class Counted:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("batchgen")
-    tiny_text_model(seed=7).save_pretrained(folder / "hf")
-    return mlx_gemma3.load(convert(folder / "hf", folder / "mlx"))[0]
+def model(converted_tiny):
+    return mlx_gemma3.load(converted_tiny(seed=7).folder)[0]
 
 
 def penalty(seen, logits):
@@ -101,3 +99,24 @@ def test_a_removed_row_continues_alone_from_its_cache(model):
     assert batch.rows == [other]
     rest = list(mlx_gemma3.generate_step(model, [tokens[5]], cache, history=prompt + tokens[:5], max_tokens=6))
     assert [t for t, _ in rest] == tokens[6:]
+
+
+def test_rows_join_in_place_and_the_timeline_drops_slots_no_row_holds(model):
+    long_prompt, short_prompt = random_ids(300, seed=43)[0].tolist(), random_ids(5, seed=44)[0].tolist()
+    tokens, logprobs = alone(model, short_prompt, 12, {}, ())
+    batch = BatchGenerator(model)
+    long_row = batch.add(long_prompt, model.make_cache(), sampler=Sampler(), prefill_step_size=64)
+    room = [layer.room() for layer in batch.cache]
+    row = batch.add(short_prompt, model.make_cache(), sampler=Sampler(), prefill_step_size=64)
+    assert [layer.padding for layer in batch.cache if layer.window is None][0] == [0, 295]  # right-aligned in place
+    got = []
+    for _ in range(4):
+        got += [(t, np.array(lp)) for r, t, lp in batch.step() if r is row]
+    batch.remove(long_row)
+    full = [layer for layer in batch.cache if layer.window is None]
+    assert all(layer.padding == [0] and layer.inner.offset == 5 + 4 for layer in full)  # 295 unused slots dropped
+    assert [layer.room() for layer in batch.cache] == [2 * r for r in room]  # the room doubled once, for the join
+    while len(got) < 12:
+        got += [(t, np.array(lp)) for r, t, lp in batch.step() if r is row]
+    assert [t for t, _ in got] == tokens
+    assert np.abs(np.stack([lp for _, lp in got]) - logprobs).max() <= 1e-4

@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import convert, run_cli, tiny_text_model
+from conftest import run_cli
 
 FIGURES = ("Prefill:", "Decode:", "Time to first token:", "Peak memory:", "KV cache:")
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
+def tiny_folder(converted_tiny):
     """A converted tiny text model without a tokenizer: the benchmark feeds token ids."""
-    folder = tmp_path_factory.mktemp("bench")
-    tiny_text_model(seed=3).save_pretrained(folder / "hf")
-    return convert(folder / "hf", folder / "mlx")
+    return converted_tiny(seed=3).folder
 
 
 def test_benchmark_prints_the_figures_and_writes_json(tiny_folder, tmp_path):

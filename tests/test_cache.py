@@ -101,15 +101,12 @@ def test_trim_refuses_more_than_the_rewind_after_wrap(hf_text, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def wide_head(tmp_path_factory):
+def wide_head(converted_tiny):
     """A tiny model with head_dim 64 so the KV cache can be quantized in groups of 32 and 64."""
-    from conftest import tiny_text_model
+    from conftest import WIDE_HEAD
 
-    folder = tmp_path_factory.mktemp("wide")
-    reference = tiny_text_model(seed=3, head_dim=64, query_pre_attn_scalar=64)
-    reference.save_pretrained(folder / "hf")
-    model, _ = mlx_gemma3.load(convert(folder / "hf", folder / "mlx"))
-    return model, reference
+    tiny = converted_tiny(WIDE_HEAD, seed=3)
+    return mlx_gemma3.load(tiny.folder)[0], tiny.reference
 
 
 # Stated tolerance: quantized-cache logits stay within this fraction of the logits' spread (max |Δ| / std).

@@ -132,21 +132,20 @@ def single_process(model_dir: Path, prompt: list[int], features_from: Path | Non
 
 
 @pytest.fixture(scope="module")
-def text_models(tmp_path_factory):
+def text_models(converted_tiny):
     """A tiny model (6 layers, sliding and full, GQA), its float and 4-bit conversions, a prompt past the window,
     and transformers' logits and greedy continuation."""
     torch = reference_torch()
-    folder = tmp_path_factory.mktemp("dist")
-    reference = tiny_text_model(seed=5)
-    reference.save_pretrained(folder / "hf")
+    tiny = converted_tiny(seed=5)
+    reference = tiny.reference
     prompt = random_ids(PROMPT_LENGTH, seed=7)
     with torch.no_grad():
         out = reference.generate(
             torch.tensor(prompt), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
         )
     return {
-        "float": convert(folder / "hf", folder / "float"),
-        "4bit": convert(folder / "hf", folder / "q4", "--q-bits", "4", "--q-group-size", "32"),
+        "float": tiny.folder,
+        "4bit": converted_tiny(seed=5, convert_args=("--q-bits", "4", "--q-group-size", "32")).folder,
         "prompt": prompt[0].tolist(),
         "logits": reference_logits(reference, prompt)[0],
         "tokens": out[0, PROMPT_LENGTH:].tolist(),

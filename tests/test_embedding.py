@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -36,12 +35,11 @@ def reference_text(reference, processor, prompt, max_tokens: int) -> str:
 def test_worker_thread_cancel_stops_within_a_few_tokens(tiny_chat_model):
     folder, _, reference = tiny_chat_model
     model, processor = mlx_gemma3.load(folder)
-    counter, chunks = Counter(), []
+    counter, chunks = Counter(wake_at=5), []
     job = BackgroundGeneration(
         model, processor, "Tell me a story", on_text=chunks.append, max_tokens=900, logits_processors=[counter]
     )
-    while counter.steps < 5:
-        time.sleep(0.005)
+    assert counter.reached.wait(timeout=60)
     job.cancel()
     at_cancel = counter.steps
     job.wait(timeout=60)

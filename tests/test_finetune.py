@@ -108,10 +108,9 @@ def assert_gradients_match(ours: dict, reference: dict, transposed: bool = True)
 
 
 @pytest.fixture(scope="module")
-def text_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("finetune")
-    tiny_text_model(seed=3).save_pretrained(folder / "hf")
-    return convert(folder / "hf", folder / "mlx"), folder / "hf"
+def text_folder(converted_tiny):
+    tiny = converted_tiny(seed=3)
+    return tiny.folder, tiny.hf
 
 
 def adapted(folder, kind: str, peft_model, prefix: str = "model."):

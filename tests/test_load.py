@@ -57,12 +57,10 @@ def test_half_precision_weights_keep_row_major(hf_text, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def multimodal_folder(tmp_path_factory):
-    from conftest import TINY_IMAGE_TOKENS, tiny_multimodal_model
+def multimodal_folder(converted_tiny):
+    from conftest import TINY_IMAGE_TOKENS
 
-    folder = tmp_path_factory.mktemp("multimodal")
-    tiny_multimodal_model(seed=5, image_tokens=TINY_IMAGE_TOKENS).save_pretrained(folder / "hf")
-    return convert(folder / "hf", folder / "mlx")
+    return converted_tiny(seed=5, vision=True, image_tokens=TINY_IMAGE_TOKENS).folder
 
 
 def test_load_for_training_saves_the_folders_own_tensors(multimodal_folder, tmp_path):

@@ -195,3 +195,75 @@ def test_next_turns_reuse_the_previous_reply_too(loaded):  # noqa: F811
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def image_turn(color: str, text: str) -> dict:
+    from test_server_batch import data_url
+
+    return {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": data_url(color)}}, {"type": "text", "text": text}],
+    }
+
+
+@pytest.mark.slow
+def test_an_image_conversation_reuses_its_image_next_turn_and_never_another(image_chat_model):
+    from mlx_gemma3.serve.requests import to_gemma_messages
+
+    _, model, processor, _, _ = image_chat_model
+    options = {"logits_processors": [PlainText(processor)]}
+    cached, _ = serving((model, processor), extra_options=dict(options))
+    plain, _ = serving((model, processor), prompt_cache_size=0, extra_options=dict(options))
+    try:
+        first = [image_turn("teal", "What is this?")]
+        vision = model.config.vision
+        image_at = prompt_ids(processor, to_gemma_messages(first), None, True, [0], vision.tokens_per_image).index(
+            vision.image_token_id
+        )
+
+        def turn(messages):
+            got = ask(cached.server_address[1], messages, 8)
+            want = ask(plain.server_address[1], messages, 8)
+            assert got[0] == want[0] and abs(got[1] - want[1]) < 1e-4
+            return got
+
+        text, _, usage = turn(first)
+        assert usage.prompt_tokens_details.cached_tokens == 0
+        second = [*first, {"role": "assistant", "content": text}, {"role": "user", "content": "And its colour?"}]
+        _, _, next_usage = turn(second)
+        # the first turn's whole prompt, its image included, came from the prompt cache
+        assert (
+            next_usage.prompt_tokens_details.cached_tokens >= usage.prompt_tokens > image_at + vision.tokens_per_image
+        )
+        # the same conversation about another picture (same token ids) reuses nothing from the image on
+        other = [image_turn("orange", "What is this?"), *second[1:]]
+        _, _, other_usage = turn(other)
+        assert other_usage.prompt_tokens_details.cached_tokens <= image_at  # (the window of 16 slid: none here)
+    finally:
+        for httpd in (cached, plain):
+            httpd.shutdown()
+            httpd.server_close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{"max_kv_size": 40}, {"prompt_lookup": 3}], ids=["max_kv_size", "speculative"])
+def test_bounded_and_speculative_requests_reuse_the_prompt_cache_exactly(loaded, options):  # noqa: F811
+    extra = {"logits_processors": [PlainText(loaded[1])], **options}
+    cached, _ = serving(loaded, extra_options=dict(extra))
+    plain, _ = serving(loaded, prompt_cache_size=0, extra_options=dict(extra))
+    try:
+        history, usages = [], []
+        for n in range(3):
+            history.append({"role": "user", "content": message(n, 12)})
+            got = ask(cached.server_address[1], history)
+            want = ask(plain.server_address[1], history)
+            assert got[0] == want[0] and abs(got[1] - want[1]) < 1e-4
+            history.append({"role": "assistant", "content": got[0]})
+            usages.append(got[2])
+        assert usages[-1].prompt_tokens > 40  # past the bounded cache's size and the window of 16
+        for before, after in zip(usages, usages[1:]):  # the previous turn's whole prompt came from the cache
+            assert after.prompt_tokens_details.cached_tokens >= before.prompt_tokens
+    finally:
+        for httpd in (cached, plain):
+            httpd.shutdown()
+            httpd.server_close()

@@ -14,6 +14,7 @@ import time
 import mlx.core as mx
 import openai
 import pytest
+from conftest import StepCounter, running_jobs
 
 import mlx_gemma3
 from mlx_gemma3.serve.http import ServerState, make_server
@@ -325,8 +326,8 @@ def test_a_full_queue_answers_503(loaded):
 @pytest.mark.slow
 def test_an_abandoned_non_streaming_request_stops_generating(server):
     port, state = server
-    slow = Slow(pause=0.02)
-    state.extra_options["logits_processors"] = [slow]
+    slow, counter = Slow(pause=0.02), StepCounter(wake_at=5)
+    state.extra_options["logits_processors"] = [slow, counter]
     try:
         body = json.dumps({"messages": HELLO, "max_tokens": 500}).encode()
         connection = socket.create_connection(("127.0.0.1", port))
@@ -335,14 +336,11 @@ def test_an_abandoned_non_streaming_request_stops_generating(server):
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        deadline = time.time() + 30
-        while slow.steps < 5 and time.time() < deadline:
-            time.sleep(0.01)
+        assert counter.reached.wait(timeout=30)  # decoding, in the batch
+        [job] = running_jobs(state.worker)
         connection.close()
-        time.sleep(0.5)
-        stopped_at = slow.steps
-        time.sleep(0.3)
-        assert slow.steps == stopped_at < 60  # about 25 more tokens would run every 0.5 s
+        assert job.ended.wait(timeout=60)  # the worker let the job go
+        assert job.generated < 60  # about 25 tokens run every 0.5 s: it stopped soon, not after 500
     finally:
         state.extra_options.clear()
     assert client(port).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).choices

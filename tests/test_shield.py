@@ -171,19 +171,31 @@ def test_hub_and_wrapped_mlx_layouts_load_the_same(built, tmp_path):
         assert all(mx.array_equal(other[key], loaded[0][key]) for key in loaded[0])
 
 
-def test_4bit_matches_transformers_on_the_dequantized_weights(built):
-    from test_quantize import dequantized_reference
+def test_4bit_stores_the_reference_quantizers_tensors_and_stays_as_close_to_float(built):
+    """-q (4 bits, group 64) stores what MLX's quantizer makes of transformers' weights (mlx-lm cannot load a
+    ShieldGemma 2: quantized_by_mlx applies its rule), scores like transformers on those weights, and lies no
+    farther from the float classifier than that reference does."""
+    from test_quantize import assert_stores_the_references_tensors, dequantized_reference, quantized_by_mlx
 
     folder, hf_model, paths = built.folder, built.model, built.paths
     q4 = convert(folder / "hf", folder / "q4", "-q")
     config = json.loads((q4 / "config.json").read_text())
     assert config["model_type"] == "shieldgemma2" and config["quantization"]["bits"] == 4
+    tensors = quantized_by_mlx(
+        hf_model, folder / "hf", 64, lambda path: 4, lambda name: "position_embedding" not in name
+    )
+    assert_stores_the_references_tensors(q4, tensors)
     model, processor = mlx_gemma3.load(q4)
     assert model.language_model.model.layers[0].mlp.up_proj.bits == 4
-    probabilities, logits = reference(built, model=dequantized_reference(hf_model, q4))
+    quantized = dequantized_reference(hf_model, folder / "hf", tensors, lambda path: (64, 4))
+    probabilities, logits = reference(built, model=quantized)
     got_probabilities, got_logits = ours(shield.classify(model, processor, paths))
     assert np.abs(got_probabilities - probabilities).max() <= 1e-4
     assert np.abs(got_logits - logits).max() <= 1e-4
+    float_probabilities, _ = reference(built)
+    theirs, mine = (np.abs(p - float_probabilities).max() for p in (probabilities, got_probabilities))
+    print(f"4-bit: max |Δ probability| to the float classifier: reference {theirs:.4f}, ours {mine:.4f}")
+    assert 0 < mine <= theirs + 1e-4
 
 
 def test_classify_refuses_what_it_cannot_score(built, hf_text, tmp_path):

@@ -8,7 +8,7 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import TINY_TEXT, greedy_fixture
+from conftest import TINY_TEXT, greedy_reference
 
 import mlx_gemma3
 from mlx_gemma3.generation.thread_streams import release_thread_streams
@@ -17,8 +17,8 @@ NEW_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return greedy_fixture(tmp_path_factory.mktemp("step"), 3, 2 * TINY_TEXT["sliding_window"] + 3, NEW_TOKENS, 8)
+def tiny(converted_tiny):
+    return greedy_reference(converted_tiny(seed=3), 2 * TINY_TEXT["sliding_window"] + 3, NEW_TOKENS, 8)
 
 
 def test_a_custom_sampler_gets_transformers_greedy_tokens(tiny):

@@ -381,9 +381,9 @@ REAL_CASES = json.loads((Path(__file__).parent / "data" / "structured_270m.json"
 
 
 @pytest.fixture(scope="session")
-def gemma_270m():
-    """The real 270M base model (the demo model, converted once into the user's cache)."""
-    return mlx_gemma3.load(mlx_gemma3.demo_model())
+def gemma_270m(demo_folder):
+    """The real 270M base model (the demo model, converted once per session)."""
+    return mlx_gemma3.load(demo_folder)
 
 
 @pytest.mark.slow

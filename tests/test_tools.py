@@ -140,8 +140,26 @@ def test_parser_corpus(text, expected):
     assert parse_tool_calls(text) == [ToolCall(name, args) for name, args in expected]
 
 
-def test_corpus_is_large_enough():
-    assert len(CORPUS) >= 30 and sum(1 for _, e in CORPUS if not e) >= 10
+# Arguments of every JSON type, written below by the reference writers of each answer form.
+ROUND_TRIP = [
+    {"city": "Seoul"},
+    {"a": 1, "b": -2.5e-3, "c": 2**63 + 1},  # past int64 and past what a float holds exactly
+    {"query": "émoji 🎉, \"double\" and 'single' quotes, a \\ backslash\nand a newline", "flag": True, "none": None},
+    {"nested": {"list": [1, [2, 3], {"k": "v"}, []], "empty": {}}, "n": 0, "no": False},
+]
+
+
+@pytest.mark.parametrize("arguments", ROUND_TRIP, ids=[str(i) for i in range(len(ROUND_TRIP))])
+@pytest.mark.parametrize("style", ["python", "json"])
+def test_calls_written_by_the_reference_writers_parse_back(style, arguments):
+    """The two answer forms the prompt asks for, written by Python's repr and by json.dumps: each parses back to
+    the call that was written, in both its bare and fenced forms."""
+    if style == "python":
+        text = "[get_weather(" + ", ".join(f"{key}={value!r}" for key, value in arguments.items()) + ")]"
+    else:
+        text = json.dumps({"name": "get_weather", "parameters": arguments})
+    for written in (text, f"```tool_code\n{text}\n```"):
+        assert parse_tool_calls(written) == [ToolCall("get_weather", arguments)], written
 
 
 def test_parser_never_runs_code(tmp_path, monkeypatch):

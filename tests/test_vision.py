@@ -41,20 +41,21 @@ def reference(model, ids: np.ndarray, pixels: np.ndarray, bidirectional: bool = 
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(converted_tiny):
     """(our model, transformers model) per (tokens per image, sliding window)."""
-    made = {}
+    loaded = {}
 
     def get(tokens_per_image: int = 4, window: int = 16):
-        if (tokens_per_image, window) not in made:
-            folder = tmp_path_factory.mktemp("vision")
-            hf = tiny_multimodal_model(
-                seed=4, mm_tokens_per_image=tokens_per_image, image_tokens=TINY_IMAGE_TOKENS, sliding_window=window
+        if (tokens_per_image, window) not in loaded:
+            tiny = converted_tiny(
+                dict(sliding_window=window),
+                seed=4,
+                vision=True,
+                tokens_per_image=tokens_per_image,
+                image_tokens=TINY_IMAGE_TOKENS,
             )
-            hf.save_pretrained(folder / "hf")
-            model, _ = mlx_gemma3.load(convert(folder / "hf", folder / "mlx"))
-            made[tokens_per_image, window] = model, hf
-        return made[tokens_per_image, window]
+            loaded[tokens_per_image, window] = mlx_gemma3.load(tiny.folder)[0], tiny.reference
+        return loaded[tokens_per_image, window]
 
     return get
 

@@ -1,19 +1,49 @@
 """The distributed server and chat: rank 0 decides, the other ranks replay its decisions on their share of the model.
 
-Rank 0's worker sends each decision before the model work it starts (`share_object`, ordered with the model's
-own collectives): a job joining the batch (its prompt ids, pixels, options with an explicit seed, and the prompt
-cache entry it reuses), a step (and the jobs cancelled before it), the server stopping. The others run the same
-Worker code on those decisions, so every rank computes the same batch, samples the same tokens and keeps the
-same prompt cache entries. While a rank waits for requests (or a person) its stall guard is paused."""
+Before each iteration of its loop, rank 0's worker sends what it decided (`share_object`, ordered with the
+model's own collectives) as one frozen `Iteration`: the jobs joining (their prompt ids, pixels, options with an
+explicit seed, and the prompt-cache entry each takes), the jobs cancelled, and the prompt-cache entries kept; a
+`Shutdown` ends the server. The others run the same Worker and scheduler code on those decisions, so every rank
+runs the same forwards, samples the same tokens and keeps the same prompt cache entries. While a rank waits for
+requests (or a person) its stall guard is paused.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
 import os
-import random
 import sys
-from dataclasses import replace
+from dataclasses import dataclass
+
+import numpy as np
 
 from .group import Watchdog, is_peer_failure, peer_failure_message, share_object
+
+
+@dataclass(frozen=True)
+class Join:
+    """A job joining, as the other ranks start it."""
+
+    number: int
+    ids: tuple[int, ...]
+    pixels: np.ndarray | None
+    options: object  # generation Options, with the seed every rank samples with
+    top_logprobs: int | None
+    choice: tuple | None  # the prompt-cache entry it takes (PromptCacheStore.choose on rank 0)
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """Rank 0's decisions for one iteration of the worker's loop."""
+
+    joins: tuple[Join, ...]
+    cancelled: frozenset[int]  # numbers of the jobs that leave before it
+    kept: tuple[int, ...]  # keys of the prompt-cache entries kept (the others were evicted)
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """The server stops."""
 
 
 class Follower:
@@ -23,10 +53,7 @@ class Follower:
     def __init__(self, guard: Watchdog):
         self.guard = guard
 
-    def join(self, job, choice: tuple | None, kept: list) -> None:
-        pass
-
-    def step(self, cancelled: set[int], kept: list) -> None:
+    def iteration(self, joining: list, cancelled: set[int], kept: tuple) -> None:
         pass
 
     def stop(self) -> None:
@@ -34,9 +61,6 @@ class Follower:
 
     def idle(self) -> None:
         self.guard.pause()
-
-    def progress(self, report):
-        return self.guard.petting(report)
 
     def check(self, error: Exception) -> None:
         if is_peer_failure(error):
@@ -51,31 +75,26 @@ class Leader(Follower):
         self.group = group
         guard.pause()
 
-    def join(self, job, choice: tuple | None, kept: list) -> None:
-        if job.options.seed is None:  # each rank would draw its own seed: rank 0 draws it for all
-            job.options = replace(job.options, seed=random.getrandbits(32))
-        fields = {
-            "ids": job.ids,
-            "pixels": job.pixels,
-            "options": job.options,
-            "top_logprobs": job.top_logprobs,
-            "number": job.number,
-        }
-        self.send(("join", fields, choice, kept))
-
-    def step(self, cancelled: set[int], kept: list) -> None:
-        self.send(("step", cancelled, kept))
+    def iteration(self, joining: list, cancelled: set[int], kept: tuple) -> None:
+        """Send the worker's decisions (its Joining records: job, options, prompt-cache choice) before it acts."""
+        joins = tuple(
+            Join(
+                join.job.number, tuple(join.job.ids), join.job.pixels, join.options, join.job.top_logprobs, join.choice
+            )
+            for join in joining
+        )
+        self.send(Iteration(joins, frozenset(cancelled), tuple(kept)))
 
     def stop(self) -> None:
         try:
-            self.send(("stop",))
+            self.send(Shutdown())
         except RuntimeError as e:  # the others are gone already: nothing left to tell them
             print(f"note: {peer_failure_message(e)}", file=sys.stderr)
 
-    def send(self, command: tuple) -> None:
+    def send(self, message: Iteration | Shutdown) -> None:
         self.guard.pet()
         try:
-            share_object(command, self.group)
+            share_object(message, self.group)
         except RuntimeError as e:
             self.check(e)
             raise
@@ -91,8 +110,8 @@ def follow(worker, group, guard: Watchdog) -> None:
     """Replay rank 0's decisions on `worker` (made with a Follower mirror, no thread) until rank 0 stops."""
     while True:
         guard.pause()
-        command = share_object(None, group)
+        message = share_object(None, group)
         guard.pet()
-        if command[0] == "stop":
+        if isinstance(message, Shutdown):
             return
-        worker.replay(command)
+        worker.replay(message)

@@ -1,5 +1,7 @@
 """Constrained decoding: a stateful logits processor that masks every token a grammar forbids at each step, keeps
-JSON within what a parser keeps, and closes the reply within its token budget."""
+JSON within what a parser keeps, and closes the reply within its token budget.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 from ..errors import Gemma3Error
 from ..processing.grammar import limits_grammar
 from .closing import Closer
-from .prompt_file import common_prefix
+from .prefix_reuse import common_prefix
 
 DEAD_END = "dead_end"  # the finish reason of a reply the grammar could not continue
 CLOSING_MARGIN = 16  # tokens: the budget is watched once no more than the shortest finish plus these are left

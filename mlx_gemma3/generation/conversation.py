@@ -1,4 +1,6 @@
-"""Multi-turn chat that keeps its KV cache between turns (the `Chat` class)."""
+"""Multi-turn chat that keeps its KV cache between turns (the `Chat` class).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import mlx.core as mx
 
 from ..errors import Gemma3Error
 from ..model.cache import load_prompt_cache, same_layers, save_prompt_cache
+from .options import Options
+from .prefix_reuse import held_keys, image_digests, prompt_keys, reusable, token_ids, trimmed
 from .step import image_runs
-from .text_stream import GenerationResponse, Options, check_model, generate_ids, prepare_prompt
+from .text_stream import GenerationResponse, check_model, encode_images, generate_ids, render_prompt
 from .thread_streams import generation_stream
 
 CACHE_OPTIONS = ("kv_bits", "kv_group_size", "max_kv_size")
@@ -35,11 +39,11 @@ class Chat:
         """Forget the conversation (the system prompt stays)."""
         self.messages = []
         self.cache = Options.of(self.options).make_cache(self.model)
-        self.cached_ids: list[int] = []
+        self.cached_keys: list[int] = []  # what the cache holds, as prefix_reuse's keys (images by content)
         self.reset_draft_cache()
 
     def reset_draft_cache(self) -> None:
-        """The draft model's cache (speculative decoding), a prefix of `cached_ids`; it catches up when behind."""
+        """The draft model's cache (speculative decoding), a prefix of `cached_keys`; it catches up when behind."""
         opts = Options.of(self.options)
         self.draft_cache = None if opts.draft_model is None else opts.make_cache(opts.draft_model)
 
@@ -61,13 +65,15 @@ class Chat:
             content = [*({"type": "image", "image": image} for image in images), *text]
         user = {"role": "user", "content": content}
         opts = Options.of({**self.options, **options})
-        with mx.stream(generation_stream()):
-            ids, features = prepare_prompt(
-                self.model, self.processor, self.conversation(user), None, opts, self.encoded_images
-            )
-        reused = self._reuse(ids, features is not None)
-        if features is not None:
-            features = features[sum(first < reused for first, _ in self._runs(ids)) :]
+        ids, pixels = render_prompt(self.model, self.processor, self.conversation(user), None, opts)
+        keys = prompt_keys(ids, self.image_token, image_digests(pixels))
+        reused = self._reuse(keys)
+        features = None
+        if pixels is not None:
+            seen = sum(first < reused for first, _ in image_runs(ids, self.image_token))  # images already in the cache
+            if seen < len(pixels):
+                with mx.stream(generation_stream()):
+                    features = encode_images(self.model, pixels[seen:], self.encoded_images)
         reply, tokens = [], []
         draft_cache = self.draft_cache if opts.draft_model is self.options.get("draft_model") else None
         try:
@@ -78,7 +84,7 @@ class Chat:
                 tokens.append(response.token)
                 yield response
         finally:
-            self._settle(ids, tokens)
+            self._settle([*keys, *tokens])
             if tokens:
                 self.messages += [user, {"role": "assistant", "content": "".join(reply)}]
 
@@ -86,29 +92,21 @@ class Chat:
         """Send one user turn and return the whole reply."""
         return "".join(response.text for response in self.stream(content, **options))
 
-    def _runs(self, ids: list[int]) -> list[tuple[int, int]]:
-        return image_runs(ids, self.model.config.vision.image_token_id)
+    @property
+    def image_token(self) -> int | None:
+        vision = self.model.config.vision
+        return None if vision is None else vision.image_token_id
 
-    def _reuse(self, ids: list[int], has_images: bool) -> int:
-        """Trim the cache back to its common prefix with `ids` (keeping ≥ 1 token to feed, never ending inside
-        an image); returns its length."""
-        common = 0
-        for cached, new in zip(self.cached_ids, ids[:-1]):
-            if cached != new:
-                break
-            common += 1
-        for first, last in self._runs(ids) if has_images else []:
-            if first < common < last:
-                common = first
-        surplus = len(self.cached_ids) - common
-        if not all(layer.is_trimmable(surplus) for layer in self.cache):
+    def _reuse(self, keys: list[int]) -> int:
+        """Trim the cache back to what it shares with `keys` (prefix_reuse.reusable), or start over when it cannot
+        serve any of it; returns how many tokens it holds."""
+        n = reusable(self.cache, self.cached_keys, keys)
+        if n:
+            self.cache, self.cached_keys = trimmed(self.cache, self.cached_keys, n)
+        elif self.cached_keys:
             self.reset_cache()
-            return 0
-        for layer in self.cache:
-            layer.trim(surplus)
-        self.cached_ids = self.cached_ids[:common]
-        self._trim_draft(common)
-        return common
+        self._trim_draft(n)
+        return n
 
     def _trim_draft(self, length: int) -> None:
         """The draft cache holds at most the first `length` tokens (or starts over when it cannot rewind)."""
@@ -121,14 +119,14 @@ class Chat:
             for layer in self.draft_cache:
                 layer.trim(surplus)
 
-    def _settle(self, ids: list[int], tokens: list[int]) -> None:
-        """Record which tokens the cache now holds; an interrupted step leaves layers out of step → start over."""
-        offsets = {layer.offset for layer in self.cache}
-        held = offsets.pop() if len(offsets) == 1 else -1
-        if held < 0 or held > len(ids) + len(tokens):
+    def _settle(self, keys: list[int]) -> None:
+        """Record which of `keys` (the prompt's and the reply's) the cache now holds; an interrupted step leaves
+        layers out of step: start over then."""
+        held = held_keys(self.cache, keys)
+        if held is None:
             self.reset_cache()
         else:
-            self.cached_ids = (ids + tokens)[:held]
+            self.cached_keys = held
 
     def reset_cache(self) -> None:
         messages = self.messages
@@ -142,7 +140,7 @@ class Chat:
                 if item.get("type") == "image" and not isinstance(item.get("image", item.get("path", "")), str):
                     raise Gemma3Error("a chat whose images are not file paths cannot be saved: pass images as paths")
         extra = {"messages": self.messages, "system": self.system}
-        save_prompt_cache(path, self.cache, self.cached_ids, extra=extra)
+        save_prompt_cache(path, self.cache, token_ids(self.cached_keys, self.image_token), extra=extra)
 
     def load(self, path) -> None:
         """Continue a conversation saved by `save` (with the same model)."""
@@ -150,6 +148,6 @@ class Chat:
         expected = self.model.make_cache(**{k: self.options[k] for k in CACHE_OPTIONS if k in self.options})
         if not same_layers(cache, expected) or "messages" not in extra:
             raise Gemma3Error(f"{path} was saved from a different model or is not a chat: it does not fit this model")
-        self.cache, self.cached_ids = cache, ids
+        self.cache, self.cached_keys = cache, ids  # an image's tokens (its id, not its key) match no new image
         self.messages, self.system = extra["messages"], extra.get("system")
         self.reset_draft_cache()

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
+__all__ = ["Sampler"]
+
+# The temperatures accepted everywhere (the library, the command lines, the server): OpenAI's range. 0 is greedy;
+# past 2 sampling is close to uniform over the vocabulary and no longer useful.
+TEMP_RANGE = (0.0, 2.0)
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V]) → logits [1, V]
+
 
 class Sampler:
-    """Picks the next token from log-probabilities (or logits) [B, V]; greedy at temp 0; owns its PRNG key, so a
-    seed reproduces a run."""
+    """Picks the next token from log-probabilities (or logits) [N, V]; greedy at temp 0. It owns its PRNG key:
+    every random draw made for it splits that key through `next_key`, so a seed reproduces a run."""
 
     def __init__(
         self, temp: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None
@@ -19,6 +28,15 @@ class Sampler:
             raise ValueError(problem)
         self.temp, self.top_k, self.top_p, self.min_p = temp, top_k, top_p, min_p
         self.key = mx.random.key(random.getrandbits(32) if seed is None else seed)
+
+    @property
+    def settings(self) -> tuple:
+        """What decides the filter: rows with equal settings are filtered together."""
+        return (self.temp, self.top_k, self.top_p, self.min_p)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temp == 0
 
     def filter(self, logits: mx.array) -> mx.array:
         """Scaled logits with every excluded token at -inf."""
@@ -34,17 +52,76 @@ class Sampler:
             logits = mx.where(probs < threshold, -mx.inf, logits)
         return logits
 
-    def __call__(self, logits: mx.array) -> mx.array:
-        if self.temp == 0:
-            return mx.argmax(logits, axis=-1)
+    def next_key(self) -> mx.array:
+        """A fresh key for one draw; the sampler keeps the rest of its sequence."""
         self.key, key = mx.random.split(self.key)
-        return mx.random.categorical(self.filter(logits), key=key)
+        return key
+
+    def pick(self, filtered: mx.array) -> mx.array:
+        """A token [N] drawn from filtered logits [N, V] (one key for the whole call)."""
+        return mx.random.categorical(filtered, key=self.next_key())
+
+    def draw(self, logprobs: mx.array) -> mx.array:
+        """The next token [N] for log-probabilities [N, V] (one key for the whole call)."""
+        if self.greedy:
+            return mx.argmax(logprobs, axis=-1)
+        return self.pick(self.filter(logprobs))
+
+    __call__ = draw
+
+
+def draw(samplers: Sequence[Callable[[mx.array], mx.array]], logprobs: mx.array) -> mx.array:
+    """Row i's next token by samplers[i], for log-probabilities [N, V]: rows whose Samplers share settings are
+    filtered in one go (greedy ones take one argmax), and each sampling row draws with its own key (so it draws
+    what its sampler draws alone); any other callable draws its own row."""
+    groups: dict[object, list[int]] = {}
+    for i, sampler in enumerate(samplers):
+        group = sampler.settings if isinstance(sampler, Sampler) else ("own", i)
+        groups.setdefault(group, []).append(i)
+    parts, order = [], []
+    for rows in groups.values():
+        part = logprobs if len(rows) == len(samplers) else logprobs[mx.array(rows)]
+        parts.append(draw_group([samplers[i] for i in rows], part))
+        order += rows
+    if len(parts) == 1:
+        return parts[0]
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return mx.concatenate(parts)[mx.array(inverse)]
+
+
+def draw_group(samplers: list, logprobs: mx.array) -> mx.array:
+    first = samplers[0]
+    if not isinstance(first, Sampler):
+        return first(logprobs)
+    if first.greedy:
+        return mx.argmax(logprobs, axis=-1)
+    filtered = first.filter(logprobs)
+    if len(samplers) == 1:
+        return first.pick(filtered)
+    return mx.concatenate([sampler.pick(filtered[i : i + 1]) for i, sampler in enumerate(samplers)])
+
+
+def processed_logprobs(
+    logits: mx.array, processors: Sequence[Sequence[LogitsProcessor]] = (), seen: Sequence[mx.array | None] = ()
+) -> mx.array:
+    """Log-probabilities (float32) [N, V] of `logits` [N, V], row i first through processors[i] (if any), which see
+    seen[i], the tokens so far: the decode math of every generator (the step loop, the batch, speculative)."""
+    if any(processors):
+        rows = []
+        for i in range(logits.shape[0]):
+            row = logits[i : i + 1]
+            for processor in processors[i] if i < len(processors) else ():
+                row = processor(seen[i], row)
+            rows.append(row)
+        logits = mx.concatenate(rows) if len(rows) > 1 else rows[0]
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def sampling_problem(temp: float, top_k: int, top_p: float, min_p: float) -> str | None:
     """What is wrong with the first bad sampling setting (naming it and its allowed range), or None."""
-    if temp < 0:
-        return f"temp must be 0 (greedy) or more, got {temp}"
+    if not TEMP_RANGE[0] <= temp <= TEMP_RANGE[1]:
+        return f"temp must be in {temp_range_text()} (0 is greedy), got {temp}"
     if top_k < 0:
         return f"top_k must be 0 (off) or a positive number of tokens, got {top_k}"
     if not 0 < top_p <= 1:
@@ -52,6 +129,11 @@ def sampling_problem(temp: float, top_k: int, top_p: float, min_p: float) -> str
     if not 0 <= min_p <= 1:
         return f"min_p must be in [0, 1] (0 is off), got {min_p}"
     return None
+
+
+def temp_range_text() -> str:
+    """TEMP_RANGE as messages write it: [0, 2]."""
+    return f"[{TEMP_RANGE[0]:g}, {TEMP_RANGE[1]:g}]"
 
 
 def _top_p(logits: mx.array, top_p: float) -> mx.array:

@@ -8,9 +8,11 @@ import mlx.core as mx
 
 from ..errors import Gemma3Error
 from .constrain import Constraint
-from .sample import Sampler
-from .step import PREFILL_STEP_SIZE, LogitsProcessor, Progress, prefill
+from .sample import LogitsProcessor, Sampler, processed_logprobs
+from .step import PREFILL_STEP_SIZE, Progress, PromptFeed, prompt_token_ids
 from .thread_streams import generation_stream
+
+__all__ = ["speculative_generate_step"]
 
 LOOKUP_NGRAM = 3  # prompt lookup matches the longest suffix of 3, 2 or 1 tokens
 
@@ -39,71 +41,125 @@ def speculative_generate_step(
     rejected one resampled from max(0, p − q)), so the tokens follow the target's distribution exactly.
     Both caches are trimmed back after a rejection: make them with `rewind=num_draft_tokens + 1`.
     `draft_cache` may hold a prefix of `history` (or nothing); it catches up first. Close the generator to stop."""
-    if not prompt_ids:
-        raise Gemma3Error("speculative_generate_step needs at least one prompt token")
-    if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
-        raise Gemma3Error(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
-    if sampler is not None and not isinstance(sampler, Sampler):
-        raise Gemma3Error("speculative decoding needs the target's distribution: pass a Sampler (or None: greedy)")
-    tokens = [*history, *prompt_ids]
+    prompt_ids = prompt_token_ids(prompt_ids, "speculative_generate_step")
     with mx.stream(generation_stream()):
+        speculation = Speculation(
+            model,
+            draft_model,
+            [*history, *prompt_ids],
+            cache,
+            draft_cache,
+            num_draft_tokens,
+            sampler,
+            logits_processors,
+            max_tokens,
+        )
+        feed = PromptFeed(model, speculation.tokens[len(history) : -1], cache, image_features, progress)
+        while feed.remaining:
+            feed.feed(prefill_step_size)
+        draft_feed = speculation.drafter.catch_up(speculation.tokens)
+        while draft_feed is not None and draft_feed.remaining:
+            draft_feed.feed(prefill_step_size)
+        yield from rounds(speculation)
+
+
+def rounds(speculation: Speculation) -> Iterator[tuple[int, mx.array, bool]]:
+    """The speculation's tokens, round after round; stopped inside a round, it forgets the tokens not taken."""
+    out, taken = [], 0
+    try:
+        while not speculation.done:
+            out, taken = speculation.round(), 0
+            for item in out:
+                taken += 1
+                yield item
+    finally:
+        speculation.stop(len(out) - taken)
+
+
+class Speculation:
+    """One sequence decoded by rounds of draft, verify, rewind. `tokens` (the prompt, then every token made) grows
+    by `round()`, which returns the round's (token, log-probabilities [V], from_draft): the drafts that stand and
+    the target's own next token. The target cache holds all of `tokens` but its last; a drafter with a cache
+    catches up (`drafter.catch_up`) before the first round."""
+
+    def __init__(
+        self,
+        model,
+        draft_model,
+        tokens: list[int],
+        cache,
+        draft_cache=None,
+        num_draft_tokens: int = 3,
+        sampler: Sampler | None = None,
+        processors: Sequence[LogitsProcessor] = (),
+        max_tokens: int | None = None,
+    ):
+        if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
+            raise Gemma3Error(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
+        if sampler is not None and not isinstance(sampler, Sampler):
+            raise Gemma3Error("speculative decoding needs the target's distribution: pass a Sampler (or None: greedy)")
+        sampler = sampler or Sampler()
         if draft_model is None:
-            drafter = PromptLookup(model)
+            self.drafter = PromptLookup(model)
         else:
             check_vocabularies(model, draft_model)
             if draft_cache is None:
                 draft_cache = draft_model.make_cache(rewind=num_draft_tokens + 1)
-            drafter = DraftModel(model, draft_model, draft_cache, sampler, tuple(logits_processors))
-        target = Target(model, cache, sampler, tuple(logits_processors))
-        start = len(history)
-        prefill(model, tokens[start:-1], cache, prefill_step_size, image_features, progress)
-        drafter.catch_up(tokens, prefill_step_size)
-        yield from speculative_decode(target, drafter, tokens, num_draft_tokens, max_tokens)
+            self.drafter = DraftModel(model, draft_model, draft_cache, sampler, tuple(processors))
+        self.target = Target(model, cache, sampler, tuple(processors))
+        self.tokens, self.num_draft_tokens, self.max_tokens, self.made = tokens, num_draft_tokens, max_tokens, 0
 
+    @property
+    def done(self) -> bool:
+        return self.max_tokens is not None and self.made >= self.max_tokens
 
-def speculative_decode(target, drafter, tokens: list[int], num_draft_tokens: int, max_tokens: int | None):
-    """Rounds of draft, verify, rewind; `tokens` (everything so far) grows as tokens are handed out."""
-    made = 0
-    try:
-        while max_tokens is None or made < max_tokens:
-            room = num_draft_tokens if max_tokens is None else min(num_draft_tokens, max_tokens - made - 1)
-            drafts, draft_probs = admissible_drafts(target.processors, tokens, *drafter.propose(tokens, room))
-            logprobs = target.score(tokens, drafts)
-            accepted, token = target.accept(drafts, logprobs, draft_probs)
-            for model in (target, drafter):
-                model.keep(len(tokens) + accepted)
-            for i, new_token in enumerate([*drafts[:accepted], token]):
-                tokens.append(new_token)
-                made += 1
-                yield new_token, logprobs[i], i < accepted
-                if max_tokens is not None and made >= max_tokens:
-                    return
-    finally:  # stopped inside a round: the caches hold all but the last token handed out, as generate_step's
-        for model in (target, drafter):
-            model.keep(len(tokens) - 1)
+    def round(self) -> list[tuple[int, mx.array, bool]]:
+        tokens, k = self.tokens, self.num_draft_tokens
+        room = k if self.max_tokens is None else min(k, self.max_tokens - self.made - 1)
+        drafts, draft_probs = admissible_drafts(self.target.processors, tokens, *self.drafter.propose(tokens, room))
+        logprobs = self.target.score(tokens, drafts)
+        accepted, token = self.target.accept(drafts, logprobs, draft_probs)
+        for model in (self.target, self.drafter):
+            model.keep(len(tokens) + accepted)
+        out = []
+        for i, new_token in enumerate([*drafts[:accepted], token]):
+            tokens.append(new_token)
+            self.made += 1
+            out.append((new_token, logprobs[i], i < accepted))
+            if self.done:
+                break
+        return out
+
+    def stop(self, untaken: int = 0) -> None:
+        """Stop after all but the last `untaken` tokens made: the caches then hold all but the last token kept, as
+        generate_step's do."""
+        if untaken:
+            del self.tokens[-untaken:]
+            self.made -= untaken
+        for model in (self.target, self.drafter):
+            model.keep(len(self.tokens) - 1)
 
 
 class Target:
     """The model whose distribution decides: scores a round's drafts and accepts or replaces them."""
 
-    def __init__(self, model, cache, sampler: Sampler | None, processors: tuple):
+    def __init__(self, model, cache, sampler: Sampler, processors: tuple):
         self.model, self.cache, self.sampler, self.processors = model, cache, sampler, processors
 
     def score(self, tokens: list[int], drafts: list[int]) -> mx.array:
         """Processed log-probabilities [len(drafts) + 1, V] after the last token and after each draft."""
         logits = self.model(mx.array([tokens[-1], *drafts])[None], cache=self.cache)[0]
-        return processed_logprobs(logits, self.processors, tokens, drafts)
+        return processed_logprobs(logits, *processing(self.processors, tokens, drafts, logits.shape[0]))
 
     def accept(self, drafts: list[int], logprobs: mx.array, draft_probs: mx.array | None) -> tuple[int, int]:
         """How many drafts stand, and the token that follows them."""
         drafts_array = mx.array(drafts, dtype=mx.int32).reshape(1, len(drafts))
-        if greedy(self.sampler):
+        if self.sampler.greedy:
             accepted, token = accept_greedy(drafts_array, logprobs[None])
         else:
             probs = mx.softmax(self.sampler.filter(logprobs), axis=-1)
-            self.sampler.key, key = mx.random.split(self.sampler.key)
             q = None if draft_probs is None else draft_probs[None]
-            accepted, token = accept_sampled(drafts_array, probs[None], q, key)
+            accepted, token = accept_sampled(drafts_array, probs[None], q, self.sampler.next_key())
         return accepted.item(), token.item()
 
     def keep(self, length: int) -> None:
@@ -114,7 +170,7 @@ class Target:
 class DraftModel:
     """A smaller model of the same vocabulary that drafts token by token from its own cache."""
 
-    def __init__(self, target, model, cache, sampler: Sampler | None, processors: tuple):
+    def __init__(self, target, model, cache, sampler: Sampler, processors: tuple):
         self.model, self.cache, self.sampler, self.processors = model, cache, sampler, processors
         self.vocab_size = target.config.text.vocab_size
         vision = target.config.vision
@@ -125,23 +181,24 @@ class DraftModel:
         limit = self.model.config.text.vocab_size
         return [0 if token == self.image_token or token >= limit else token for token in ids]
 
-    def catch_up(self, tokens: list[int], step: int) -> None:
-        """Feed what the draft cache lacks of `tokens`, all but the last."""
+    def catch_up(self, tokens: list[int]) -> PromptFeed:
+        """The prefill of what the draft cache lacks of `tokens`, all but the last (fed a chunk at a time)."""
         self.keep(len(tokens) - 1)
-        prefill(self.model, self.readable(tokens[self.cache[0].offset : -1]), self.cache, step)
+        return PromptFeed(self.model, self.readable(tokens[self.cache[0].offset : -1]), self.cache)
 
     def propose(self, tokens: list[int], count: int) -> tuple[list[int], mx.array | None]:
         """Up to `count` drafts and, when sampling, the distributions they were drawn from [count, V]."""
         drafts, probs = [], []
         feed = tokens[self.cache[0].offset :]
         for _ in range(count):
-            logits = self.model(mx.array(self.readable(feed))[None], cache=self.cache)[0, -1:]
-            logprobs = processed_logprobs(self.in_target_vocabulary(logits), self.processors, tokens, drafts)
-            token, q = self.draw(logprobs)
+            logits = self.in_target_vocabulary(
+                self.model(mx.array(self.readable(feed))[None], cache=self.cache)[0, -1:]
+            )
+            token, q = self.draw(processed_logprobs(logits, *processing(self.processors, tokens, drafts, 1)))
             drafts.append(token)
             probs.append(q)
             feed = [token]
-        return drafts, None if greedy(self.sampler) or not drafts else mx.concatenate(probs)
+        return drafts, None if self.sampler.greedy or not drafts else mx.concatenate(probs)
 
     def in_target_vocabulary(self, logits: mx.array) -> mx.array:
         """[1, target V]: ids past the draft's vocabulary and the image placeholder never drafted."""
@@ -153,16 +210,23 @@ class DraftModel:
         return logits
 
     def draw(self, logprobs: mx.array) -> tuple[int, mx.array | None]:
-        if greedy(self.sampler):
+        if self.sampler.greedy:
             return mx.argmax(logprobs, axis=-1).item(), None
         filtered = self.sampler.filter(logprobs)
-        self.sampler.key, key = mx.random.split(self.sampler.key)
-        token = mx.random.categorical(filtered, key=key)
-        return token.item(), mx.softmax(filtered, axis=-1)
+        return self.sampler.pick(filtered).item(), mx.softmax(filtered, axis=-1)
 
     def keep(self, length: int) -> None:
         """Forget the drafts the target rejected: the cache then holds at most the first `length` tokens."""
         rewind(self.cache, self.cache[0].offset - length)
+
+
+def processing(processors: tuple, tokens: list[int], drafts: list[int], rows: int) -> tuple[list, list]:
+    """processed_logprobs' per-row processors and seen tokens for the last `rows` positions of a round (row i
+    follows tokens + the drafts before it)."""
+    if not processors:
+        return [], []
+    first = len(drafts) + 1 - rows
+    return [processors] * rows, [mx.array([*tokens, *drafts[: first + i]]) for i in range(rows)]
 
 
 class PromptLookup:
@@ -172,8 +236,8 @@ class PromptLookup:
         vision = target.config.vision
         self.image_token = vision.image_token_id if vision is not None else None
 
-    def catch_up(self, tokens: list[int], step: int) -> None:
-        pass
+    def catch_up(self, tokens: list[int]) -> None:
+        return None  # nothing to prefill
 
     def propose(self, tokens: list[int], count: int) -> tuple[list[int], None]:
         drafts = lookup(tokens, count) if count else []
@@ -201,25 +265,6 @@ def admissible_drafts(processors: tuple, tokens: list[int], drafts: list[int], d
     if kept == len(drafts):
         return drafts, draft_probs
     return drafts[:kept], None if draft_probs is None or kept == 0 else draft_probs[:kept]
-
-
-def processed_logprobs(logits: mx.array, processors: tuple, tokens: list[int], drafts: list[int]) -> mx.array:
-    """Row i of `logits` [N, V] (the last N positions) through the processors, which see `tokens` + drafts[:i]."""
-    rows = []
-    first = len(drafts) + 1 - logits.shape[0]
-    for i in range(logits.shape[0]):
-        row = logits[i : i + 1]
-        if processors:
-            seen = mx.array([*tokens, *drafts[: first + i]])
-            for processor in processors:
-                row = processor(seen, row)
-        rows.append(row)
-    logits = mx.concatenate(rows).astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-
-def greedy(sampler: Sampler | None) -> bool:
-    return sampler is None or sampler.temp == 0
 
 
 def accept_greedy(drafts: mx.array, logprobs: mx.array) -> tuple[mx.array, mx.array]:

@@ -7,11 +7,17 @@ from collections.abc import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from ..errors import Gemma3Error
+from ..processing.prompt import as_token_ids
+from .sample import LogitsProcessor, processed_logprobs
 from .thread_streams import generation_stream
 
-Sampler = Callable[[mx.array], mx.array]  # log-probabilities [1, V] → token [1]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V]) → logits [1, V]
-Progress = Callable[[int, int], None]  # (prompt tokens prefilled so far, prompt tokens to prefill)
+__all__ = ["generate_step"]
+
+Draw = Callable[[mx.array], mx.array]  # log-probabilities [N, V] → tokens [N] (a Sampler, or any callable)
+# (prompt tokens in the cache so far, prompt tokens in all): after each prefill chunk, and (total, total) once
+# prefill is over, when the cache holds all but the last prompt token (the first step feeds that one). `total`
+# is the prompt length the statistics report (GenerationResponse.prompt_tokens).
+Progress = Callable[[int, int], None]
 PREFILL_STEP_SIZE = 512
 
 
@@ -21,10 +27,10 @@ def greedy(logprobs: mx.array) -> mx.array:
 
 def generate_step(
     model,
-    prompt_ids: Sequence[int],
+    prompt_ids: Sequence[int] | mx.array,
     cache,
     *,
-    sampler: Sampler | None = None,
+    sampler: Draw | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
     prefill_step_size: int = PREFILL_STEP_SIZE,
     image_features: mx.array | None = None,
@@ -37,9 +43,10 @@ def generate_step(
     `cache` (from `model.make_cache()`) holds what came before `prompt_ids`; `history` names those tokens
     so that logits processors see the whole sequence. `logprobs` are the log-softmax of the processed
     logits. Step n+1 is queued (`mx.async_eval`) before step n is handed out; close the generator to stop.
-    `progress(done, total)` is called after each prefill chunk. Runs on this thread's generation stream."""
-    if not prompt_ids:
-        raise Gemma3Error("generate_step needs at least one prompt token")
+    `prompt_ids`: a list of ints, or a 1-D (or [1, N]) integer mx.array or numpy array.
+    `progress(done, total)` is called after each prefill chunk (see `Progress`). Runs on this thread's generation
+    stream."""
+    prompt_ids = prompt_token_ids(prompt_ids, "generate_step")
     if prefill_step_size < 1:
         raise Gemma3Error(f"prefill_step_size must be at least 1, got {prefill_step_size}")
     stream = generation_stream()
@@ -47,7 +54,7 @@ def generate_step(
         try:
             yield from _steps(
                 model,
-                list(prompt_ids),
+                prompt_ids,
                 cache,
                 sampler or greedy,
                 tuple(logits_processors),
@@ -59,6 +66,22 @@ def generate_step(
             )
         finally:
             mx.synchronize(stream)  # a step queued ahead must finish before anyone frees what it uses
+
+
+def prompt_token_ids(prompt, caller: str) -> list[int]:
+    """A step loop's prompt as a list of ids, or one error that says which types it takes."""
+    ids = as_token_ids(prompt)
+    if ids is None:
+        what = type(prompt).__name__
+        if hasattr(prompt, "shape") and hasattr(prompt, "dtype"):
+            what += f" of shape {list(prompt.shape)} and type {prompt.dtype}"
+        raise Gemma3Error(
+            f"{caller} takes the prompt as token ids: a list of ints, or a 1-D (or [1, N]) integer mx.array or "
+            f"numpy array; got {what} (text goes through stream_generate or the tokenizer)"
+        )
+    if not ids:
+        raise Gemma3Error(f"{caller} needs at least one prompt token")
+    return ids
 
 
 def _steps(model, ids, cache, sampler, processors, prefill_step_size, features, history, max_tokens, progress):
@@ -77,37 +100,58 @@ def _steps(model, ids, cache, sampler, processors, prefill_step_size, features, 
             token, logprobs = next_token, next_logprobs
 
 
-def decode_one_token(model, token: mx.array, cache, sampler: Sampler, processors, seen) -> tuple[mx.array, mx.array]:
+def decode_one_token(model, token: mx.array, cache, sampler: Draw, processors, seen) -> tuple[mx.array, mx.array]:
     """Queue one step for `token` [1]: (sampled token [1], log-probabilities [1, V]), evaluated asynchronously."""
     logits = model(token[None], cache=cache)[:, -1]
-    for processor in processors:
-        logits = processor(seen, logits)
-    logits = logits.astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    logprobs = processed_logprobs(logits, [processors], [seen])
     next_token = sampler(logprobs)
     mx.async_eval(next_token, logprobs)
     return next_token, logprobs
 
 
-def prefill(model, ids: list[int], cache, step: int, features=None, progress: Progress | None = None) -> None:
-    """Feed `ids` in chunks of about `step` tokens (a chunk never splits an image), evaluating each chunk's
-    keys and values before the next; `progress(done, len(ids))` follows each chunk."""
-    runs = image_runs(ids, model.config.vision.image_token_id) if features is not None else []
-    if features is not None and len(runs) != features.shape[0]:
-        raise Gemma3Error(f"the prompt has {len(runs)} image(s) but {features.shape[0]} were encoded")
-    start = 0
-    while start < len(ids):
-        end = chunk_end(start, min(start + step, len(ids)), runs)
-        inside = [i for i, (first, _) in enumerate(runs) if start <= first < end]
-        chunk = mx.array(ids[start:end])[None]
+class PromptFeed:
+    """A prompt but its last token (`ids`) prefilled into `cache` a chunk at a time (a chunk never splits an
+    image): `feed(budget)` prefills about `budget` more tokens, evaluating their keys and values, and says how
+    many; `progress` follows each chunk as `prefill` says. The scheduler feeds one chunk per iteration; `prefill`
+    feeds them all."""
+
+    def __init__(self, model, ids: list[int], cache, features=None, progress: Progress | None = None):
+        self.model, self.ids, self.cache, self.features, self.progress = model, ids, cache, features, progress
+        self.runs = image_runs(ids, model.config.vision.image_token_id) if features is not None else []
+        if features is not None and len(self.runs) != features.shape[0]:
+            raise Gemma3Error(f"the prompt has {len(self.runs)} image(s) but {features.shape[0]} were encoded")
+        self.fed = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.ids) - self.fed
+
+    def feed(self, budget: int) -> int:
+        start = self.fed
+        end = chunk_end(start, min(start + max(budget, 1), len(self.ids)), self.runs)
+        if end <= start:
+            return 0
+        inside = [i for i, (first, _) in enumerate(self.runs) if start <= first < end]
+        chunk = mx.array(self.ids[start:end])[None]
         if inside:
-            model(chunk, cache=cache, image_features=features[inside[0] : inside[-1] + 1])
+            self.model(chunk, cache=self.cache, image_features=self.features[inside[0] : inside[-1] + 1])
         else:
-            model(chunk, cache=cache)
-        mx.eval([layer.state for layer in cache])
-        start = end
-        if progress is not None:
-            progress(end, len(ids))
+            self.model(chunk, cache=self.cache)
+        mx.eval([layer.state for layer in self.cache])
+        self.fed = end
+        if self.progress is not None:
+            total = len(self.ids) + 1
+            self.progress(end if end < len(self.ids) else total, total)
+        return end - start
+
+
+def prefill(model, ids: list[int], cache, step: int, features=None, progress: Progress | None = None) -> None:
+    """Feed `ids`, a prompt but its last token (the first step feeds that one), in chunks of about `step` tokens
+    (a chunk never splits an image), evaluating each chunk's keys and values before the next. `progress` counts
+    the whole prompt: (done, len(ids) + 1) after each chunk but the last, then (total, total)."""
+    feed = PromptFeed(model, ids, cache, features, progress)
+    while feed.remaining:
+        feed.feed(step)
 
 
 def chunk_end(start: int, end: int, runs: list[tuple[int, int]]) -> int:

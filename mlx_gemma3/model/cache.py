@@ -12,8 +12,20 @@ import mlx.core as mx
 from ..errors import Gemma3Error
 from .quantize import DEFAULT_GROUP_SIZE, KV_BITS
 
+__all__ = [
+    "Cache",
+    "batch_cache",
+    "extract_cache",
+    "filter_cache",
+    "left_padded",
+    "load_prompt_cache",
+    "merge_caches",
+    "save_prompt_cache",
+]
+
 REWIND = 16  # tokens a sliding cache keeps beyond its window so trim() works after the ring has wrapped
 STEP = 256  # full caches grow by this many slots at a time
+ALL_ROWS = slice(None)
 SINK_TOKENS = 4  # first tokens a cache bounded by max_kv_size never evicts (as mlx-lm's rotating cache)
 PROMPT_CACHE_FORMAT = "mlx_gemma3.prompt_cache/2"
 OLD_PROMPT_CACHE_FORMATS = ("mlx_gemma3.prompt_cache/1",)
@@ -249,9 +261,24 @@ class KVCache(Cache):
         self.offset -= n
         return n
 
-    def ordered(self) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
-        """Held keys and values (stored form) oldest first."""
-        return sliced(self.keys, 0, self.offset), sliced(self.values, 0, self.offset)
+    def ordered(self, rows: slice = ALL_ROWS) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
+        """Held keys and values (stored form) oldest first, of these rows."""
+        keys, values = (tuple(b[rows] for b in buffers) for buffers in (self.keys, self.values))
+        return sliced(keys, 0, self.offset), sliced(values, 0, self.offset)
+
+    def latest_slots(self, length: int) -> list[tuple[int, int]]:
+        """(first slot, count) of each run of slots holding the latest `length` positions, oldest first."""
+        return [(self.offset - length, length)]
+
+    def shift(self, n: int) -> None:
+        """Forget the first `n` slots of the timeline (no row holds keys there): positions count from n on."""
+        self.keys = grown(sliced(self.keys, n, self.offset), self.keys, -(-(self.offset - n) // STEP) * STEP)
+        self.values = grown(sliced(self.values, n, self.offset), self.values, -(-(self.offset - n) // STEP) * STEP)
+        self.offset -= n
+
+    def shift_is_cheap(self, n: int) -> bool:
+        """Whether `shift(n)` is worth its cost now: it copies every row, so only once a STEP of slots is unused."""
+        return n >= STEP
 
     def restore(self, keys: tuple[mx.array, ...], values: tuple[mx.array, ...], offset: int) -> None:
         """Hold `keys` and `values` (stored form, oldest first) as the last tokens before `offset`."""
@@ -332,9 +359,19 @@ class SlidingKVCache(KVCache):
         self.count = min(self.count + length, self.slots)
         self.idx = (self.idx + length) % self.slots
 
-    def ordered(self):
+    def ordered(self, rows: slice = ALL_ROWS):
         slots = (self.idx - self.count + mx.arange(self.count)) % self.slots
-        return taken(self.keys, slots), taken(self.values, slots)
+        keys, values = (tuple(b[rows] for b in buffers) for buffers in (self.keys, self.values))
+        return taken(keys, slots), taken(values, slots)
+
+    def latest_slots(self, length: int) -> list[tuple[int, int]]:
+        start = (self.idx - length) % self.slots
+        if start + length <= self.slots:
+            return [(start, length)]
+        return [(start, self.slots - start), (0, length - (self.slots - start))]
+
+    def shift_is_cheap(self, n: int) -> bool:
+        return False  # a ring never grows: its unused slots cost nothing
 
     def trimmable(self) -> int:
         """Everything before the window first slides; afterwards at most `rewind` tokens."""
@@ -453,17 +490,20 @@ class BatchCache(Cache):
     from slot `first[b]` on (later than its padding when the row had slid past its window before it joined).
     `offset` is an array [B]: RoPE turns each row by its own positions; the mask is built per row.
 
-    Make one with `batch_cache` (empty, for left-padded prompts) or `BatchCache.merge`; take rows out with
-    `extract` / `filter`, add some with `merge`."""
+    The bookkeeping (`padding`, `first`) lives on the host. The inner buffers may hold more rows than B: a row
+    joins in place (`join`: its keys written into a free row; room doubles when none is free) and leaves in
+    place (`leave`: the last row moves into its place), so neither copies the other rows. Make one with
+    `batch_cache` (empty, for left-padded prompts) or `BatchCache.merge`; `extract` a row, `filter` rows."""
 
     def __init__(self, inner: KVCache, padding, first=None):
         self.inner = inner
-        self.padding = mx.array(padding, dtype=mx.int32)
-        self.first = self.padding if first is None else mx.array(first, dtype=mx.int32)
+        self.padding = [int(p) for p in padding]
+        self.first = list(self.padding) if first is None else [int(f) for f in first]
 
     @property
     def offset(self) -> mx.array:
-        return self.inner.offset - self.padding
+        end = self.inner.offset
+        return mx.array([end - pad for pad in self.padding], dtype=mx.int32)
 
     @property
     def window(self) -> int | None:
@@ -471,16 +511,22 @@ class BatchCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return self.padding.size
+        return len(self.padding)
+
+    def room(self) -> int:
+        """Rows the buffers hold (the batch's rows and free ones)."""
+        return self.batch_size if self.inner.keys is None else self.inner.keys[0].shape[0]
 
     @property
     def state(self) -> tuple[mx.array, ...]:
-        return (*self.inner.state, self.padding, self.first)
+        rows = self.batch_size
+        inner = self.inner.state if self.room() == rows else tuple(a[:rows] for a in self.inner.state)
+        return (*inner, mx.array(self.padding, dtype=mx.int32), mx.array(self.first, dtype=mx.int32))
 
     @state.setter
     def state(self, arrays: tuple[mx.array, ...]) -> None:
         self.inner.state = tuple(arrays[:-2])
-        self.padding, self.first = arrays[-2:]
+        self.padding, self.first = arrays[-2].tolist(), arrays[-1].tolist()
 
     @property
     def meta_state(self) -> dict:
@@ -492,7 +538,11 @@ class BatchCache(Cache):
         self.inner = cache_class(meta["inner"]).from_state((), inner)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        return self.inner.update_and_fetch(keys, values)
+        rows, room = self.batch_size, self.room()
+        if room == rows:
+            return self.inner.update_and_fetch(keys, values)
+        keys, values = self.inner.update_and_fetch(with_free_rows(keys, room), with_free_rows(values, room))
+        return keys[:rows], values[:rows]
 
     def make_mask(self, length: int, blocks: mx.array | None = None) -> mx.array:
         """[B, 1, length, K]: the inner cache's mask, less each row's padding (a padding query sees only itself)."""
@@ -500,13 +550,13 @@ class BatchCache(Cache):
         end = self.inner.offset
         mask = build_mask(keys, valid, end, length, self.window, blocks)
         itself = keys[None] == mx.arange(end, end + length)[:, None]
-        own = (keys[None, None] >= self.first[:, None, None]) | itself[None]
+        own = (keys[None, None] >= mx.array(self.first, dtype=mx.int32)[:, None, None]) | itself[None]
         return mask & own[:, None]
 
     def trimmable(self) -> int:
         """The inner cache's limit, and no row may lose all its keys or, if it had slid, one its next query needs."""
         end, limit = self.inner.offset, self.inner.trimmable()
-        for pad, first in zip(self.padding.tolist(), self.first.tolist()):
+        for pad, first in zip(self.padding, self.first):
             slid = first > pad
             limit = min(limit, end - first - (self.window - 1 if slid else 0))
         return max(limit, 0)
@@ -516,24 +566,83 @@ class BatchCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        return self.inner.nbytes + self.padding.nbytes + self.first.nbytes
+        return self.inner.nbytes
 
     def rows(self) -> list[KVCache]:
         return [self.extract(row) for row in range(self.batch_size)]
 
     def extract(self, row: int) -> KVCache:
-        """Row `row` as a single-sequence cache, its padding dropped."""
+        """Row `row` as a single-sequence cache (its own copy of its keys), its padding dropped."""
         single = self.inner.blank()
-        end, pad, first = self.inner.offset, self.padding[row].item(), self.first[row].item()
+        end, pad, first = self.inner.offset, self.padding[row], self.first[row]
         kept = min(self.inner.held(), end - first)
         if kept > 0:
-            keys, values = self.inner.ordered()
-            single.restore(row_tail(keys, row, kept), row_tail(values, row, kept), end - pad)
+            keys, values = self.inner.ordered(slice(row, row + 1))
+            single.restore(own_tail(keys, kept), own_tail(values, kept), end - pad)
         return single
 
+    def join(self, row: KVCache) -> bool:
+        """Add single-sequence `row` (of this layout) as the last row, in place: its keys are written into a free
+        row of the buffers at the slots of its positions; the other rows are not touched (unless the buffers
+        have no free row: then their room doubles). False, with nothing changed, when the row does not fit the
+        timeline (it holds more keys than the batch's timeline does): `merge` then. A row may be ahead of the
+        others (negative padding): positions only turn RoPE and draw the mask, both per row."""
+        inner, held = self.inner, row.held()
+        if (type(row), row.layout()) != (type(inner), inner.layout()):
+            raise Gemma3Error("only caches of one kind and layout (window, KV bits, group size) can share a batch")
+        if inner.keys is None or held > inner.held():
+            return False
+        if self.room() == self.batch_size:
+            self.double_room()
+        if held:
+            new_keys, new_values = row.ordered()
+            done = 0
+            for slot, count in inner.latest_slots(held):
+                for buffers, parts in ((inner.keys, new_keys), (inner.values, new_values)):
+                    for buffer, part in zip(buffers, parts):
+                        buffer[self.batch_size, :, slot : slot + count] = part[0, :, done : done + count]
+                done += count
+        self.padding.append(inner.offset - row.offset)
+        self.first.append(inner.offset - held)
+        return True
+
+    def double_room(self) -> None:
+        room = 2 * self.room()
+        self.inner.keys = tuple(with_free_rows(b, room) for b in self.inner.keys)
+        self.inner.values = tuple(with_free_rows(b, room) for b in self.inner.values)
+
+    def leave(self, row: int) -> None:
+        """Take row `row` out in place: the last row moves into its slot (so the rows after it keep their order
+        but the last one); then unused leading slots are dropped when that is cheap."""
+        last = self.batch_size - 1
+        if row != last:
+            for buffer in (*self.inner.keys, *self.inner.values):
+                moved = mx.array(buffer[last : last + 1])  # its own copy, so the buffer is written in place
+                mx.eval(moved)
+                buffer[row : row + 1] = moved
+            self.padding[row], self.first[row] = self.padding[last], self.first[last]
+        del self.padding[last], self.first[last]
+        self.drop_unused_slots()
+
+    def drop_unused_slots(self) -> None:
+        """Move the timeline's start to the first slot a row still holds, when the inner cache does that cheaply."""
+        unused = min(self.first, default=0)
+        if unused > 0 and self.inner.keys is not None and self.inner.shift_is_cheap(unused):
+            self.inner.shift(unused)
+            self.padding = [pad - unused for pad in self.padding]
+            self.first = [first - unused for first in self.first]
+
     def filter(self, rows: list[int]) -> BatchCache:
-        """A batch of only these rows, in this order (the padding they no longer need dropped)."""
-        return BatchCache.merge([self.extract(row) for row in rows])
+        """A batch of only these rows, in this order (gathered from the buffers)."""
+        inner = self.inner.blank()
+        if self.inner.keys is not None:
+            index = mx.array(rows, dtype=mx.int32)
+            inner.meta_state = self.inner.meta_state
+            inner.keys = tuple(mx.take(b, index, axis=0) for b in self.inner.keys)
+            inner.values = tuple(mx.take(b, index, axis=0) for b in self.inner.values)
+        batch = BatchCache(inner, [self.padding[r] for r in rows], [self.first[r] for r in rows])
+        batch.drop_unused_slots()
+        return batch
 
     @classmethod
     def merge(cls, caches: list[Cache]) -> BatchCache:
@@ -555,8 +664,14 @@ def refuse_unbatchable(caches: list[Cache]) -> None:
         raise Gemma3Error("caches bounded by max_kv_size cannot be batched: batch without max_kv_size")
 
 
-def row_tail(buffers: tuple[mx.array, ...], row: int, length: int) -> tuple[mx.array, ...]:
-    return tuple(mx.contiguous(b[row : row + 1, :, b.shape[2] - length :]) for b in buffers)
+def own_tail(buffers: tuple[mx.array, ...], length: int) -> tuple[mx.array, ...]:
+    """The last `length` slots of one row's buffers, copied (a view would keep the whole batch's buffer alive)."""
+    return tuple(mx.array(b[:, :, b.shape[2] - length :]) for b in buffers)
+
+
+def with_free_rows(x: mx.array, rows: int) -> mx.array:
+    """`x` with zero rows appended up to `rows` (the batch axis)."""
+    return mx.concatenate([x, mx.zeros((rows - x.shape[0], *x.shape[1:]), dtype=x.dtype)])
 
 
 def stacked_rows(rows: list[KVCache], slots: int) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
@@ -647,8 +762,22 @@ def filter_cache(cache: list[BatchCache], rows: list[int]) -> list[BatchCache]:
     return [layer.filter(rows) for layer in cache]
 
 
+def writable_cache_path(path: str | Path, what: str = "prompt cache file") -> Path:
+    """`path` when a prompt cache file can be written there (its folder exists), else one clear error naming
+    `what` (a flag, say)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise Gemma3Error(f"cannot write {what} {path}: it is a folder: give a file path inside it")
+    if not path.parent.is_dir():
+        raise Gemma3Error(
+            f"cannot write {what} {path}: the folder {path.parent} does not exist: create it or choose another path"
+        )
+    return path
+
+
 def save_prompt_cache(path: str | Path, cache: list[Cache], token_ids: list[int], extra: dict | None = None) -> None:
     """Write every layer's state plus the token history to one safetensors file (atomically)."""
+    path = writable_cache_path(path)
     arrays = {"token_ids": mx.array(list(token_ids) or [0], dtype=mx.int32)}
     layers = []
     for i, layer in enumerate(cache):
@@ -656,11 +785,12 @@ def save_prompt_cache(path: str | Path, cache: list[Cache], token_ids: list[int]
         layers.append({"class": type(layer).__name__, "meta": layer.meta_state})
     meta = {"format": PROMPT_CACHE_FORMAT, "tokens": str(len(token_ids)), "layers": json.dumps(layers)}
     meta["extra"] = json.dumps(extra or {})
-    path = Path(path)
     partial = path.with_name(f".{path.name}.partial.safetensors")
     try:
         mx.save_safetensors(str(partial), arrays, metadata=meta)
         os.replace(partial, path)
+    except (RuntimeError, OSError) as e:  # MLX says only "Failed to open file" (no permission, disk full, ...)
+        raise Gemma3Error(f"cannot write prompt cache file {path}: {getattr(e, 'strerror', None) or e}") from None
     finally:
         partial.unlink(missing_ok=True)
 

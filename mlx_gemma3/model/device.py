@@ -1,4 +1,6 @@
-"""What depends on the device MLX computes on: whether it is the CPU, and the compute dtype."""
+"""What depends on the device MLX computes on: whether it is the CPU, and the compute dtype.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,13 +1,16 @@
-"""The server's prompt cache across requests: KV caches kept by the token ids they hold, reused by longest prefix.
+"""The server's prompt cache across requests: KV caches kept by the keys of the tokens they hold (prefix_reuse:
+token ids, with each image's tokens as its content hash), reused by longest prefix.
 
 An entry holds the cache a request ended with (its prompt and all but the last generated tokens) and a
-checkpoint: a copy taken when the prompt was prefilled. A new request starts from the candidate (an entry's
-cache or its checkpoint) sharing the longest prefix with it that the candidate can be trimmed back to
-exactly (`is_trimmable` on every layer: a sliding-window ring rewinds only a few tokens once it wrapped),
-so reuse never changes the logits. What a request uses is taken out of the store (the entry's other half
-stays) and the request's own entry is put back after;
-the least recently used go first when there are more than `max_entries` or more than `max_bytes`.
-"""
+checkpoint: a cache that held the prompt once it was prefilled. A new request starts from the candidate (an
+entry's cache or its checkpoint) sharing the longest prefix with it that the candidate can be trimmed back to
+exactly (prefix_reuse.reusable), so reuse never changes the logits. Entries are kept per cache layout (KV bits,
+max_kv_size, rewind): every kind of request uses the store. What a request uses is taken out of the store (the
+entry's other half stays) and the request's own entry is put back after; the least recently used go first when
+there are more than `max_entries` or more than `max_bytes` (the bytes the caches' arrays hold).
+
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..generation.prompt_file import common_prefix
+from ..generation.prefix_reuse import reusable, trimmed
 
 DEFAULT_ENTRIES = 4
 DEFAULT_BYTES = 2 * 2**30
@@ -23,7 +26,7 @@ DEFAULT_BYTES = 2 * 2**30
 
 @dataclass
 class Entry:
-    """A kept cache and the ids it holds; `checkpoint`: a copy holding `checkpoint_ids` (or None)."""
+    """A kept cache and the keys of the tokens it holds; `checkpoint`: another cache, holding `checkpoint_ids`."""
 
     layout: tuple
     ids: list[int]
@@ -40,15 +43,6 @@ def cache_bytes(cache: list) -> int:
     return sum(layer.nbytes for layer in cache)
 
 
-def reusable(cache: list, held: Sequence[int], ids: Sequence[int]) -> int:
-    """How many of `ids` this cache (holding `held`) can serve exactly: the common prefix, leaving at least one
-    token to feed, if every layer can be trimmed back to it; else 0."""
-    n = min(common_prefix(held, ids), len(ids) - 1)
-    if n <= 0 or not all(layer.is_trimmable(len(held) - n) for layer in cache):
-        return 0
-    return n
-
-
 def best_candidate(entries, layout: tuple, ids: Sequence[int]) -> tuple[int, object, str | None]:
     """(tokens reused, the entry's key, "cache" or "checkpoint") of the best candidate; (0, None, None) if none."""
     best = (0, None, None)
@@ -62,13 +56,6 @@ def best_candidate(entries, layout: tuple, ids: Sequence[int]) -> tuple[int, obj
             if cache is not None and (n := reusable(cache, held, ids)) > best[0]:
                 best = (n, key, kind)
     return best
-
-
-def trimmed(cache: list, held: list[int], n: int) -> tuple[list, list[int]]:
-    """The cache trimmed back to its first `n` tokens, and those tokens."""
-    for layer in cache:
-        layer.trim(len(held) - n)
-    return cache, held[:n]
 
 
 class PromptCacheStore:

@@ -1,25 +1,33 @@
-"""The generation worker: one thread owns the model and decodes the queued jobs as one batch; HTTP threads wait on steps."""
+"""The generation worker: one thread owns the model and runs the scheduler's loop over every request; HTTP threads
+wait on their job's steps (one per generated token).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import numpy as np
 
-from ..generation.batch import BatchGenerator, Row
-from ..generation.text_stream import Options, encode_images, eos_ids, generate_ids, reply_piece, token_budget
+from ..generation.generated_reply import Reply
+from ..generation.options import Options
+from ..generation.prefix_reuse import held_keys, image_digests, prompt_keys
+from ..generation.scheduler import Generated, Scheduler, Sequence
+from ..generation.step import PREFILL_STEP_SIZE, image_runs
+from ..generation.text_stream import encode_images
 from ..generation.thread_streams import generation_stream, release_thread_streams
 from .prompt_cache import Entry, PromptCacheStore
 
 DONE, STOP = object(), object()
 POLL_SECONDS = 0.05
 MAX_BATCH = 8
+CLEAR_EVERY = 256  # iterations between returns of MLX's cached buffers to the system (also whenever it goes idle)
 
 
 class QueueFull(Exception):
@@ -84,7 +92,7 @@ class Job:
 
 @dataclass
 class Call:
-    """A function to run on the worker's thread between batch steps (the model belongs to that thread); its one
+    """A function to run on the worker's thread between iterations (the model belongs to that thread); its one
     event: the function's result or its error."""
 
     function: Callable[[], object]
@@ -98,26 +106,40 @@ class Call:
 
 
 @dataclass
-class Active:
-    """A job decoding in the batch: its row and what turns the row's tokens into its reply."""
+class Joining:
+    """A job about to start, as rank 0 decided it: its options (with the seed every rank samples with, when
+    distributed), its prompt's keys, the prompt-cache entry chosen for it and what was taken out of the store."""
 
     job: Job
-    row: Row
-    detokenizer: object
-    stop: set[int]
-    max_tokens: int | None
-    entry: Entry | None  # kept in the prompt cache when the job ends (None: this job bypasses it)
+    options: Options
+    keys: list[int]
+    choice: tuple | None
+    cache: list | None
+    held: list[int]
+
+
+@dataclass(eq=False)
+class Active:
+    """A started job: its sequence in the scheduler, its reply, and what its prompt-cache entry needs."""
+
+    job: Job
+    sequence: Sequence
+    reply: Reply
+    keys: list[int]  # its prompt as prefix_reuse keys (images by content)
     reused: int  # prompt tokens the prompt cache served
-    constraint: object = None  # the reply's structured-output constraint (its dead end ends the reply)
+    layout: tuple | None  # its prompt-cache layout (None: the store is off)
 
 
 class Worker:
-    """The thread that owns the model: up to `max_batch` jobs decode together (one forward per step for all),
-    `max_queue` more may wait (0: no bound); a job joins after its own prefill and leaves when it ends.
+    """The thread that owns the model and runs one loop (generation/scheduler.py): each iteration every decoding
+    job gets a token, and the first waiting prompt is prefilled by one chunk of at most `prefill_step_size`
+    tokens. Up to `max_batch`
+    jobs are started at once (prefilling or decoding), `max_queue` more may wait (0: no bound); a `Call` (the
+    moderation endpoint) runs between two iterations.
 
-    Distributed, `mirror` is rank 0's link to the other ranks (distributed/serving.py): before each model
-    operation the worker sends what it decided (a job to join and the prompt cache entry it reuses, a step and
-    the jobs cancelled before it), and the other ranks replay it on their own Worker (`replay`, no thread)."""
+    Distributed, `mirror` is rank 0's link to the other ranks (distributed/serving.py): before each iteration the
+    worker sends what it decided (the jobs joining, with their seed and the prompt-cache entry each takes; the jobs
+    cancelled; the entries kept), and the other ranks replay it on their own Worker (`replay`, no thread)."""
 
     def __init__(
         self,
@@ -128,13 +150,16 @@ class Worker:
         max_batch: int = MAX_BATCH,
         mirror=None,
         threaded: bool = True,
+        prefill_step_size: int = PREFILL_STEP_SIZE,
     ):
         self.model, self.processor, self.max_batch, self.mirror = model, processor, max_batch, mirror
         self.store = store if store is not None else PromptCacheStore(0, 0)
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.batch = BatchGenerator(model)
-        self.active: dict[int, Active] = {}  # by id() of the row
+        self.scheduler = Scheduler(model, prefill_step_size)
+        self.active: dict[Sequence, Active] = {}
+        self.by_number: dict[int, Active] = {}  # the same, by job number (how rank 0 names cancelled jobs)
         self.started = 0
+        self.iterations = 0
         self.thread = threading.Thread(target=self.run, name="generation", daemon=True)
         if threaded:
             self.thread.start()
@@ -146,7 +171,7 @@ class Worker:
             raise QueueFull() from None
 
     def call(self, function: Callable[[], object]):
-        """`function()` run on the worker's thread after the jobs queued before it: its result, or its error raised.
+        """`function()` run on the worker's thread between two iterations: its result, or its error raised.
         Raises QueueFull when the queue is full."""
         call = Call(function)
         self.submit(call)
@@ -161,191 +186,194 @@ class Worker:
 
     def run(self) -> None:
         try:
-            while self.admit():
-                self.advance()
+            while (decided := self.decide()) is not None:
+                self.iterate(*decided)
         finally:
             if self.mirror is not None:
                 self.mirror.stop()
             release_thread_streams()
 
-    def replay(self, command: tuple) -> None:
-        """Do what rank 0's worker sent (a distributed follower): ("join", job fields, cache choice, kept entry
-        keys) or ("step", numbers of the cancelled jobs, kept entry keys)."""
-        kind, detail, kept = command[0], command[1:-1], command[-1]
-        self.store.keep(kept)
-        if kind == "join":
-            fields, choice = detail
-            self.start(Job(**fields), choice)
-        else:
-            self.advance(*detail)
-
-    def admit(self) -> bool:
-        """Start waiting jobs while the batch has room (waiting for one when nothing runs); False: stop."""
-        while len(self.active) < self.max_batch:
+    def decide(self) -> tuple[list[Joining], set[int], tuple] | None:
+        """Rank 0's decisions for the next iteration: the jobs joining (each with its options and the prompt-cache
+        entry it takes, taken out of the store now so that a later job does not choose it too), the numbers of the
+        jobs cancelled, and the store's entries before. Waits for a job when nothing runs; runs at most one queued
+        Call while jobs run; None: stop."""
+        kept, joining = tuple(self.store.entries), []
+        while len(self.active) + len(joining) < self.max_batch:
             try:
-                job = self.next_job()
+                job = self.next_job(wait=not self.active and not joining)
             except queue.Empty:
-                return True
+                break
             if job is STOP:
-                return False
+                return None
             if isinstance(job, Call):
                 job.run()
-            elif job.cancelled.is_set():
+                if self.active or joining:
+                    break  # one call per iteration: the running jobs wait at most that long
+                continue
+            if job.cancelled.is_set():
                 job.end()
-            else:
-                self.start(job)
-        return True
+                continue
+            options = job.options
+            if self.mirror is not None and options.seed is None:  # each rank would draw its own: rank 0 draws it
+                options = replace(options, seed=random.getrandbits(32))
+            keys = self.keys(job)
+            choice = self.store.choose(options.cache_layout, keys) if self.store.enabled else None
+            joining.append(self.joining(job, options, keys, choice))
+        cancelled = {active.job.number for active in self.active.values() if active.job.cancelled.is_set()}
+        return joining, cancelled, kept
 
-    def next_job(self):
-        """The next queued job: waits for one when nothing decodes (raises queue.Empty when one decodes)."""
-        if self.active or self.mirror is None:
-            return self.jobs.get(block=not self.active)
-        self.mirror.idle()
-        return self.jobs.get()
+    def next_job(self, wait: bool):
+        """The next queued job or call (waiting for one when `wait`; raises queue.Empty otherwise)."""
+        if wait and self.mirror is not None:
+            self.mirror.idle()
+        return self.jobs.get(block=wait)
 
-    def start(self, job: Job, choice: tuple | None = None) -> None:
-        job.started_at = time.perf_counter()
+    def replay(self, decided) -> None:
+        """Do what rank 0's worker decided for one iteration (a distributed follower): `decided.kept`,
+        `.cancelled`, `.joins` (each with its job's fields, its options and its prompt-cache choice)."""
+        self.store.keep(decided.kept)
+        joining = []
+        for join in decided.joins:
+            job = Job(list(join.ids), join.pixels, join.options, join.top_logprobs, number=join.number)
+            joining.append(self.joining(job, join.options, self.keys(job), join.choice))
+        self.iterate(joining, set(decided.cancelled), decided.kept)
+
+    def joining(self, job: Job, options: Options, keys: list[int], choice) -> Joining:
+        """The job about to join, numbered, with the prompt-cache entry `choice` names taken out of the store."""
         if not job.number:
             self.started += 1
             job.number = self.started
+        cache, held = self.store.take(options.cache_layout, keys, choice) if choice is not None else (None, [])
+        return Joining(job, options, keys, choice, cache, held)
+
+    def iterate(self, joining: list[Joining], cancelled: set[int], kept: tuple) -> None:
+        """One iteration: the cancelled leave, the joining start, every started job advances (scheduler.iterate),
+        each generated token goes to its job; the ended leave."""
+        if self.mirror is not None:
+            self.mirror.iteration(joining, cancelled, kept)
+        for number in cancelled:
+            if number in self.by_number:
+                self.finish(self.by_number[number])
+        for join in joining:
+            self.start(join)
+        if not self.active:
+            return
         try:
-            if batchable(job.options):
-                self.join(job, choice)
-            else:
-                self.generate_alone(job)
-                job.end()
-        except Exception as e:  # noqa: BLE001 — the request's thread reports it
+            outcome = self.scheduler.iterate()
+        except Exception as e:  # noqa: BLE001 — the scheduler's state is unknown: every job reports it
             self.check(e)
-            job.end(e)
+            for active in list(self.active.values()):
+                self.end(active, e)
+            self.scheduler = Scheduler(self.model, self.scheduler.prefill_step_size)
+            return
+        for sequence, error in outcome.failed:
+            self.check(error)
+            self.end(self.active[sequence], error)
+        self.hand_out(outcome.generated)
+        self.iterations += 1
+        if not self.active or self.iterations % CLEAR_EVERY == 0:
+            mx.clear_cache()
 
     def check(self, error: Exception) -> None:
         """Distributed, an error that says a rank went away ends the server (the mirror decides how)."""
         if self.mirror is not None:
             self.mirror.check(error)
 
-    def join(self, job: Job, choice: tuple | None = None) -> None:
-        """Prefill the job (from the prompt cache's best entry, or the one rank 0 chose) and add it to the batch."""
-        opts = job.options
-        layout = cache_layout(opts) if job.pixels is None and self.store.enabled else None
-        if layout is not None and choice is None:
-            choice = self.store.choose(layout, job.ids)
-        if self.mirror is not None:
-            self.mirror.join(job, choice, list(self.store.entries))
-            opts = job.options  # with the seed every rank samples with
-        features = self.features(job)
-        cache, held = self.store.take(layout, job.ids, choice) if layout is not None else (None, [])
-        cache = cache if cache is not None else opts.make_cache(self.model)
-        context = self.model.config.text.max_position_embeddings
-        budget, stop = token_budget(opts, context - len(job.ids)), eos_ids(self.processor, opts.stop_ids)
-        detokenizer = self.processor.tokenizer.detokenizer()
-        processors, constraint = opts.reply_processors(self.processor, budget)
-        progress = opts.prefill_progress if self.mirror is None else self.mirror.progress(opts.prefill_progress)
-        row = self.batch.add(
-            job.ids[len(held) :],
-            cache,
-            sampler=opts.sampler(),
-            processors=processors,
-            history=held,
-            image_features=features,
-            prefill_step_size=opts.prefill_step_size,
-            progress=progress,
-        )
-        entry = None
-        if layout is not None:  # the batch took a copy: `cache` itself, holding the whole prompt, is the checkpoint
-            entry = Entry(layout, [], [], cache, held_ids(cache, job.ids))
-        self.active[id(row)] = Active(job, row, detokenizer, stop, budget, entry, len(held), constraint)
+    def keys(self, job: Job) -> list[int]:
+        vision = self.model.config.vision
+        return prompt_keys(job.ids, vision.image_token_id if vision else None, image_digests(job.pixels))
 
-    def features(self, job: Job):
+    def start(self, join: Joining) -> None:
+        """Give the job to the scheduler, from the prompt-cache entry taken for it or an empty cache; only the
+        images after what the entry holds are encoded."""
+        job, options = join.job, join.options
+        job.started_at = time.perf_counter()
+        try:
+            reused = len(join.held)
+            cache = join.cache if join.cache is not None else options.make_cache(self.model)
+            context = self.model.config.text.max_position_embeddings
+            reply = Reply(self.processor, options, context - len(job.ids))
+            sequence = Sequence(
+                job.ids[reused:],
+                cache,
+                options.sampler(),
+                tuple(reply.processors),
+                history=job.ids[:reused],
+                features=self.features(job, reused),
+                draft_tokens=options.draft_tokens,
+                draft_model=options.draft_model,
+                draft_cache=None if options.draft_model is None else options.make_cache(options.draft_model),
+                max_tokens=reply.max_tokens,
+                chunk=options.prefill_step_size,
+                progress=options.prefill_progress,
+                keep_prompt_cache=self.store.enabled,
+            )
+            self.scheduler.add(sequence)
+        except Exception as e:  # noqa: BLE001 — the request's thread reports it
+            self.check(e)
+            job.end(e)
+            return
+        layout = options.cache_layout if self.store.enabled else None
+        active = Active(job, sequence, reply, join.keys, reused, layout)
+        self.active[sequence] = self.by_number[job.number] = active
+
+    def features(self, job: Job, reused: int):
+        """The features of the job's images that the reused prefix does not hold (None: none)."""
         if job.pixels is None:
             return None
+        seen = sum(first < reused for first, _ in image_runs(job.ids, self.model.config.vision.image_token_id))
+        if seen == len(job.pixels):
+            return None
         with mx.stream(generation_stream()):
-            return encode_images(self.model, job.pixels, {})
+            return encode_images(self.model, job.pixels[seen:], {})
 
-    def advance(self, cancelled: set[int] | None = None) -> None:
-        """One step of the batch: every job gets its next token; the ended leave, and the jobs cancelled before
-        the step (`cancelled`: their numbers, as rank 0 saw them)."""
-        if not self.active:
-            return
-        if cancelled is None:
-            cancelled = {active.job.number for active in self.active.values() if active.job.cancelled.is_set()}
-        if self.mirror is not None:
-            self.mirror.step(cancelled, list(self.store.entries))
-        try:
-            handed = self.batch.step()
-        except Exception as e:  # noqa: BLE001 — every job of the batch reports it
-            self.check(e)
-            for active in self.active.values():
-                active.job.end(e)
-            self.active.clear()
-            self.batch.clear()
-            return
-        for row, token, logprobs in handed:
-            active = self.active[id(row)]
-            active.job.generated += 1
-            active.job.batch_peak = max(active.job.batch_peak, len(handed))
-            if active.job.number in cancelled or self.hand_out(active, token, logprobs):
-                self.finish(active)
+    def hand_out(self, generated: list[Generated]) -> None:
+        """Each token to its job as a Step; a job whose reply ended leaves (a speculative round's later tokens are
+        then not used)."""
+        decoding = self.scheduler.decoding
+        for i, made in enumerate(generated):
+            active = self.active.get(made.sequence)
+            if active is None:
+                continue  # it ended earlier in this round
+            job, reply = active.job, active.reply
+            job.generated += 1
+            job.batch_peak = max(job.batch_peak, decoding)
+            text = reply.add(made.token)
+            job.first_token_at = job.first_token_at or time.perf_counter()
+            entry = None
+            if job.top_logprobs is not None and reply.finish != "stop":
+                entry = self.logprob_entry(made.token, np.array(made.logprobs.astype(mx.float32)), job.top_logprobs)
+            job.events.put(Step(text, made.token, reply.finish, len(job.ids), active.reused, entry))
+            if reply.finish is not None:
+                untaken = sum(1 for later in generated[i + 1 :] if later.sequence is made.sequence)
+                self.finish(active, untaken)
 
-    def hand_out(self, active: Active, token: int, logprobs: mx.array) -> bool:
-        """Send the job its token's step; True when it was the last."""
-        job = active.job
-        text, finish = reply_piece(
-            token, active.row.steps, active.detokenizer, active.stop, active.max_tokens, active.constraint
-        )
-        job.first_token_at = job.first_token_at or time.perf_counter()
-        entry = None
-        if job.top_logprobs is not None and finish != "stop":
-            entry = self.logprob_entry(token, np.array(logprobs.astype(mx.float32)), job.top_logprobs)
-        job.events.put(Step(text, token, finish, len(job.ids), active.reused, entry))
-        return finish is not None
-
-    def finish(self, active: Active) -> None:
-        """The job leaves the batch; its cache goes to the prompt cache."""
-        del self.active[id(active.row)]
-        cache = self.batch.remove(active.row)
-        if active.entry is not None:
-            active.entry.cache = cache
-            active.entry.ids = held_ids(cache, [*active.job.ids, *active.row.tokens])
-            self.store.put(active.entry)
+    def finish(self, active: Active, untaken: int = 0) -> None:
+        """The job leaves the scheduler; its caches go to the prompt cache."""
+        self.forget(active)
+        cache = self.scheduler.remove(active.sequence, untaken)
+        sequence = active.sequence
+        if active.layout is not None:
+            held = held_keys(cache, [*active.keys, *active.reply.tokens])
+            checkpoint = sequence.prompt_cache
+            checkpoint_ids = held_keys(checkpoint, active.keys) if checkpoint is not None else None
+            if checkpoint_ids is None:
+                checkpoint = None
+            if held is not None:
+                self.store.put(Entry(active.layout, held, cache, checkpoint, checkpoint_ids))
+            elif checkpoint is not None:
+                self.store.put(Entry(active.layout, checkpoint_ids, checkpoint))
         active.job.end()
 
-    def generate_alone(self, job: Job) -> None:
-        """A job that cannot share a batch (speculative decoding, a max_kv_size cache) runs to its end alone."""
-        features = self.features(job)
-        layout = cache_layout(job.options) if features is None else None
-        if layout is None or not self.store.enabled:
-            self.run_job(job, features, None, [])
-            return
-        cache, held = self.store.take(layout, job.ids)
-        cache = cache if cache is not None else job.options.make_cache(self.model)
-        entry = Entry(layout, [], cache)
-        options = replace(
-            job.options, prefill_progress=checkpointing(entry, cache, job.ids, job.options.prefill_progress)
-        )
-        tokens = self.run_job(job, None, cache, held, options)
-        entry.ids = held_ids(cache, [*job.ids, *tokens])
-        self.store.put(entry)
+    def end(self, active: Active, error: Exception) -> None:
+        """The job failed (the scheduler has dropped it): it ends with the error, its caches not kept."""
+        self.forget(active)
+        active.job.end(error)
 
-    def run_job(self, job: Job, features, cache, held: list[int], options: Options | None = None) -> list[int]:
-        """Generate the job's reply from `cache` holding `held` (a prefix of its ids); returns the tokens made."""
-        fed, tokens = job.ids[len(held) :], []
-        with closing(
-            generate_ids(self.model, self.processor, fed, cache, options or job.options, features, held)
-        ) as responses:
-            for response in responses:
-                tokens.append(response.token)
-                job.generated, job.batch_peak = len(tokens), 1
-                if job.cancelled.is_set():
-                    break
-                job.first_token_at = job.first_token_at or time.perf_counter()
-                job.events.put(self.step(response, job.top_logprobs, len(job.ids)))
-        return tokens
-
-    def step(self, response, top: int | None, prompt_tokens: int) -> Step:
-        entry = None
-        if top is not None and response.logprobs is not None and response.finish_reason != "stop":
-            entry = self.logprob_entry(response.token, np.array(response.logprobs.astype(mx.float32)), top)
-        return Step(response.text, response.token, response.finish_reason, prompt_tokens, response.reused_tokens, entry)
+    def forget(self, active: Active) -> None:
+        del self.active[active.sequence]
+        del self.by_number[active.job.number]
 
     def logprob_entry(self, token: int, logprobs: np.ndarray, top: int) -> dict:
         best = np.argsort(-logprobs)[:top] if top else []
@@ -359,37 +387,7 @@ class Worker:
         return {"token": piece, "logprob": float(logprobs[token]), "bytes": list(piece.encode())}
 
 
-def batchable(options: Options) -> bool:
-    """Whether a job can share the batch: speculative decoding and max_kv_size caches run alone."""
+def distributable(options: Options) -> bool:
+    """Whether a distributed server serves these options (speculative decoding and max_kv_size caches: one process
+    only; the draft model is not sharded)."""
     return options.draft_tokens == 0 and options.max_kv_size is None
-
-
-def cache_layout(options: Options) -> tuple | None:
-    """What makes two requests' caches interchangeable; None: this request bypasses the prompt cache (a draft
-    model keeps a cache of its own; a bounded max_kv_size cache is not exact under a different chunking)."""
-    if options.draft_model is not None or options.max_kv_size is not None:
-        return None
-    return (options.kv_bits, options.kv_group_size, options.draft_tokens)
-
-
-def checkpointing(entry: Entry, cache: list, ids: list[int], progress):
-    """A prefill progress callback that also keeps a copy of the cache in `entry` once the prompt (all but its
-    last token, which generation feeds) is in it."""
-
-    def report(done: int, total: int) -> None:
-        if progress is not None:
-            progress(done, total)
-        if done == total:
-            entry.checkpoint = [layer.copy() for layer in cache]
-            entry.checkpoint_ids = ids[: cache[0].offset]
-
-    return report
-
-
-def held_ids(cache: list, tokens: list[int]) -> list[int]:
-    """The ids the cache holds (generation leaves the last token or two unfed): the first `offset` of `tokens`;
-    [] when the cache does not add up (nothing is kept then)."""
-    offsets = {layer.offset for layer in cache}
-    if len(offsets) != 1 or not isinstance(offset := offsets.pop(), int) or offset > len(tokens):
-        return []
-    return tokens[:offset]

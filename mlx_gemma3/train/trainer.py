@@ -17,6 +17,8 @@ from .adapters import load_adapter_weights, save_adapters, save_atomically
 from .data import Example, evaluation_batches, training_batch
 from .loss import default_loss
 
+__all__ = ["TrainingArgs", "evaluate", "train"]
+
 SCHEDULES = ("constant", "cosine")  # the --lr-schedule shorthands; a YAML config may give mlx-lm's schedule dict
 SCHEDULE_FUNCTIONS = ("cosine_decay", "exponential_decay", "linear_schedule", "step_decay")  # mlx.optimizers'
 SCHEDULE_KEYS = ("name", "arguments", "warmup", "warmup_init")
