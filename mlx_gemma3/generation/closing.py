@@ -1,4 +1,6 @@
-"""Budget-aware closing: a short way to finish a grammar from where a reply is, in bytes and then in tokens."""
+"""Budget-aware closing: a short way to finish a grammar from where a reply is, in bytes and then in tokens.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
