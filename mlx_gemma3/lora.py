@@ -43,8 +43,8 @@ DEFAULTS = {
 }
 LORA_FLAGS = ("rank", "scale", "dropout", "keys")  # flags that set lora_parameters
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "adafactor", "muon")
-EPILOG = """Training follows mlx-lm's `mlx_lm lora`: the same tokens trained on (--mask-prompt: the assistant turns),
-adapters on every linear layer of the chosen decoder layers initialised from the same seed, the same batches
+EPILOG = """Training follows mlx-lm's `mlx_lm lora`: the same tokens trained on (--mask-prompt: the assistant turns;
+like mlx-lm's loss, also the padding token after each sequence's end), adapters on every linear layer of the chosen decoder layers initialised from the same seed, the same batches
 (consecutive examples in file order; the examples past the last whole batch are left out, and a note says which),
 mlx-lm's loss (mean over the batch's counted tokens), optimizer and schedule (a YAML lr_schedule in mlx-lm's form,
 optimizer_config). On purpose we differ in: dropout masks seeded per step (a resumed run repeats them), the batch
@@ -99,7 +99,8 @@ def build_parser() -> Parser:
     add(
         "--config",
         "-c",
-        help="YAML file with any of these settings (mlx-lm's names; lora_parameters: rank, scale, dropout, keys)",
+        help="YAML file with any of these settings (mlx-lm's names; lora_parameters: rank, scale, dropout, keys; "
+        "optimizer_config; lr_schedule: {name, arguments, warmup, warmup_init})",
     )
     return parser
 
