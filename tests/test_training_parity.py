@@ -178,3 +178,28 @@ def test_help_names_where_training_differs_from_mlx_lm(capsys):
         lora.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "mlx-lm" in text and "left out" in text and "differ in" in text
+
+
+def test_an_mlx_lm_yaml_recipe_reads_as_mlx_lm_writes_it(tmp_path):
+    """mlx-lm's YAML names for the schedule and the optimizer's settings are taken as they are; a schedule that is
+    neither a shorthand nor mlx-lm's form is one clear error."""
+    from mlx_gemma3.errors import Gemma3Error
+    from mlx_gemma3.train.trainer import make_optimizer as optimizer_of
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        "optimizer: adamw\noptimizer_config:\n  adamw:\n    weight_decay: 0.05\n"
+        "lr_schedule:\n  name: cosine_decay\n  arguments: [1.0e-4, 200, 1.0e-6]\n  warmup: 10\n  warmup_init: 1.0e-6\n"
+    )
+    values = lora.settings(lora.build_parser().parse_args(["--config", str(config), "--iters", "200"]))
+    args = lora.training_args(values)
+    assert args.schedule() == {
+        "name": "cosine_decay",
+        "arguments": [1e-4, 200, 1e-6],
+        "warmup": 10,
+        "warmup_init": 1e-6,
+    }
+    made = optimizer_of(args, values["optimizer"], values["optimizer_config"][values["optimizer"]])
+    assert isinstance(made, optim.AdamW) and made.weight_decay == 0.05
+    with pytest.raises(Gemma3Error, match="name is one of cosine_decay"):
+        TrainingArgs(lr_schedule={"name": "warmup_cosine", "arguments": [1e-4]}).check()
