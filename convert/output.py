@@ -45,12 +45,21 @@ def output_folder(target: Path, force: bool):
     if target.exists() and not target.is_dir():
         raise Gemma3Error(f"output path {target} is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = new_folder(target.parent, f".{target.name}.partial-")
+    # The name comes first, so that an interrupt landing just after mkdir still finds the folder to remove.
+    work = target.parent / f".{target.name}.partial-{secrets.token_hex(8)}"
     try:
+        try:
+            work.mkdir()
+        except FileExistsError:
+            work = None  # another process's folder: never ours to remove
+            raise Gemma3Error(
+                f"a conversion into {target} is already running: wait for it or pick another path"
+            ) from None
         yield work
         _replace(work, target)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
         raise
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from .cli import Parser, add_kv_cache_flags, run
 from .errors import Gemma3Error
-from .generation.generated_reply import eos_ids
+from .generation.reply import eos_ids
 from .generation.text_stream import stream_generate
 from .loader import load
 from .model.config import FLOAT_DTYPES

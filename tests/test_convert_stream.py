@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +122,21 @@ def test_shard_writer_streams_row_blocks_into_valid_safetensors(tmp_path):
     read = {k: v for f in files for k, v in load_file(str(f)).items()}  # the safetensors library reads them too
     assert read.keys() == tensors.keys() and read["b.scales"].float().tolist() == tensors["b.scales"].tolist()
     assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
+
+
+def test_an_interrupt_just_after_the_work_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """The race test_ctrl_c_leaves_nothing could hit: Ctrl-C after the .partial folder exists, before cleanup
+    was armed."""
+    from mlx_gemma3.convert.output import output_folder
+
+    make = Path.mkdir
+
+    def mkdir_then_interrupt(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        if ".partial-" in self.name:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_interrupt)
+    with pytest.raises(KeyboardInterrupt), output_folder(tmp_path / "out", force=False):
+        pass
+    assert list(tmp_path.iterdir()) == []

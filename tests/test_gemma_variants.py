@@ -246,7 +246,7 @@ def test_function_gemma_stops_at_the_response_marker(function_gemma):
     model, processor = mlx_gemma3.load(function_gemma[0])
     stop = processor.tokenizer.token_id(RESPONSE_START)
     assert processor.stop_ids == (stop,)
-    from mlx_gemma3.generation.generated_reply import eos_ids
+    from mlx_gemma3.generation.reply import eos_ids
 
     assert stop in eos_ids(processor)
     messages = CONVERSATIONS["declarations"]

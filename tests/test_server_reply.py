@@ -1,11 +1,11 @@
-"""The reply bookkeeping every protocol shares (serve/reply.py): stop strings, tool calls held back, usage."""
+"""The reply bookkeeping every protocol shares (serve/reply_events.py): stop strings, tool calls held back, usage."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 from mlx_gemma3.processing.tools import ToolCall
-from mlx_gemma3.serve.reply import Delta, Ending, reply_events
+from mlx_gemma3.serve.reply_events import Delta, Ending, reply_events
 
 
 class Step(NamedTuple):

@@ -18,10 +18,10 @@ from ..model.cache import writable_cache_path
 from ..model.text import TEXT_ONLY
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
-from .generated_reply import Reply
 from .options import Options
 from .prefix_reuse import image_digests
 from .prompt_file import reusable_cache, saving_when_prefilled
+from .reply import Reply
 from .speculative import speculative_generate_step
 from .step import generate_step
 from .thread_streams import generation_stream

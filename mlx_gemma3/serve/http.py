@@ -33,7 +33,7 @@ from .openai_chat import CHAT_PATH, COMPLETIONS_PATH, chat, completion
 from .page import page_file
 from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
 from .registry import ModelSpec, Registry, Served, UnknownModel
-from .reply import Ending, reply_events
+from .reply_events import Ending, reply_events
 from .requests import Request, RequestError, openai_error
 from .responses import RESPONSES_PATH, STORED_RESPONSES, ResponseStore, create, delete, retrieve
 from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker, distributable

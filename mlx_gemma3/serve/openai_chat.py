@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 
-from .reply import Delta, Ending, sse
+from .reply_events import Delta, Ending, sse
 from .requests import Request, RequestError, openai_error, parse_chat, parse_completion
 
 CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"

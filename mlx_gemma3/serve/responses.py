@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import Gemma3Error
 from ..processing.tools import ToolCall, as_tool, tool_results_text, with_tools
-from .reply import Delta, Ending, sse
+from .reply_events import Delta, Ending, sse
 from .requests import (
     Request,
     RequestError,

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 import numpy as np
 
-from ..generation.generated_reply import Reply
 from ..generation.options import Options
 from ..generation.prefix_reuse import held_keys, image_digests, prompt_keys
+from ..generation.reply import Reply
 from ..generation.scheduler import Generated, Scheduler, Sequence
 from ..generation.step import PREFILL_STEP_SIZE, image_runs
 from ..generation.text_stream import encode_images
