@@ -1,14 +1,23 @@
-"""Structured output on the 270M: how often replies validate with and without the constraint, and the mask's cost.
+"""Structured output on the 270M: valid replies within a token budget, with and without budget-aware closing, and
+what the constraint costs per step.
 
-    python benchmarks/structured.py [--model MODEL] [--samples 20] [--max-tokens 48] [--json results/structured.json]
+    python benchmarks/structured.py [--model MODEL] [--samples 2] [--json results/structured-270m.json]
 
-Tool calls: 20 questions, greedy, with tool_choice "required"'s grammar and without. For each schema of
-tests/data/structured_270m.json, --samples replies (sampled at temperature 0.8, seeds 0…N-1)
-with the constraint and as many without: a reply counts when it parses as JSON and validates with jsonschema.
-The mask's cost is the CPU time of each step's constraint work (bringing the matcher to the new token, computing
-and unpacking the mask), timed inside one constrained run, against the mean decode step of an unconstrained run
-of the same length, both in this process. An unconstrained reply is cut short once its first visible character
-shows it cannot be JSON.
+For each schema of tests/data/structured_270m.json and three budgets (tight: its hand-written shortest valid
+instance plus 3 tokens; normal: twice that instance; generous: 128 tokens), --samples replies sampled at
+temperature 1.0 (seeds 0…N-1) with budget-aware closing (the library's default) and as many without it (the same
+grammar and JSON limits, max_tokens not given to the constraint): a reply counts when it parses as JSON and
+validates with jsonschema; its length is in tokens. Until the budget is watched both ways give the same reply for
+a seed, so a reply that ended before then stands for both.
+
+The constraint's cost is the CPU time of its own work per step (bringing its matchers to the new token, both masks,
+the finish search and, once the budget is watched, the candidates weighed), timed after the forward has finished
+so that none of it overlaps, against the mean decode step of an unconstrained run of the same length in this
+process: while the budget is free (generous) and while it is watched from the first token (tight). On a Mac the
+decode step is far shorter than on this CPU and the constraint's work overlaps the forward except where the budget
+is watched; the CPU share says what the constraint costs here, not what it costs there.
+
+Tool calls: 20 questions, greedy, with tool_choice "required"'s grammar and without.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from mlx_gemma3.processing.grammar import grammar_text
 from mlx_gemma3.processing.tools import parse_tool_calls, tool_call_grammar, tools_prompt
 
 CASES = Path(__file__).parent.parent / "tests" / "data" / "structured_270m.json"
+GENEROUS = 128
 WEATHER = {
     "name": "get_weather",
     "description": "Weather for a city",
@@ -39,7 +49,6 @@ WEATHER = {
         "additionalProperties": False,
     },
 }
-JSON_STARTS = '{["-0123456789tfn'  # the characters a JSON text can start with
 CITIES = [
     "Oslo",
     "Lima",
@@ -65,19 +74,18 @@ CITIES = [
 
 
 class TimedConstraint(Constraint):
-    """A Constraint that records the CPU time of its own work per step (not the wait for the previous token)."""
+    """A Constraint that records the CPU time of its own work per step (after the forward, so none overlaps it)."""
 
-    def __init__(self, tokenizer, grammar: str):
-        super().__init__(tokenizer, grammar)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.seconds: list[float] = []
 
     def __call__(self, tokens, logits):
-        mx.eval(tokens)  # the previous step's token: waiting for it is the decode's time, not the mask's
+        mx.eval(tokens, logits)  # the forward's time is the decode step's, not the constraint's
         tic = time.perf_counter()
-        self.follow(tokens)
-        allowed = mx.array(self.allowed(logits.shape[-1]))
+        masked = super().__call__(tokens, logits)
         self.seconds.append(time.perf_counter() - tic)
-        return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
+        return masked
 
 
 def valid(text: str, schema: dict) -> bool:
@@ -88,25 +96,72 @@ def valid(text: str, schema: dict) -> bool:
     return True
 
 
-def reply(model, processor, prompt: str, **options) -> str:
-    """The reply, cut short once its first visible character shows it cannot be JSON (it would not count anyway)."""
-    text = ""
-    for response in mlx_gemma3.stream_generate(model, processor, prompt, **options):
-        text += response.text
-        if text.strip() and text.strip()[0] not in JSON_STARTS:
-            break
-    return text
+def budgets(processor, case: dict) -> dict[str, int]:
+    shortest = len(processor.tokenizer.encode(case["shortest"], add_bos=False))
+    return {"tight": shortest + 3, "normal": 2 * shortest, "generous": GENEROUS}
 
 
-def rates(model, processor, cases: list[dict], samples: int, max_tokens: int) -> dict:
-    counts = {"constrained": 0, "unconstrained": 0}
+def reply(model, processor, case: dict, budget: int, closing: bool, seed: int) -> tuple[bool, int, bool]:
+    """(valid, length in tokens, whether the budget was watched) of one sampled reply; without closing the
+    constraint is not told the budget."""
+    text = grammar_text(json_schema=case["schema"])
+    constraint = Constraint(processor, text, budget if closing else None)
+    out = list(
+        mlx_gemma3.stream_generate(
+            model, processor, case["prompt"], max_tokens=budget, temp=1.0, seed=seed, logits_processors=[constraint]
+        )
+    )
+    return valid("".join(o.text for o in out), case["schema"]), len(out), constraint.watched
+
+
+def rates(model, processor, cases: list[dict], samples: int) -> list[dict]:
+    """Per schema and budget: each sample with closing and without. Until the budget is watched both ways mask
+    alike and sample alike (the same seed), so a reply that ended before it was watched is its own unclosed twin
+    and is not run again."""
+    rows = []
     for case in cases:
-        for seed in range(samples):
-            for name, extra in (("constrained", {"json_schema": case["schema"]}), ("unconstrained", {})):
-                text = reply(model, processor, case["prompt"], max_tokens=max_tokens, temp=0.8, seed=seed, **extra)
-                counts[name] += valid(text.strip(), case["schema"])
-    total = samples * len(cases)
-    return {name: {"valid": count, "of": total, "rate": count / total} for name, count in counts.items()}
+        row = {"prompt": case["prompt"], "budgets": budgets(processor, case)}
+        for name, budget in row["budgets"].items():
+            runs = {"closing": [], "no_closing": []}
+            for seed in range(samples):
+                ok, length, watched = reply(model, processor, case, budget, True, seed)
+                runs["closing"].append((ok, length))
+                runs["no_closing"].append(
+                    reply(model, processor, case, budget, False, seed)[:2] if watched else (ok, length)
+                )
+            for way, results in runs.items():
+                row[f"{name}_{way}"] = {
+                    "valid": sum(ok for ok, _ in results) / samples,
+                    "mean_tokens": statistics.mean(length for _, length in results),
+                }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    keys = [key for key in rows[0] if key not in ("prompt", "budgets")]
+    return {
+        key: {
+            "valid": statistics.mean(row[key]["valid"] for row in rows),
+            "mean_tokens": statistics.mean(row[key]["mean_tokens"] for row in rows),
+        }
+        for key in keys
+    }
+
+
+def mask_cost(model, processor, case: dict, budget: int) -> dict:
+    """Mean constraint CPU time per step against the mean unconstrained decode step (same prompt, same length)."""
+    constraint = TimedConstraint(processor, grammar_text(json_schema=case["schema"]), budget)
+    out = list(
+        mlx_gemma3.stream_generate(
+            model, processor, case["prompt"], max_tokens=budget, logits_processors=[constraint], temp=1.0, seed=0
+        )
+    )
+    plain = list(mlx_gemma3.stream_generate(model, processor, case["prompt"], max_tokens=len(out)))
+    step = 1 / plain[-1].generation_tps
+    mask = statistics.mean(constraint.seconds[1:])  # the first call also records where the reply starts
+    return {"mask_ms": 1e3 * mask, "step_ms": 1e3 * step, "share": mask / step, "steps": len(constraint.seconds)}
 
 
 def tool_call_rates(model, processor, max_tokens: int) -> dict:
@@ -132,45 +187,29 @@ def valid_arguments(arguments: dict) -> bool:
     return True
 
 
-def mask_cost(model, processor, case: dict, tokens: int) -> dict:
-    """Mean constraint CPU time per step against the mean unconstrained decode step (same prompt, same length)."""
-    constraint = TimedConstraint(processor, grammar_text(json_schema=case["schema"]))
-    list(
-        mlx_gemma3.stream_generate(model, processor, case["prompt"], max_tokens=tokens, logits_processors=[constraint])
-    )
-    plain = list(mlx_gemma3.stream_generate(model, processor, case["prompt"], max_tokens=tokens))
-    step = 1 / plain[-1].generation_tps
-    mask = statistics.mean(constraint.seconds[1:])  # the first call only records where the reply starts
-    return {"mask_ms": 1e3 * mask, "step_ms": 1e3 * step, "share": mask / step, "steps": len(constraint.seconds)}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="default: the demo 270M")
-    parser.add_argument("--samples", type=int, default=20, help="replies per schema, each way")
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--cost-tokens", type=int, default=32, help="tokens per run when timing the mask")
+    parser.add_argument("--samples", type=int, default=2, help="replies per schema, budget and way")
+    parser.add_argument("--schemas", type=int, default=20, help="the first N schemas of the data file (quick runs)")
+    parser.add_argument("--tool-tokens", type=int, default=48, help="max_tokens of the tool-call replies")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     model, processor = mlx_gemma3.load(model_folder(args.model) if args.model else mlx_gemma3.demo_model())
-    cases = json.loads(CASES.read_text())
+    cases = json.loads(CASES.read_text())[: args.schemas]
     tic = time.perf_counter()
     _ = processor.grammar_tokenizer  # built once, timed
-    build = time.perf_counter() - tic
-    unbounded = {
-        "prompt": "A long description, as JSON:",
-        "schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+    results = {"tokenizer_build_s": time.perf_counter() - tic, "samples": args.samples, "temperature": 1.0}
+    order = json.loads(CASES.read_text())[-1]  # the nested order: the longest finish of the 20
+    results["mask_cost"] = {
+        "budget free (generous)": mask_cost(model, processor, order, GENEROUS),
+        "budget watched (tight)": mask_cost(model, processor, order, budgets(processor, order)["tight"]),
     }
-    cost = {
-        name: mask_cost(model, processor, case, args.cost_tokens)
-        for name, case in (("nested object (order)", cases[-1]), ("free string", unbounded))
-    }
-    results = {"tokenizer_build_s": build, "mask_cost": cost}
     print(json.dumps(results, indent=2), flush=True)
-    results["rates"] = rates(model, processor, cases, args.samples, args.max_tokens)
-    results["samples"] = args.samples
-    print(json.dumps(results["rates"], indent=2), flush=True)
-    results["tool_calls"] = tool_call_rates(model, processor, args.max_tokens)
+    results["per_schema"] = rates(model, processor, cases, args.samples)
+    results["summary"] = summary(results["per_schema"])
+    print(json.dumps(results["summary"], indent=2), flush=True)
+    results["tool_calls"] = tool_call_rates(model, processor, args.tool_tokens)
     print(json.dumps(results["tool_calls"], indent=2), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -209,11 +209,17 @@ def add_constraint_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--grammar", metavar="FILE", help="the reply follows the Lark grammar in FILE (llguidance's dialect)"
     )
+    parser.add_argument(
+        "--no-json-limits",
+        action="store_true",
+        help="let JSON numbers and whitespace run as long as the schema allows (default: at most 17 fraction "
+        "digits, 20 integer digits, a 3-digit exponent, 16 whitespace characters in a row)",
+    )
 
 
 def constraint_options(args: argparse.Namespace) -> dict:
     """The library options the constraint flags stand for (the files read)."""
-    options = {"regex": args.regex}
+    options = {"regex": args.regex, "json_limits": not args.no_json_limits}
     if args.json_schema:
         options["json_schema"] = read_text(args.json_schema, "--json-schema")
     if args.grammar:

@@ -21,6 +21,7 @@ DEFAULTS = {
     "data": "data",
     "fine_tune_type": "lora",
     "optimizer": "adam",
+    "optimizer_config": {},  # per optimizer name, keyword arguments of its mlx.optimizers class
     "num_layers": 16,
     "batch_size": 4,
     "iters": 1000,
@@ -41,23 +42,36 @@ DEFAULTS = {
     "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
 }
 LORA_FLAGS = ("rank", "scale", "dropout", "keys")  # flags that set lora_parameters
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "adafactor", "muon")
+EPILOG = """Training follows mlx-lm's `mlx_lm lora`: the same tokens trained on (--mask-prompt: the assistant turns;
+like mlx-lm's loss, also the padding token after each sequence's end), adapters on every linear layer of the chosen decoder layers initialised from the same seed, the same batches
+(consecutive examples in file order; the examples past the last whole batch are left out, and a note says which),
+mlx-lm's loss (mean over the batch's counted tokens), optimizer and schedule (a YAML lr_schedule in mlx-lm's form,
+optimizer_config). On purpose we differ in: dropout masks seeded per step (a resumed run repeats them), the batch
+order after the first epoch (seeded per epoch, so a resumed run sees the same batches), --mask-prompt counting
+every assistant turn of a conversation (mlx-lm counts the last), and the extra flags --lr-schedule, --warmup,
+--rank, --scale, --dropout, --keys."""
 
 
 def build_parser() -> Parser:
-    parser = Parser("lora", description="Fine-tune a Gemma 3 model with LoRA, DoRA or full fine-tuning.")
+    parser = Parser("lora", description="Fine-tune a Gemma 3 model with LoRA, DoRA or full fine-tuning.", epilog=EPILOG)
     add = parser.add_argument
     add("--model", help="model folder, .gguf file or Hugging Face repo id (quantized bases train as QLoRA)")
     add("--train", action="store_true", default=None, help="train (else only --test with existing adapters)")
     add("--data", help="folder with train.jsonl, valid.jsonl (and test.jsonl for --test); default: data")
     add("--fine-tune-type", choices=("lora", "dora", "full"), help="what trains (default lora)")
-    add("--optimizer", choices=("adam", "adamw", "sgd"), help="default adam")
+    add("--optimizer", choices=OPTIMIZER_NAMES, help="default adam (settings: optimizer_config in --config)")
     add("--num-layers", type=int, help="train the last N decoder layers (-1: all; default 16)")
-    add("--batch-size", type=int, help="examples per step (default 4)")
+    add("--batch-size", type=int, help="examples per step, consecutive in the file (default 4)")
     add("--iters", type=int, help="training steps in all, a resumed run's included (default 1000)")
     add("--val-batches", type=int, help="validation batches per evaluation (-1: the whole set; default 25)")
     add("--test-batches", type=int, help="test batches (-1: the whole set; default 500)")
     add("--learning-rate", type=float, help="Adam learning rate (default 1e-5)")
-    add("--lr-schedule", choices=("constant", "cosine"), help="cosine: warm up over --warmup steps, then decay to 0")
+    add(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        help="cosine: warm up over --warmup steps, then decay to 0 (a --config may give mlx-lm's schedule dict)",
+    )
     add("--warmup", type=int, help="warmup steps of the cosine schedule (default 0)")
     add("--steps-per-report", type=int, help="steps between progress lines (default 10)")
     add("--steps-per-eval", type=int, help="steps between validations (default 200)")
@@ -85,7 +99,8 @@ def build_parser() -> Parser:
     add(
         "--config",
         "-c",
-        help="YAML file with any of these settings (mlx-lm's names; lora_parameters: rank, scale, dropout, keys)",
+        help="YAML file with any of these settings (mlx-lm's names; lora_parameters: rank, scale, dropout, keys; "
+        "optimizer_config; lr_schedule: {name, arguments, warmup, warmup_init})",
     )
     return parser
 
@@ -139,7 +154,6 @@ def fine_tune(values: dict) -> int:
     if not values["train"] and not values["test"]:
         raise Gemma3Error("nothing to do: pass --train, --test or both")
     folder = model_folder(values["model"])
-    mx.random.seed(values["seed"])
     model, processor = load(folder, for_training=True)
     encoder = Encoder(processor, values["mask_prompt"], values["max_seq_length"])
     names = (("train", "valid") if values["train"] else ()) + (("test",) if values["test"] else ())
@@ -150,6 +164,7 @@ def fine_tune(values: dict) -> int:
             f"the first {encoder.truncated[0]}",
             file=sys.stderr,
         )
+    check_batches(data, values["batch_size"])
     args = training_args(values)
     if values["train"]:
         lora = values["lora_parameters"]
@@ -161,9 +176,11 @@ def fine_tune(values: dict) -> int:
             float(lora["dropout"]),
             tuple(lora.get("keys") or AdapterConfig.keys),
         )
+        mx.random.seed(values["seed"])  # here, as mlx-lm seeds: the same seed gives its adapters' initial values
         parameters = parameter_count(model)  # the model's own, before the adapters go in
         prepare_for_training(model, config)
-        optimizer = make_optimizer(args, values["optimizer"])
+        optimizer_config = (values["optimizer_config"] or {}).get(values["optimizer"], {})
+        optimizer = make_optimizer(args, values["optimizer"], optimizer_config)
         start = resume(model, optimizer, Path(values["resume_adapter_file"])) if values["resume_adapter_file"] else 0
         print(trainable_summary(model, parameters), flush=True)
         saved = {
@@ -185,9 +202,25 @@ def fine_tune(values: dict) -> int:
         apply_adapter_folder(model, values["adapter_path"])
     if values["test"]:
         model.eval()
-        loss = evaluate(model, data["test"], args.batch_size, values["test_batches"])
+        loss = evaluate(model, data["test"], args.batch_size, values["test_batches"], split="the test set")
         print(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700.0)):.3f}.", flush=True)
     return 0
+
+
+def check_batches(data: dict, batch_size: int) -> None:
+    """Every split makes at least one whole batch; a note names the examples past the last whole batch, which
+    neither training nor evaluation uses (as in mlx-lm)."""
+    from .train.data import left_out, whole_batches
+
+    for name, examples in data.items():
+        whole_batches(examples, batch_size, f"{name}.jsonl")
+        unused = left_out(examples, batch_size)
+        if unused:
+            print(
+                f"note: {name}.jsonl has {len(examples)} examples; the last {len(unused)} (from {unused[0].where}) "
+                f"make no whole batch of --batch-size {batch_size} and are not used, as in mlx-lm",
+                file=sys.stderr,
+            )
 
 
 def training_args(values: dict):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -401,7 +402,8 @@ def test_an_image_sample_trains_as_transformers_computes_it(image_chat_model, tm
 
     model, _ = mlx_gemma3.load(folder, for_training=True)
     prepare_for_training(model, AdapterConfig("lora", -1, RANK, ALPHA / RANK))
-    batch = collate([example])
+    assert example.trailing_target  # mlx-lm's extra target past the end (test_training_parity); left out here
+    batch = collate([dataclasses.replace(example, trailing_target=False)])
     (loss, count), grads = nn.value_and_grad(model, lambda b: default_loss(model, b))(batch)
     grads = dict(tree_flatten(grads))
     hf.zero_grad()

@@ -387,12 +387,21 @@ def gemma_270m(demo_folder):
 
 
 @pytest.mark.slow
-def test_real_270m_replies_parse_and_validate_on_20_schemas(gemma_270m):
-    """Nested objects, bounded arrays, enums, ranges, optional fields, patterns, anyOf: every reply valid."""
+def test_real_270m_replies_parse_and_validate_on_20_schemas_within_a_tight_budget(gemma_270m):
+    """Nested objects, bounded arrays, enums, ranges, optional fields, patterns, anyOf, sampled at temperature 1.0
+    with max_tokens three above each schema's shortest valid instance (written by hand in the data file, checked
+    by jsonschema here): every reply parses, validates and ends "stop"."""
     model, processor = gemma_270m
     for case in REAL_CASES:
-        text = generate(model, processor, case["prompt"], json_schema=case["schema"], max_tokens=48)
-        jsonschema.validate(json.loads(text), case["schema"])
+        jsonschema.validate(json.loads(case["shortest"]), case["schema"])
+        budget = len(processor.tokenizer.encode(case["shortest"], add_bos=False)) + 3
+        out = list(
+            stream_generate(
+                model, processor, case["prompt"], json_schema=case["schema"], max_tokens=budget, temp=1.0, seed=0
+            )
+        )
+        jsonschema.validate(json.loads("".join(o.text for o in out)), case["schema"])
+        assert out[-1].finish_reason == "stop" and len(out) <= budget
 
 
 @pytest.mark.slow
@@ -421,3 +430,144 @@ def test_real_270m_tool_calls_through_the_server_are_valid(gemma_270m):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+NOTE = {
+    "type": "object",
+    "properties": {"text": {"type": "string"}, "score": {"type": "number"}},
+    "required": ["text", "score"],
+}
+NOTE_SHORTEST = '{"text": "", "score": 0}'
+
+
+def tokens_of(processor, text: str) -> int:
+    return len(processor.tokenizer.encode(text, add_bos=False))
+
+
+class Boost:
+    """A logits processor that adds `amount` to the tokens that spell one of `pieces` (the constraint, applied
+    after it, still decides what is allowed)."""
+
+    def __init__(self, processor, pieces: str, amount: float = 1e4):
+        ids = {i for piece in pieces for i in processor.tokenizer.encode(piece, add_bos=False)}
+        self.ids, self.amount = mx.array(sorted(ids)), amount
+
+    def __call__(self, tokens, logits):
+        hit = (mx.arange(logits.shape[-1])[:, None] == self.ids[None]).any(axis=1)
+        return logits + self.amount * hit
+
+
+def test_a_constrained_reply_closes_within_its_budget(tiny):
+    """An unbounded string and number (a random model, pushed to write digits, never ends them by itself): with
+    max_tokens at or a little above the shortest valid reply, every sampled reply is complete JSON that validates,
+    and ends "stop" at the budget."""
+    model, processor = tiny
+    shortest = tokens_of(processor, NOTE_SHORTEST)
+    for extra, seed in [(0, 0), (2, 1), (7, 2), (15, 3)]:
+        out = list(
+            stream_generate(
+                model,
+                processor,
+                "Give me JSON.",
+                json_schema=NOTE,
+                max_tokens=shortest + extra,
+                temp=1.0,
+                seed=seed,
+                logits_processors=[Boost(processor, "0123456789x")],
+            )
+        )
+        jsonschema.validate(json.loads("".join(o.text for o in out)), NOTE)
+        assert out[-1].finish_reason == "stop" and out[-1].finish_detail is None
+
+
+def test_no_valid_reply_in_the_budget_ends_length_and_says_why(tiny, server):
+    model, processor = tiny
+    too_few = tokens_of(processor, NOTE_SHORTEST) - 1
+    out = list(stream_generate(model, processor, "JSON", json_schema=NOTE, max_tokens=too_few))
+    assert out[-1].finish_reason == "length" and len(out) == too_few
+    assert f"no valid reply fits in max_tokens={too_few}" in out[-1].finish_detail
+    with pytest.raises(openai.BadRequestError, match=f"max_tokens={too_few}"):
+        server.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "JSON"}],
+            max_tokens=too_few,
+            response_format={"type": "json_schema", "json_schema": {"name": "note", "schema": NOTE}},
+        )
+
+
+def test_json_numbers_and_whitespace_keep_to_the_limits_unless_lifted(tiny):
+    """Pushed to write digits (or spaces) forever, a number stops at 17 fraction digits (what a double keeps:
+    repr(float) never needs more) and 20 integer digits, a whitespace run at 16; json_limits=False lifts both."""
+    model, processor = tiny
+    closed = {"type": "object", "additionalProperties": False}
+    fraction = {**closed, "properties": {"p": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["p"]}
+    spaced = {**NOTE, "additionalProperties": False, "x-guidance": {"whitespace_flexible": True}}
+    digits, spaces = Boost(processor, "0123456789"), Boost(processor, " ")
+    ask = lambda schema, boost, **options: generate(  # noqa: E731
+        model, processor, "JSON", json_schema=schema, max_tokens=60, logits_processors=[boost], **options
+    )
+    number = json.loads(ask(fraction, digits))["p"]
+    text = ask(fraction, digits)
+    assert len(re.search(r"\.(\d+)", text).group(1)) == 17 and 0 <= number <= 1
+    assert len(repr(float("0." + "9" * 40)).split(".")[1]) <= 17
+    whole = {**closed, "properties": {"n": {"type": "number"}}, "required": ["n"]}
+    assert max(map(len, re.findall(r"\d+", ask(whole, digits)))) == 20
+    assert len(re.search(r"\.(\d+)", ask(fraction, digits, json_limits=False)).group(1)) > 17
+    assert max(map(len, re.findall(r"\s+", ask(spaced, spaces)))) == 16
+    assert max(map(len, re.findall(r"\s+", ask(spaced, spaces, json_limits=False)))) > 16
+
+
+def test_tool_calls_and_regexes_close_within_a_tight_budget(tiny):
+    model, processor = tiny
+    grammar = tool_call_grammar([WEATHER], "python", "required")
+    shortest = tokens_of(processor, '[get_weather(city="", unit="celsius")]')
+    for seed in range(2):
+        reply = generate(
+            model,
+            processor,
+            "Weather?",
+            grammar=grammar,
+            max_tokens=shortest + 2,
+            temp=1.0,
+            seed=seed,
+            logits_processors=[Boost(processor, "abcxyz")],
+        )
+        (call,) = parse_tool_calls(reply)
+        jsonschema.validate(call.arguments, WEATHER["function"]["parameters"])
+    mail = r"[a-z]+@[a-z]+\.com"
+    for seed in range(2):
+        reply = generate(
+            model,
+            processor,
+            "Mail?",
+            regex=mail,
+            max_tokens=tokens_of(processor, "a@a.com") + 1,
+            temp=1.0,
+            seed=seed,
+            logits_processors=[Boost(processor, "abcxyz")],
+        )
+        assert re.fullmatch(mail, reply), reply
+
+
+def test_the_shortest_finish_is_valid_and_no_longer_than_the_hand_written_one(tiny):
+    """From the start of each of the 20 schemas, the finish the constraint would close with is a valid instance
+    (jsonschema) no longer in tokens than the data file's hand-written shortest instance."""
+    _, processor = tiny
+    for case in REAL_CASES:
+        finish = Constraint(processor, grammar_text(json_schema=case["schema"]), 100).closer.finish()
+        jsonschema.validate(json.loads(processor.tokenizer.decode(finish)), case["schema"])
+        assert len(finish) <= tokens_of(processor, case["shortest"]), case["shortest"]
+
+
+def test_server_json_limits_field(server):
+    """`json_limits` (our extra body field) is true or false; false is accepted and the reply still validates."""
+    ask = lambda limits: server.chat.completions.create(  # noqa: E731
+        model="tiny",
+        messages=[{"role": "user", "content": "JSON"}],
+        max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "note", "schema": NOTE}},
+        extra_body={"json_limits": limits},
+    )
+    jsonschema.validate(json.loads(ask(False).choices[0].message.content), NOTE)
+    with pytest.raises(openai.BadRequestError, match="'json_limits' must be true or false"):
+        ask("no")

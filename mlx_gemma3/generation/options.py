@@ -13,7 +13,7 @@ from ..errors import Gemma3Error
 from ..model.cache import REWIND
 from ..model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
 from ..processing.grammar import grammar_text
-from .constrain import Constraint
+from .constrain import Constraint, budget_problem
 from .sample import LogitsProcessor, Sampler, logit_bias, repetition_penalty, sampling_problem
 from .step import PREFILL_STEP_SIZE, Progress
 
@@ -47,6 +47,7 @@ class Options:
     json_schema: object = None  # the reply is JSON valid under this schema (a dict, its JSON text, a pydantic class)
     regex: str | None = None  # the reply matches this regular expression
     grammar: str | None = None  # the reply follows this Lark grammar (llguidance's dialect)
+    json_limits: bool = True  # JSON parts of a constraint keep to numbers a parser keeps and bounded whitespace
     tools: list | None = None  # functions the model may call (see processing.prompt.chat_text): chat prompts only
     chat_template_kwargs: dict | None = None  # further variables for the folder's chat template
 
@@ -120,15 +121,23 @@ class Options:
             processors.append(lambda seen, logits: logit_bias(logits, bias))
         return processors
 
-    def reply_processors(self, processor) -> tuple[list[LogitsProcessor], Constraint | None]:
-        """One reply's logits processors (`processors()`, then its constraint last) and that constraint (or None)."""
-        constraint = self.constraint(processor)
+    def reply_processors(
+        self, processor, max_tokens: int | None = None
+    ) -> tuple[list[LogitsProcessor], Constraint | None]:
+        """One reply's logits processors (`processors()`, then its constraint last) and that constraint (or None);
+        `max_tokens`: the reply's budget, which the constraint closes the reply within."""
+        constraint = self.constraint(processor, max_tokens)
         return [*self.processors(), *([constraint] if constraint is not None else [])], constraint
 
-    def constraint(self, processor) -> Constraint | None:
+    def constraint(self, processor, max_tokens: int | None = None) -> Constraint | None:
         """A new Constraint (one per reply) for json_schema, regex or grammar; None when none is set."""
         text = grammar_text(self.json_schema, self.regex, self.grammar)
-        return None if text is None else Constraint(processor, text)
+        return None if text is None else Constraint(processor, text, max_tokens, self.json_limits)
+
+    def budget_problem(self, processor, max_tokens: int) -> str | None:
+        """Why no reply the constraint allows fits in `max_tokens` tokens; None when one does, or there is none."""
+        text = grammar_text(self.json_schema, self.regex, self.grammar)
+        return None if text is None else budget_problem(processor, text, max_tokens, self.json_limits)
 
     def sampler(self) -> Sampler:
         return Sampler(self.temp, self.top_k, self.top_p, self.min_p, self.seed)
@@ -185,6 +194,7 @@ OPTION_RULES = {
     ),
     "regex": (lambda v: v is None or isinstance(v, str) and v != "", "a regular expression or None"),
     "grammar": (lambda v: v is None or isinstance(v, str) and v != "", "a Lark grammar (text) or None"),
+    "json_limits": (lambda v: isinstance(v, bool), "True or False"),
     "tools": (
         lambda v: v is None or isinstance(v, (list, tuple)),
         "a list of tools (functions, JSON schemas) or None",

@@ -42,6 +42,7 @@ class GenerationResponse:
     logprobs: mx.array | None = field(default=None, repr=False)  # log-softmax of this step's processed logits [V]
     reused_tokens: int = 0  # prompt tokens that were already in the cache (a chat's earlier turns, a prompt cache file)
     from_draft: bool = False  # speculative decoding: the draft (model or prompt lookup) proposed this token
+    finish_detail: str | None = None  # why a constrained reply ended with "length": no valid reply fitted max_tokens
 
 
 def check_model(model, processor, caller: str) -> None:
@@ -194,6 +195,7 @@ def _responses(steps, ids: list[int], reply: Reply, reused: int):
             logprobs,
             reused,
             bool(from_draft and from_draft[0]),
+            reply.finish_detail,
         )
         if reply.finish:
             return

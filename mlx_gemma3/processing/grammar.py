@@ -6,6 +6,7 @@ Internal: not part of the public API, which docs/api.md lists."""
 from __future__ import annotations
 
 import json
+import re
 
 import llguidance
 
@@ -16,6 +17,44 @@ SPECIAL_MARK = b"\xff"  # llguidance's prefix for a token that is never text (co
 SPACE_MARK = "\u2581"  # SentencePiece writes a space as ▁
 # Compact JSON: one space after ',' and ':', none elsewhere, so that a small model cannot pad a reply with blank lines.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# JSON limits: what a JSON parser keeps of a number (a double holds 17 significant digits and exponents to ±308; the
+# integer part allows every 64-bit integer), and the longest whitespace run between tokens where a schema's
+# x-guidance allows whitespace at all. They hold by default in every JSON part of a grammar (json_limits=False lifts
+# them); a schema's own bounds (minimum, maximum, maxLength, ...) still apply on top.
+INTEGER_DIGITS, FRACTION_DIGITS, EXPONENT_DIGITS, WHITESPACE_RUN = 20, 17, 3, 16
+LIMITED_VALUE = "limited_json_value"  # the rule that stands for each %json part in a limits grammar
+LIMITED_JSON = rf"""
+%llguidance {{"ignore_once": true}}
+{LIMITED_VALUE}: limited_json_object | limited_json_array | LIMITED_JSON_STRING | LIMITED_JSON_NUMBER | "true" | "false" | "null"
+limited_json_object: "{{" (limited_json_pair ("," limited_json_pair)*)? "}}"
+limited_json_pair: LIMITED_JSON_STRING ":" {LIMITED_VALUE}
+limited_json_array: "[" ({LIMITED_VALUE} ("," {LIMITED_VALUE})*)? "]"
+LIMITED_JSON_STRING: /"([^"\\\x00-\x1f]|\\["\\\/bfnrt]|\\u[0-9a-fA-F]{{4}})*"/
+LIMITED_JSON_NUMBER: /-?(0|[1-9][0-9]{{0,{INTEGER_DIGITS - 1}}})(\.[0-9]{{1,{FRACTION_DIGITS}}})?([eE][+-]?[0-9]{{1,{EXPONENT_DIGITS}}})?/
+%ignore /[ \t\r\n]{{1,{WHITESPACE_RUN}}}/
+"""
+JSON_PART = re.compile(r"%json\s*(?=\{)")
+
+
+def byte_tokenizer() -> llguidance.LLTokenizer:
+    """llguidance's tokenizer for a vocabulary of the 256 single bytes (ids 0-255) and one end token (256): a matcher
+    over it steps a grammar byte by byte, cheaply, to search how a reply can be finished."""
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(ByteVocabulary()), n_vocab=BYTE_END + 1, slices=[])
+
+
+BYTE_END = 256  # the end token of byte_tokenizer()
+
+
+class ByteVocabulary:
+    """What llguidance.LLTokenizer reads from a tokenizer, for byte_tokenizer(): id b is the byte b."""
+
+    tokens = [bytes([b]) for b in range(256)] + [SPECIAL_MARK + b"<end>"]
+    eos_token_id = BYTE_END
+    bos_token_id = None
+    special_token_ids = [BYTE_END]
+
+    def __call__(self, data: bytes) -> list[int]:
+        return list(data)
 
 
 def ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
@@ -117,6 +156,34 @@ def check_grammar(text: str, what: str) -> None:
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text)
     if failed:
         raise Gemma3Error(f"{what} cannot be used for constrained decoding: {messages[0]}")
+
+
+def limits_grammar(grammar: str) -> str | None:
+    """The JSON limits grammar for an llguidance grammar: every JSON part (a whole JSON-schema grammar, each %json in
+    a Lark grammar) replaced by any JSON value within the limits (INTEGER_DIGITS, ...), the rest kept. A reply
+    held to both grammars keeps the schemas and the limits; None when the grammar has no JSON part."""
+    if grammar.startswith("{"):
+        top = json.loads(grammar)["grammars"][0]
+        if top.get("json_schema") is not None:
+            return llguidance.LLMatcher.grammar_from_lark(f"start: {LIMITED_VALUE}\n{LIMITED_JSON}")
+        grammar = top.get("lark_grammar") or ""
+    lark, found = json_parts_replaced(grammar)
+    return llguidance.LLMatcher.grammar_from_lark(f"{lark}\n{LIMITED_JSON}") if found else None
+
+
+def json_parts_replaced(lark: str) -> tuple[str, bool]:
+    """A Lark grammar with each `%json {...}` replaced by LIMITED_VALUE, and whether there was one."""
+    parts, at, found = [], 0, False
+    for match in JSON_PART.finditer(lark):
+        if match.start() < at:
+            continue  # inside a schema already replaced
+        try:
+            _, end = json.JSONDecoder().raw_decode(lark, match.end())
+        except json.JSONDecodeError:
+            continue
+        parts += [lark[at : match.start()], LIMITED_VALUE]
+        at, found = end, True
+    return "".join([*parts, lark[at:]]), found
 
 
 def ordered_items(items: list[tuple[str, bool]], separator: str) -> str | None:

@@ -344,6 +344,10 @@ class Handler(BaseHTTPRequestHandler):
         context = served.model.config.text.max_position_embeddings
         if len(ids) >= context:
             raise RequestError(f"the prompt is {len(ids)} tokens; the model's context is {context}: shorten it")
+        budget = options.token_budget(context - len(ids))
+        problem = None if budget is None else options.budget_problem(served.processor, budget)
+        if problem is not None:
+            raise RequestError(problem, param="max_tokens")
         return Job(ids, pixels, options, request.top_logprobs if request.logprobs else None)
 
     def generate(self, served: Served, request: Request) -> Iterator:

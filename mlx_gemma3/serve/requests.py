@@ -46,6 +46,7 @@ CHAT_FIELDS = COMMON_FIELDS | {
     "logprobs",
     "top_logprobs",
     "response_format",
+    "json_limits",
     "chat_template_kwargs",
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
@@ -94,7 +95,11 @@ def parse_chat(body: dict, max_tokens_limit: int, image_dirs: tuple[Path, ...] =
     template renders the tools, calls and results itself; for Gemma 3 they become text turns."""
     check_fields(body, CHAT_FIELDS)
     tools = chat_tools(body)
-    options = {**generation_options(body, max_tokens_limit), **constraint_options(body, tools, style)}
+    options = {
+        **generation_options(body, max_tokens_limit),
+        **constraint_options(body, tools, style),
+        **limits_option(body),
+    }
     if style == FUNCTION_GEMMA:
         messages = to_template_messages(required(body, "messages", list), image_dirs)
         options["tools"] = tools or None
@@ -195,6 +200,12 @@ def template_kwargs(body: dict) -> dict | None:
             "'chat_template_kwargs' must be an object of template variables", param="chat_template_kwargs"
         )
     return kwargs
+
+
+def limits_option(body: dict) -> dict:
+    """`json_limits` (ours, default true): false lets a constrained reply's JSON numbers and whitespace run as long
+    as the schema allows."""
+    return {} if body.get("json_limits") is None else {"json_limits": flag(body, "json_limits")}
 
 
 def constraint_options(body: dict, tools: list, style: str = "python") -> dict:

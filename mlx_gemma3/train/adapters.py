@@ -27,6 +27,17 @@ DEFAULT_KEYS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+# The order in which mlx-lm makes a decoder layer's adapters (its modules' order), so that the same seed draws
+# the same initial values for each of them.
+DRAW_ORDER = (
+    "mlp.up_proj",
+    "mlp.down_proj",
+    "mlp.gate_proj",
+    "self_attn.o_proj",
+    "self_attn.v_proj",
+    "self_attn.k_proj",
+    "self_attn.q_proj",
+)
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 LAYER_CLASSES = {"lora": LoRALinear, "dora": DoRALinear}
@@ -90,11 +101,9 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> None:
     layer_class = LAYER_CLASSES[config.fine_tune_type]
     found = set()
     for layer in chosen_layers(model, config.num_layers):
-        swaps = [
-            (path, layer_class(module, config.rank, config.scale, config.dropout))
-            for path, module in layer.named_modules()
-            if path in config.keys and isinstance(module, BASE_TYPES)
-        ]
+        targets = [(p, m) for p, m in layer.named_modules() if p in config.keys and isinstance(m, BASE_TYPES)]
+        targets.sort(key=lambda target: draw_rank(target[0]))
+        swaps = [(path, layer_class(module, config.rank, config.scale, config.dropout)) for path, module in targets]
         found.update(path for path, _ in swaps)
         layer.update_modules(tree_unflatten(swaps))
     missing = sorted(set(config.keys) - found)
@@ -102,6 +111,11 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> None:
         raise Gemma3Error(
             f"no linear layer {missing[0]!r} in the decoder layers: LoRA keys are paths such as {DEFAULT_KEYS[0]!r}"
         )
+
+
+def draw_rank(path: str) -> int:
+    """Where a layer path comes in DRAW_ORDER (paths outside it after, in the layer's own order)."""
+    return DRAW_ORDER.index(path) if path in DRAW_ORDER else len(DRAW_ORDER)
 
 
 def prepare_for_training(model: nn.Module, config: AdapterConfig, train_projector: bool = True) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,6 +31,7 @@ class Example:
     weights: list[int]
     pixels: np.ndarray | None = None
     where: str = ""
+    trailing_target: bool = False  # the padding token after the last one is a counted target too (mlx-lm's loss)
 
 
 @dataclass
@@ -123,8 +124,13 @@ class Encoder:
         return process_images(sources, self.processor.config.vision.image_size)
 
     def fitted(self, example: Example) -> Example:
-        """The example cut to max_seq_length tokens (a sample with images must fit whole)."""
-        if len(example.ids) <= self.max_seq_length:
+        """The example cut to max_seq_length tokens (a sample with images must fit whole). Shorter than that, it
+        also counts the padding token after its end as a target, as mlx-lm's loss does (mlx-lm 0.32 masks the
+        positions up to and including the sequence's length, one past its last token), so that the same data gives
+        mlx-lm's losses and gradients; that token follows <end_of_turn> or <eos>, where generation has stopped."""
+        if len(example.ids) < self.max_seq_length:
+            return replace(example, trailing_target=True)
+        if len(example.ids) == self.max_seq_length:
             return example
         if example.pixels is not None:
             raise Gemma3Error(
@@ -179,31 +185,46 @@ def load_splits(folder: str | Path, encoder: Encoder, names: tuple[str, ...]) ->
 
 
 def collate(examples: list[Example]) -> Batch:
-    """Examples as one right-padded Batch (padding counts for nothing in the loss)."""
-    longest = max(len(example.ids) for example in examples)
+    """Examples as one right-padded Batch; padding counts for nothing in the loss but an example's trailing target."""
+    longest = max(len(example.ids) + example.trailing_target for example in examples)
     ids = np.full((len(examples), longest), PAD_ID, np.int32)
     weights = np.zeros((len(examples), longest), np.float32)
     for row, example in enumerate(examples):
         ids[row, : len(example.ids)] = example.ids
         weights[row, : len(example.weights)] = example.weights
+        weights[row, len(example.ids) : len(example.ids) + example.trailing_target] = 1
     pixels = [example.pixels for example in examples if example.pixels is not None]
     return Batch(mx.array(ids), mx.array(weights), mx.array(np.concatenate(pixels)) if pixels else None)
 
 
+def whole_batches(examples: list[Example], batch_size: int, split: str = "the training set") -> int:
+    """How many whole batches the examples make. As in mlx-lm, consecutive examples in file order form the batches
+    and the examples past the last whole batch are left out; fewer examples than one batch is an error."""
+    count = len(examples) // batch_size
+    if count == 0:
+        raise Gemma3Error(f"{split} has {len(examples)} examples, fewer than --batch-size {batch_size}")
+    return count
+
+
+def left_out(examples: list[Example], batch_size: int) -> list[Example]:
+    """The examples past the last whole batch: no step trains on them and no evaluation counts them."""
+    return examples[len(examples) // batch_size * batch_size :]
+
+
 def training_batch(examples: list[Example], batch_size: int, seed: int, step: int) -> Batch:
-    """The batch of step `step` (0-based): each epoch a fresh seeded shuffle, so a resumed run sees the same batches."""
-    per_epoch = len(examples) // batch_size
-    if per_epoch == 0:
-        raise Gemma3Error(f"the training set has {len(examples)} examples, fewer than --batch-size {batch_size}")
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.RandomState((seed + epoch) % 2**32).permutation(len(examples))
-    return collate([examples[i] for i in order[index * batch_size : (index + 1) * batch_size]])
+    """The batch of step `step` (0-based): mlx-lm's batches (whole_batches), each epoch visited in a seeded order,
+    the first epoch's the same as mlx-lm's for the same seed; an epoch's order depends only on the seed and the
+    epoch, so a resumed run sees the same batches."""
+    count = whole_batches(examples, batch_size)
+    epoch, index = divmod(step, count)
+    batch = np.random.RandomState((seed + epoch) % 2**32).permutation(count)[index]
+    return collate(examples[batch * batch_size : (batch + 1) * batch_size])
 
 
-def evaluation_batches(examples: list[Example], batch_size: int, num_batches: int):
-    """Batches in file order (the last one may be smaller); at most num_batches of them (-1: all)."""
-    starts = range(0, len(examples), batch_size)
+def evaluation_batches(examples: list[Example], batch_size: int, num_batches: int, split: str = "the validation set"):
+    """mlx-lm's evaluation batches (whole ones, in file order): at most num_batches of them (-1: all)."""
+    count = whole_batches(examples, batch_size, split)
     if num_batches >= 0:
-        starts = starts[:num_batches]
-    for start in starts:
-        yield collate(examples[start : start + batch_size])
+        count = min(count, num_batches)
+    for batch in range(count):
+        yield collate(examples[batch * batch_size : (batch + 1) * batch_size])

@@ -44,6 +44,9 @@ class LoRALinear(nn.Module):
         self.linear = linear
         self.scale = scale
         self.dropout = nn.Dropout(p=dropout)
+        # mlx-lm's layer first initialises a base linear of its own (one random draw) that from_base then replaces:
+        # skipping one draw here gives, for the same seed, the lora_a values mlx-lm starts from.
+        mx.random.uniform(shape=())
         bound = 1 / math.sqrt(in_dims)
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
         self.lora_b = mx.zeros((rank, out_dims))

@@ -19,18 +19,29 @@ from .loss import default_loss
 
 __all__ = ["TrainingArgs", "evaluate", "train"]
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine")  # the --lr-schedule shorthands; a YAML config may give mlx-lm's schedule dict
+SCHEDULE_FUNCTIONS = ("cosine_decay", "exponential_decay", "linear_schedule", "step_decay")  # mlx.optimizers'
+SCHEDULE_KEYS = ("name", "arguments", "warmup", "warmup_init")
+OPTIMIZERS = {
+    "adam": optim.Adam,
+    "adamw": optim.AdamW,
+    "sgd": optim.SGD,
+    "adafactor": optim.Adafactor,
+    "muon": optim.Muon,
+}
 STATE_SUFFIX = ".optimizer.safetensors"  # beside adapters.safetensors: the optimizer state and step, for resume
 
 
 @dataclass
 class TrainingArgs:
-    """mlx-lm's training settings (iterations count from 1; `iters` is the total, a resumed run included)."""
+    """mlx-lm's training settings (iterations count from 1; `iters` is the total, a resumed run included).
+    `lr_schedule`: "constant", "cosine" (warm up over `warmup` steps, then a cosine decay to 0 at `iters`), or
+    mlx-lm's schedule dict {name, arguments, warmup, warmup_init}."""
 
     batch_size: int = 4
     iters: int = 1000
     learning_rate: float = 1e-5
-    lr_schedule: str = "constant"
+    lr_schedule: str | dict | None = "constant"
     warmup: int = 0
     val_batches: int = 25
     steps_per_report: int = 10
@@ -41,8 +52,7 @@ class TrainingArgs:
     adapter_path: Path = Path("adapters")
 
     def check(self) -> None:
-        if self.lr_schedule not in SCHEDULES:
-            raise Gemma3Error(f"unknown --lr-schedule {self.lr_schedule!r}: use one of {', '.join(SCHEDULES)}")
+        schedule_problem(self.lr_schedule)
         positive = {
             "batch_size": self.batch_size,
             "iters": self.iters,
@@ -56,23 +66,54 @@ class TrainingArgs:
         if self.learning_rate <= 0 or self.warmup < 0:
             raise Gemma3Error("--learning-rate must be positive and --warmup not negative")
 
+    def schedule(self) -> dict | None:
+        """The schedule as mlx-lm's dict (None: the constant learning rate). "cosine" is
+        {name: cosine_decay, arguments: [learning_rate, iters - warmup], warmup}."""
+        if isinstance(self.lr_schedule, dict):
+            return self.lr_schedule
+        if self.lr_schedule in (None, "constant"):
+            return None
+        decay = max(self.iters - self.warmup, 1)
+        return {"name": "cosine_decay", "arguments": [self.learning_rate, decay], "warmup": self.warmup}
+
+
+def schedule_problem(schedule) -> None:
+    """One clear error for a schedule that is neither a shorthand nor mlx-lm's dict."""
+    if schedule is None or isinstance(schedule, str):
+        if schedule is not None and schedule not in SCHEDULES:
+            raise Gemma3Error(f"unknown --lr-schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+        return
+    shape = "lr_schedule must be constant, cosine or {name, arguments, warmup, warmup_init} (mlx-lm's form)"
+    if not isinstance(schedule, dict) or set(schedule) - set(SCHEDULE_KEYS):
+        raise Gemma3Error(f"{shape}, got {schedule!r:.80}")
+    if schedule.get("name") not in SCHEDULE_FUNCTIONS or not isinstance(schedule.get("arguments"), list):
+        raise Gemma3Error(f"{shape}; name is one of {', '.join(SCHEDULE_FUNCTIONS)}, arguments a list")
+
 
 def learning_rate_schedule(args: TrainingArgs):
-    """A constant rate, or a linear warmup from 0 over `warmup` steps then a cosine decay to 0 at `iters`."""
-    if args.lr_schedule == "constant":
+    """The learning rate, built as mlx-lm builds it: the named mlx.optimizers schedule over its arguments, after
+    `warmup` steps rising linearly from warmup_init (default 0) to the first argument; the joined schedule takes
+    over at optimizer step warmup + 1, so the top rate is used twice (mlx-lm's join)."""
+    schedule = args.schedule()
+    if schedule is None:
         return args.learning_rate
-    decay = optim.cosine_decay(args.learning_rate, max(args.iters - args.warmup, 1))
-    if not args.warmup:
-        return decay
-    warmup = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
-    return optim.join_schedules([warmup, decay], [args.warmup])
+    function = getattr(optim.schedulers, schedule["name"])(*schedule["arguments"])
+    warmup = schedule.get("warmup", 0)
+    if not warmup:
+        return function
+    top = schedule["arguments"][0]
+    rising = optim.linear_schedule(schedule.get("warmup_init", 0.0), top, warmup)
+    return optim.join_schedules([rising, function], [warmup + 1])
 
 
-def make_optimizer(args: TrainingArgs, name: str = "adam") -> optim.Optimizer:
-    kinds = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}
-    if name not in kinds:
-        raise Gemma3Error(f"unknown optimizer {name!r}: use one of {', '.join(kinds)}")
-    return kinds[name](learning_rate=learning_rate_schedule(args))
+def make_optimizer(args: TrainingArgs, name: str = "adam", config: dict | None = None) -> optim.Optimizer:
+    """mlx-lm's optimizer: the class by name, the learning rate (schedule) and its optimizer_config entries."""
+    if name not in OPTIMIZERS:
+        raise Gemma3Error(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+    try:
+        return OPTIMIZERS[name](learning_rate=learning_rate_schedule(args), **(config or {}))
+    except TypeError as e:
+        raise Gemma3Error(f"optimizer_config for {name}: {e}") from None
 
 
 def state_file(adapter_file: Path) -> Path:
@@ -99,11 +140,18 @@ def resume(model, optimizer, adapter_file: Path) -> int:
     return int(meta.get("step", 0))
 
 
-def evaluate(model, examples: list[Example], batch_size: int, num_batches: int, loss=default_loss) -> float:
-    """Mean loss per counted token over the first num_batches batches (-1: all); `loss(model, batch,
+def evaluate(
+    model,
+    examples: list[Example],
+    batch_size: int,
+    num_batches: int,
+    loss=default_loss,
+    split: str = "the validation set",
+) -> float:
+    """Mean loss per counted token over the first num_batches whole batches (-1: all); `loss(model, batch,
     grad_checkpoint)` returns (mean loss, tokens counted)."""
     total, count = mx.array(0.0), mx.array(0.0)
-    for batch in evaluation_batches(examples, batch_size, num_batches):
+    for batch in evaluation_batches(examples, batch_size, num_batches, split):
         value, tokens = loss(model, batch, False)
         total, count = total + value * tokens, count + tokens
         mx.eval(total, count)
