@@ -316,3 +316,20 @@ def convert_measured(gguf_file: Path, folder: Path, *args: str) -> Conversion:
 @pytest.fixture(scope="session")
 def lossless_conversion(gguf_file, tmp_path_factory) -> Conversion:
     return convert_measured(gguf_file, tmp_path_factory.mktemp("g270") / "mlx")
+
+
+@pytest.fixture
+def gpu_choices(monkeypatch):
+    """The runtime takes the GPU's paths on this CPU (MLX_GEMMA3_GPU_CHOICES=1, model/device.py): bfloat16 compute,
+    row-major weights and MLX's fused attention for prompt chunks, as on a Mac. Load models inside the test."""
+    import mlx.core as mx
+
+    from mlx_gemma3.model.device import GPU_CHOICES, default_compute_dtype, on_cpu
+
+    monkeypatch.setenv(GPU_CHOICES, "1")
+    assert not on_cpu() and default_compute_dtype() == mx.bfloat16
+
+
+def bfloat16_reference(folder: Path, model_class):
+    """transformers' model of a saved folder in bfloat16, loaded as users load it (`dtype=torch.bfloat16`)."""
+    return model_class.from_pretrained(folder, dtype=reference_torch().bfloat16).eval()
