@@ -101,14 +101,14 @@ def predicted_peak(folder: Path, prompt_tokens: int, chunk: int, weights: int, s
     return {"weights": weights, "kv": kv, "attention": attention, "total": weights + kv + attention}
 
 
-def measure_ours(folder: Path, length: int, depth: float, chunk: int) -> dict:
+def measure_ours(folder: Path, length: int, depth: float, chunk: int, tokenizer_folder: Path) -> dict:
     import mlx.core as mx
 
     import mlx_gemma3
     from mlx_gemma3.model.memory import SCORE_COPIES, weight_bytes
 
     model, _ = mlx_gemma3.load(folder)
-    tokenizer = tokenizer_of(folder)
+    tokenizer = tokenizer_of(tokenizer_folder)
     ids, key, at = passkey_prompt(lambda t: tokenizer.encode(t, add_bos=False), length, depth)
     cache = model.make_cache()
     mx.synchronize()
@@ -126,7 +126,7 @@ def measure_ours(folder: Path, length: int, depth: float, chunk: int) -> dict:
     }
 
 
-def measure_mlx_lm(folder: Path, length: int, depth: float, chunk: int) -> dict:
+def measure_mlx_lm(folder: Path, length: int, depth: float, chunk: int, tokenizer_folder: Path) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm import load
@@ -134,7 +134,7 @@ def measure_mlx_lm(folder: Path, length: int, depth: float, chunk: int) -> dict:
     from mlx_lm.models.cache import make_prompt_cache
 
     model, _ = load(str(folder))
-    tokenizer = tokenizer_of(folder)  # ours, so that both engines get the very same ids
+    tokenizer = tokenizer_of(tokenizer_folder)  # ours, so that both engines get the very same ids
     ids, key, at = passkey_prompt(lambda t: tokenizer.encode(t, add_bos=False), length, depth)
     cache = make_prompt_cache(model)
     mx.synchronize()
@@ -188,19 +188,21 @@ def result(ids: list[int], key: int, at: int, text: str) -> dict:
 
 def worker(args) -> None:
     measure = measure_ours if args.engine == "ours" else measure_mlx_lm
-    row = measure(args.model, args.length, args.depth, args.chunk)
+    row = measure(args.model, args.length, args.depth, args.chunk, args.tokenizer)
     print(json.dumps({"engine": args.engine, "length": args.length, "depth": args.depth, "chunk": args.chunk, **row}))
 
 
 def planned(args) -> list[tuple[str, int, float]]:
+    """Every length with ours first (each depth), then mlx-lm once per length: the longest runs come last."""
     depths_at = {int(k): [float(d) for d in v.split("/")] for k, v in (p.split("=") for p in args.depths_at if p)}
+    lengths = [int(x) for x in args.lengths.split(",")]
     plan = []
-    for length in [int(x) for x in args.lengths.split(",")]:
-        for depth in depths_at.get(length, [float(d) for d in args.depths.split(",")]):
-            plan.append(("ours", length, depth))
-        if "mlx_lm" in args.engines.split(","):
-            plan.append(("mlx_lm", length, args.mlx_lm_depth))
-    return [p for p in plan if p[0] in args.engines.split(",")]
+    if "ours" in args.engines.split(","):
+        for length in lengths:
+            plan += [("ours", length, d) for d in depths_at.get(length, [float(d) for d in args.depths.split(",")])]
+    if "mlx_lm" in args.engines.split(","):
+        plan += [("mlx_lm", length, args.mlx_lm_depth) for length in lengths]
+    return plan
 
 
 def done_rows(path: Path) -> list[dict]:
@@ -216,6 +218,7 @@ def run_plan(args, folders: dict[str, Path]) -> None:
         tic = time.perf_counter()
         command = [sys.executable, __file__, "--worker", engine, "--model", str(folders[engine])]
         command += ["--length", str(length), "--depth", str(depth), "--chunk", str(args.chunk)]
+        command += ["--tokenizer", str(folders["ours"])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         child = subprocess.run(command, capture_output=True, text=True, env=env)
         if child.returncode != 0:
@@ -363,6 +366,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=Path("/tmp/gemma3-bench"), help="prepare.py's folder")
     parser.add_argument("--lengths", default="1024,4096,8192,16384,32768")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="where the passkey goes, as shares of the filler")
@@ -384,7 +388,7 @@ def main() -> None:
         sys.path.insert(0, str(HERE))
         from prepare import prepare
 
-        engines = args.engines.split(",")
+        engines = sorted(set(args.engines.split(",")) | {"ours"})  # our folder's tokenizer makes every prompt
         folders = prepare(args.work, ["float32"], engines)["float32"]
         run_plan(args, folders)
     report(args)

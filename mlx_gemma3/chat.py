@@ -15,8 +15,10 @@ from .cli import (
     add_model_flags,
     add_sampling_flags,
     add_speculative_flags,
+    generating_memory,
     notice_base_model,
     refuse_distributed,
+    requested_context,
     run,
     sampling_options,
     speculative_options,
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(redirect_stdout(quiet))
                 stack.enter_context(redirect_stderr(quiet))
             guard = stack.enter_context(stall_guard(args.distributed) or nullcontext())
+            stack.enter_context(generating_memory(model, args, requested_context(model, 0, -1)))
             notice_base_model(processor, folder)
             chat = Chat(
                 model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **chat_options(args, processor)

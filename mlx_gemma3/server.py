@@ -25,6 +25,7 @@ from .distributed.group import rank, stall_guard
 from .distributed.serving import Follower, Leader, follow
 from .errors import Gemma3Error
 from .loader import load
+from .model.device import bound_buffer_cache, wire_memory
 from .model.sources import model_folder
 from .serve.http import MAX_BATCH, MAX_QUEUE, MAX_TOKENS_LIMIT, REQUEST_TIMEOUT, ServerState, make_server
 from .serve.prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank(args.distributed) > 0:
             return follow_rank_zero(model, processor, args)
         notice_base_model(processor, folder)
+        hold_memory(model, args.max_batch)
         state = ServerState(
             model,
             processor,
@@ -145,6 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run(body)
+
+
+def hold_memory(model, rows: int) -> None:
+    """A Mac's memory habits for a long-running server (as mlx-lm's server): the model's memory wired up to the
+    GPU's recommended working set for the process's life, with one warning line if the weights, or the KV of
+    `rows` requests at the full context, would not fit; and MLX's buffer cache bounded (model/device.py)."""
+    context = model.config.text.max_position_embeddings
+    wire_memory(model, context, rows=rows, how="max_kv_size={n} in each request (or a lower --max-batch)")
+    bound_buffer_cache(model)
 
 
 def serve(state: ServerState, args) -> None:

@@ -50,58 +50,77 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def memory_warning(cfg: TextConfig, weights: int, tokens: int, value_bytes: float, working_set: int, how: str):
+def memory_warning(
+    cfg: TextConfig,
+    weights: int,
+    tokens: int,
+    value_bytes: float,
+    working_set: int,
+    how: str = "--max-kv-size {n}",
+    rows: int = 1,
+    max_kv_size: int | None = None,
+) -> str | None:
     """One warning line, or None: the model alone is close to the working set (as mlx-lm warns), or the model and
-    the KV cache of `tokens` tokens do not fit in it, naming the cache bound that fits (`how` says where to set
-    it, e.g. "--max-kv-size")."""
+    the KV caches of `rows` sequences of `tokens` tokens do not fit in it, naming a cache bound whose KV fills 90 %
+    of the room the weights leave (`how` says how to set it, {n} standing for the size)."""
     mb = 2**20
     if weights > CLOSE_TO_WORKING_SET * working_set:
         return (
             f"warning: the model needs {weights // mb} MB, close to the GPU's recommended working set of "
             f"{working_set // mb} MB: generation may be slow (a smaller or more quantized model fits better)"
         )
-    kv = kv_bytes(cfg, tokens, value_bytes)
+    kv = rows * kv_bytes(cfg, tokens, value_bytes, max_kv_size)
     if weights + kv <= working_set:
         return None
-    fits = fitting_kv_size(cfg, working_set - weights, value_bytes)
-    advice = f"pass {how} {fits} to bound the cache" if fits > SINK_TOKENS else "use a smaller model"
+    room = CLOSE_TO_WORKING_SET * (working_set - weights) / rows  # the rest: activations, the buffer cache
+    fits = fitting_kv_size(cfg, room, value_bytes)
+    advice = f"pass {how.format(n=fits)} to bound the cache" if fits > SINK_TOKENS else "use a smaller model"
+    what = f"its KV cache at {tokens} tokens" + (f" × {rows} sequences" if rows > 1 else "")
     return (
-        f"warning: the model ({weights // mb} MB) and its KV cache at {tokens} tokens ({kv // mb} MB) need more "
-        f"than the GPU's recommended working set of {working_set // mb} MB: {advice}"
+        f"warning: the model ({weights // mb} MB) and {what} ({kv // mb} MB) need more than the GPU's recommended "
+        f"working set of {working_set // mb} MB: {advice}"
     )
 
 
-@contextmanager
-def wired_limit(
+def wire_memory(
     model: nn.Module,
     tokens: int,
     kv_bits: int | None = None,
     kv_group_size: int = DEFAULT_GROUP_SIZE,
-    how: str = "--max-kv-size",
-    streams=(),
+    max_kv_size: int | None = None,
+    how: str = "--max-kv-size {n}",
+    rows: int = 1,
     working_set: int | None = None,
-):
-    """While inside, wire memory up to the device's recommended working set (as mlx-lm's generation does), after
-    one warning line on stderr if the model, or the model and the KV cache of `tokens` tokens, would not fit;
-    the old limit comes back on exit, once `streams` (and the default stream) are done. Does nothing where the
-    device reports no working set (the CPU) unless `working_set` is given."""
+) -> int | None:
+    """Wire memory up to the device's recommended working set, as mlx-lm does while it generates, after one warning
+    line on stderr if the model, or the model and its KV at `tokens` tokens, would not fit (`memory_warning`).
+    Returns the previous limit; None, having done nothing, where the device reports no working set (the CPU)
+    and none is given. Process-wide: for command lines."""
     working_set = working_set or recommended_working_set()
     if working_set is None:
-        yield
-        return
-    cfg, dtype = model.config.text, compute_dtype_of(model)
-    value_bytes = kv_value_bytes(dtype, kv_bits, kv_group_size)
-    warning = memory_warning(cfg, weight_bytes(model), tokens, value_bytes, working_set, how)
+        return None
+    value_bytes = kv_value_bytes(compute_dtype_of(model), kv_bits, kv_group_size)
+    warning = memory_warning(
+        model.config.text, weight_bytes(model), tokens, value_bytes, working_set, how, rows, max_kv_size
+    )
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    old = mx.set_wired_limit(working_set)
+    return mx.set_wired_limit(working_set)
+
+
+@contextmanager
+def wired_limit(model: nn.Module, tokens: int, streams=(), **options):
+    """`wire_memory` while inside (options as it takes them); the old limit comes back on exit, once `streams`
+    (and the default stream) have finished their work."""
+    old = wire_memory(model, tokens, **options)
     try:
         yield
     finally:
-        for stream in streams:
-            mx.synchronize(stream)
-        mx.synchronize()
-        mx.set_wired_limit(old)
+        if old is not None:
+            for stream in streams:
+                mx.synchronize(stream)
+            mx.synchronize()
+            mx.set_wired_limit(old)
 
 
 def compute_dtype_of(model: nn.Module) -> mx.Dtype:

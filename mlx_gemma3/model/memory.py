@@ -36,12 +36,17 @@ def layer_counts(cfg: TextConfig) -> tuple[int, int]:
     return cfg.num_hidden_layers - sliding, sliding
 
 
-def kv_bytes(cfg: TextConfig, tokens: int, value_bytes: float, max_kv_size: int | None = None) -> int:
-    """The formula: KV bytes of one sequence of `tokens` tokens (every layer bounded by `max_kv_size` if given)."""
+def kv_bytes_by_kind(cfg: TextConfig, tokens: int, value_bytes: float, max_kv_size: int | None = None):
+    """The formula: (full layers', sliding layers') KV bytes of one sequence of `tokens` tokens, every layer bounded
+    by `max_kv_size` if given."""
     full, sliding = layer_counts(cfg)
     per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * value_bytes
     bound = tokens if max_kv_size is None else min(tokens, max_kv_size)
-    return int(per_token * (full * bound + sliding * min(bound, cfg.sliding_window)))
+    return int(per_token * full * bound), int(per_token * sliding * min(bound, cfg.sliding_window))
+
+
+def kv_bytes(cfg: TextConfig, tokens: int, value_bytes: float, max_kv_size: int | None = None) -> int:
+    return sum(kv_bytes_by_kind(cfg, tokens, value_bytes, max_kv_size))
 
 
 def fitting_kv_size(cfg: TextConfig, budget: float, value_bytes: float) -> int:
