@@ -1,5 +1,3 @@
-"""Converters from Hugging Face checkpoints to MLX Gemma 3 folders (`python -m mlx_gemma3.convert`)."""
+"""Converters from Hugging Face checkpoints to MLX Gemma 3 folders (`python -m mlx_gemma3.convert`).
 
-from .hf import convert_hf
-
-__all__ = ["convert_hf"]
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""

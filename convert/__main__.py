@@ -1,4 +1,6 @@
-"""Command line: `python -m mlx_gemma3.convert --hf-path IN --mlx-path OUT`."""
+"""Command line: `python -m mlx_gemma3.convert --hf-path IN --mlx-path OUT`.
+
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 
@@ -8,18 +10,21 @@ from pathlib import Path
 
 from mlx_gemma3.cli import Parser
 from mlx_gemma3.errors import Gemma3Error
+from mlx_gemma3.model.embedding_model import is_sentence_folder
 from mlx_gemma3.model.quantize import BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 from .gguf import convert_gguf
 from .gguf_file import check_sha256
 from .hf import DTYPES, Quantization, convert_hf
 from .hub import resolve_hf_path
+from .sentence_folder import convert_sentence_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(
-        prog="python -m mlx_gemma3.convert",
-        description="Convert a Hugging Face Gemma 3 checkpoint into an MLX folder.",
+        "convert",
+        description="Convert a Hugging Face Gemma 3 checkpoint (or EmbeddingGemma's sentence-transformers folder) "
+        "into an MLX folder.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-path", help="Hugging Face model folder, or a Hub repo id (owner/name) to download")
@@ -72,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.gguf:
             out = convert_gguf(args.gguf, args.mlx_path, args.dtype, args.force, quantize, args.mmproj)
         else:
-            out = convert_hf(
-                resolve_hf_path(args.hf_path), args.mlx_path, dtype=args.dtype, force=args.force, quantize=quantize
-            )
+            hf_path = resolve_hf_path(args.hf_path)
+            convert = convert_sentence_folder if is_sentence_folder(hf_path) else convert_hf
+            out = convert(hf_path, args.mlx_path, dtype=args.dtype, force=args.force, quantize=quantize)
     except Gemma3Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

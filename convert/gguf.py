@@ -1,4 +1,6 @@
-"""GGUF (llama.cpp) Gemma 3 files → MLX folders; Q4_0, Q8_0 and Q4_K stay quantized, losslessly, as MLX groups of 32."""
+"""GGUF (llama.cpp) Gemma 3 files → MLX folders; Q4_0, Q8_0 and Q4_K stay quantized, losslessly, as MLX groups of 32.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

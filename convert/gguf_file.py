@@ -1,5 +1,7 @@
 """GGUF files read strictly: every count, length, type and offset of the header, metadata and tensor table is checked
-against the file before it is used, so a damaged file ends in one clear error (docs/formats.md §4)."""
+against the file before it is used, so a damaged file ends in one clear error (docs/formats.md §4).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

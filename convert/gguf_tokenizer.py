@@ -1,4 +1,6 @@
-"""Gemma 3's SentencePiece tokenizer.model, rebuilt from a GGUF file's llama.cpp tokenizer metadata."""
+"""Gemma 3's SentencePiece tokenizer.model, rebuilt from a GGUF file's llama.cpp tokenizer metadata.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Hugging Face Gemma 3 checkpoints (safetensors, single or sharded) → MLX folders."""
+"""Hugging Face Gemma 3 checkpoints (safetensors, single or sharded) → MLX folders.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -6,16 +8,22 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from safetensors import safe_open
 
 from mlx_gemma3.errors import Gemma3Error
 from mlx_gemma3.model.config import FLOAT_DTYPES, FULL, SLIDING, ModelConfig, TextConfig, load_config, parse_config
-from mlx_gemma3.model.quantize import DEFAULT_BITS, DEFAULT_GROUP_SIZE, quantization_json, quantization_plan
+from mlx_gemma3.model.quantize import (
+    DEFAULT_BITS,
+    DEFAULT_GROUP_SIZE,
+    parameter_count,
+    quantization_json,
+    quantization_plan,
+)
 from mlx_gemma3.model.weights import build_model, check_shapes, unwrapped_key, weight_files
 
 from .output import ShardWriter, output_folder
@@ -85,15 +93,15 @@ def converted_shape(target: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[0], *shape[2:], shape[1]) if target == PATCH_CONV and len(shape) == 4 else shape
 
 
-def read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
-    """key → (file, shape, dtype) from the safetensors headers, without reading tensor data."""
+def read_headers(files: list[Path], prefix: str = "") -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """prefix + key → (file, shape, dtype) from the safetensors headers, without reading tensor data."""
     found = {}
     for path in files:
         try:
             with safe_open(str(path), framework="numpy") as f:
                 for key in f.keys():
                     tensor = f.get_slice(key)
-                    found[key] = (path, tuple(tensor.get_shape()), tensor.get_dtype())
+                    found[prefix + key] = (path, tuple(tensor.get_shape()), tensor.get_dtype())
         except Exception as e:  # safetensors raises its own error type for damaged files
             raise Gemma3Error(f"cannot read {path}: {e} — the file is truncated or not safetensors") from None
     return found
@@ -129,6 +137,8 @@ def text_config_json(text: TextConfig, base: dict, dtype: str) -> dict:
         },
         dtype=dtype,
     )
+    if text.bidirectional:  # EmbeddingGemma's tower: the base model class, attention both ways
+        out.update(architectures=["Gemma3TextModel"], use_bidirectional_attention=True)
     if text.rope_full.factor != 1.0:
         out["rope_scaling"] = {"rope_type": "linear", "factor": text.rope_full.factor}
     if pattern is not None:
@@ -179,24 +189,55 @@ def convert_hf(
     config = load_config(hf_path)
     headers = read_headers(weight_files(hf_path))
     mapping = {key: map_key(key, config) for key in headers}
-    out_dtype = dtype or _checkpoint_dtype(headers, mapping)
+    out_dtype = dtype or checkpoint_dtype(headers, mapping)
     out_config = config_json(config, out_dtype)
-    model = _check_shapes(headers, mapping, parse_config(out_config), where=str(hf_path))
+    model = check_source_shapes(headers, mapping, build_model(parse_config(out_config)), where=str(hf_path))
+    source = Source(hf_path.name, headers, mapping)
+    return write_folder(source, model, out_config, out_dtype, mlx_path, force, quantize, lambda work: None)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint to convert: its name, its tensors (source key → file, shape, dtype) and where each goes (our
+    key, or None to drop it); `prefixes`: the source-key prefix of the tensors of each file that has one."""
+
+    name: str
+    headers: dict[str, tuple[Path, tuple[int, ...], str]]
+    mapping: dict[str, str | None]
+    prefixes: dict[Path, str] = field(default_factory=dict)
+
+
+def write_folder(
+    source: Source,
+    model,
+    out_config: dict,
+    out_dtype: str,
+    mlx_path: Path,
+    force: bool,
+    quantize: Quantization | None,
+    finish: Callable[[Path], None],
+) -> Path:
+    """Write the MLX folder: the tensors (quantized as asked), config.json, the tokenizer files of the source's
+    folders, then whatever `finish(work folder)` adds; all or nothing."""
     plan = {}
     if quantize is not None:
         plan = quantization_plan(model, quantize.recipe, quantize.bits, quantize.group_size)
         out_config["quantization"] = quantization_json(plan, quantize.bits, quantize.group_size)
+    headers = source.headers
     total = sum(math.prod(shape) * ITEMSIZE.get(dtype, 4) for _, shape, dtype in headers.values())
     with output_folder(mlx_path, force) as work:
         writer = ShardWriter(work)
-        with Progress(total, f"converting {hf_path.name}") as progress:
+        with Progress(total, f"converting {source.name}") as progress:
             for path in sorted({p for p, _, _ in headers.values()}):
-                _convert_shard(path, mapping, DTYPES[out_dtype], writer, plan, progress)
+                prefix = source.prefixes.get(path, "")
+                _convert_shard(path, source.mapping, DTYPES[out_dtype], writer, plan, progress, prefix)
                 writer.flush()  # one output shard per input shard keeps peak memory near the largest input shard
         writer.close()
         report_size(model, writer)
         (work / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-        _copy_tokenizer(hf_path, work)
+        for folder in sorted({p.parent for p, _, _ in headers.values()}, reverse=True):
+            _copy_tokenizer(folder, work)
+        finish(work)
     return mlx_path
 
 
@@ -216,35 +257,36 @@ def config_json(config: ModelConfig, dtype: str) -> dict:
     return out
 
 
-def _checkpoint_dtype(headers: dict, mapping: dict) -> str:
+def checkpoint_dtype(headers: dict, mapping: dict) -> str:
     for key, (_, _, dtype) in headers.items():
         if mapping[key] in ("model.embed_tokens.weight", "language_model.model.embed_tokens.weight"):
             return SAFETENSORS_DTYPES.get(dtype, "bfloat16")
     return "bfloat16"
 
 
-def _check_shapes(headers: dict, mapping: dict, config: ModelConfig, where: str):
-    """The float model the checkpoint must fill; raises on a missing, unexpected or mis-shaped tensor."""
+def check_source_shapes(headers: dict, mapping: dict, model, where: str):
+    """`model` (in float), which the checkpoint must fill; raises on a missing, unexpected or mis-shaped tensor."""
     found = {mapping[k]: converted_shape(mapping[k], shape) for k, (_, shape, _) in headers.items() if mapping[k]}
     source = {mapping[k]: k for k in headers if mapping[k] is not None}
-    model = build_model(config)
     check_shapes(model, found, where, source)
     return model
 
 
 def report_size(model, writer: ShardWriter) -> None:
-    parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
+    parameters = parameter_count(model)
     print(f"{parameters:,} parameters, {8 * writer.total_bytes / parameters:.2f} bits per weight", file=sys.stderr)
 
 
-def _convert_shard(path: Path, mapping: dict, dtype: mx.Dtype, writer: ShardWriter, plan: dict, progress) -> None:
+def _convert_shard(
+    path: Path, mapping: dict, dtype: mx.Dtype, writer: ShardWriter, plan: dict, progress, prefix: str = ""
+) -> None:
     """Convert one input shard tensor by tensor, each evaluated before the next so its input can be freed."""
     try:
         tensors = mx.load(str(path), format="safetensors")
     except Exception as e:
         raise Gemma3Error(f"cannot read {path}: {e}") from None
     for key in sorted(tensors):
-        target, tensor = mapping.get(key), tensors.pop(key)
+        target, tensor = mapping.get(prefix + key), tensors.pop(key)
         progress.advance(tensor.nbytes)
         if target is None:
             continue

@@ -1,4 +1,6 @@
-"""`--hf-path` as a local folder or a Hugging Face Hub repo id (downloaded with huggingface_hub when installed)."""
+"""`--hf-path` as a local folder or a Hugging Face Hub repo id (downloaded with huggingface_hub when installed).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Writing an MLX folder safely: a new folder beside the target, safetensors shards streamed to disk, rename at the end."""
+"""Writing an MLX folder safely: a new folder beside the target, safetensors shards streamed to disk, rename at the end.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

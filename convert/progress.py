@@ -1,4 +1,6 @@
-"""A one-line progress bar for the converter, drawn only on a terminal."""
+"""A one-line progress bar for the converter, drawn only on a terminal.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

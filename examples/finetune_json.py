@@ -2,7 +2,7 @@
 
 Generates a few hundred examples, measures validation loss and exact-match accuracy on held-out sentences before
 and after training, and leaves the adapters (and their fused model) in --out. On this repository's CPU runner (from
-the float32 folder benchmarks/prepare.py makes) it takes about an hour; on an Apple Silicon Mac, minutes. Figures: README, "Fine-tuning"."""
+the float32 folder benchmarks/prepare.py makes) it takes about an hour; on an Apple Silicon Mac, minutes. Figures: docs/benchmarks.md, "Fine-tuning"."""
 
 import argparse
 import json

@@ -5,9 +5,10 @@ import types
 
 from .errors import Gemma3Error
 from .generation.conversation import Chat
+from .generation.encode import embed
 from .generation.step import generate_step
 from .generation.text_stream import GenerationResponse, generate, stream_generate
-from .loader import load
+from .loader import load, load_embedding
 from .model.sources import demo_gguf, demo_model
 
 __all__ = [
@@ -16,9 +17,11 @@ __all__ = [
     "GenerationResponse",
     "demo_gguf",
     "demo_model",
+    "embed",
     "generate",
     "generate_step",
     "load",
+    "load_embedding",
     "stream_generate",
 ]
 __version__ = "0.1.0"

@@ -1,5 +1,7 @@
 """`python -m mlx_gemma3.benchmark --model M`: prefill and decode speed, time to first token and peak memory
-of a Gemma 3 model on this machine (medians over --runs, after a short warm-up that compiles the kernels)."""
+of a Gemma 3 model on this machine (medians over --runs, after a short warm-up that compiles the kernels).
+
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ WARMUP = (16, 2)  # prompt and generated tokens of the warm-up run
 
 def parse_args(argv: list[str] | None):
     parser = Parser(
-        prog="python -m mlx_gemma3.benchmark",
+        "benchmark",
         description="Measure prefill and decode tokens-per-second, time to first token and peak memory of a "
         "Gemma 3 model on this machine. The prompt is a fixed draw of ordinary token ids; EOS is suppressed so "
         "every run decodes the same number of tokens.",

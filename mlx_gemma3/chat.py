@@ -1,4 +1,6 @@
-"""`python -m mlx_gemma3.chat`: an interactive chat that keeps its cache between turns."""
+"""`python -m mlx_gemma3.chat`: an interactive chat that keeps its cache between turns.
+
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import mlx.core as mx
 
 from .cli import (
     Parser,
+    add_chat_template_args_flag,
     add_model_flags,
     add_sampling_flags,
     add_speculative_flags,
+    check_cache_file_flag,
     generating_memory,
     notice_base_model,
     refuse_distributed,
@@ -37,8 +41,9 @@ PROMPT = ">> "
 
 
 def parse_args(argv: list[str] | None):
-    parser = Parser(prog="python -m mlx_gemma3.chat", description="Chat with a Gemma 3 model.")
+    parser = Parser("chat", description="Chat with a Gemma 3 model.")
     add_model_flags(parser)
+    add_chat_template_args_flag(parser)
     add_sampling_flags(parser)
     add_speculative_flags(parser)
     parser.add_argument("--pan-and-scan", action="store_true", help="add up to 4 crops of wide or tall images")
@@ -50,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         refuse_distributed(args, "chat")
+        check_cache_file_flag(args)
         folder = model_folder(args.model)
         model, processor = load(folder, adapter_path=args.adapter_path, distributed=args.distributed)
         with ExitStack() as stack:
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(redirect_stderr(quiet))
             guard = stack.enter_context(stall_guard(args.distributed) or nullcontext())
             stack.enter_context(generating_memory(model, args, requested_context(model, 0, -1)))
-            notice_base_model(processor, folder)
+            notice_base_model(processor, folder, sys.stdout)  # with the conversation, where it is read
             chat = Chat(
                 model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **chat_options(args, processor)
             )
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 def chat_options(args, processor) -> dict:
     options = sampling_options(args, processor)
     options.pop("prefill_progress", None)  # a chat turn prefills only the new turn
-    return {**options, **speculative_options(args)}
+    return {**options, **speculative_options(args), "chat_template_kwargs": args.chat_template_args}
 
 
 def local_input(interactive: bool) -> Callable[[], tuple[str, bytes | None] | None]:

@@ -1,27 +1,47 @@
-"""Shared command-line pieces: one-line argument errors, the model and sampling flags, error-to-exit handling."""
+"""Shared command-line pieces: one-line argument errors, the model and sampling flags, error-to-exit handling.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from .distributed.group import MODES, is_peer_failure, peer_failure_message
 from .errors import Gemma3Error
+from .generation.sample import TEMP_RANGE, temp_range_text
 from .generation.thread_streams import generation_stream
+from .model.cache import writable_cache_path
 from .model.device import wired_limit
 from .model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
 from .model.sources import model_folder  # noqa: F401 (the command lines' --model, re-exported)
+from .processing.image import open_image
 from .processing.prompt import is_base_model
 from .processing.tokenizer import single_token_ids
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (and exit status 2) instead of usage plus error."""
+    """argparse that names `command` as it was run (command_name) and reports a bad flag in one line (and exit
+    status 2) instead of usage plus error."""
+
+    def __init__(self, command: str, **options):
+        super().__init__(prog=command_name(command), **options)
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def command_name(command: str) -> str:
+    """How `command` was run, as its usage line shows it: `mlx-gemma3 generate` or `python -m mlx_gemma3 generate`
+    when the one entry point (__main__.py) ran it, which names it so in sys.argv[0]; else
+    `python -m mlx_gemma3.generate`."""
+    if sys.argv and sys.argv[0].endswith(f" {command}"):
+        return sys.argv[0]
+    return f"python -m mlx_gemma3.{command}"
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +58,29 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="system prompt (folded into the first user turn, as Gemma 3 expects)",
     )
     add_distributed_flag(parser)
+
+
+def add_chat_template_args_flag(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    """--chat-template-args JSON (mlx_lm.server's name; `aliases` add mlx_lm.generate's --chat-template-config)."""
+    parser.add_argument(
+        "--chat-template-args",
+        *aliases,
+        dest="chat_template_args",
+        type=template_args,
+        metavar="JSON",
+        help="variables for the model's chat template, a JSON object, e.g. TranslateGemma's "
+        '\'{"source_lang_code": "en", "target_lang_code": "de"}\'',
+    )
+
+
+def template_args(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--chat-template-args is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--chat-template-args must be a JSON object")
+    return value
 
 
 def add_distributed_flag(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +129,12 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="most tokens to generate (default 256; -1: until the reply or the context ends)",
     )
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    parser.add_argument(
+        "--temp",
+        type=temperature,
+        default=0.0,
+        help=f"sampling temperature in {temp_range_text()}; 0 is greedy (default)",
+    )
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p × the top probability")
@@ -113,6 +161,17 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="keep the prompt's KV cache in this file and reuse it when a later prompt starts the same way",
     )
+
+
+def temperature(text: str) -> float:
+    """--temp's value, within the one temperature range (generation.sample.TEMP_RANGE)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not TEMP_RANGE[0] <= value <= TEMP_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be a number in {temp_range_text()} (0 is greedy), got {text!r}")
+    return value
 
 
 def add_speculative_flags(parser: argparse.ArgumentParser) -> None:
@@ -169,6 +228,17 @@ def read_text(path: str, flag: str) -> str:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise Gemma3Error(f"{flag}: cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+
+
+def check_cache_file_flag(args: argparse.Namespace) -> None:
+    """--prompt-cache-file must name a file in a folder that exists: refused before the model loads."""
+    if getattr(args, "prompt_cache_file", None):
+        writable_cache_path(args.prompt_cache_file, "--prompt-cache-file")
+
+
+def opened_images(paths: list[str]) -> list:
+    """Each --image, opened and checked now, before the model loads (a missing or broken file is one error)."""
+    return [open_image(path) for path in paths]
 
 
 def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -242,14 +312,16 @@ def generating_memory(model, args: argparse.Namespace, tokens: int):
     )
 
 
-def notice_base_model(processor, folder: str) -> None:
-    """One stderr line when the model is a base (pre-trained) model: see processing.prompt.is_base_model."""
+def notice_base_model(processor, folder: str, out=None) -> None:
+    """One line (on stderr unless `out` says where) when the model is a base (pre-trained) model: see
+    processing.prompt.is_base_model."""
     if is_base_model(processor):
         print(
             f"note: {Path(folder).name} has no chat template, so it is taken for a base (pre-trained) model: it "
-            "continues text rather than follows instructions; for a chat, use an instruction-tuned model "
-            "(e.g. --model mlx-community/gemma-3-1b-it-4bit)",
-            file=sys.stderr,
+            "continues text rather than follows instructions, and a chat with it is written in Gemma 3's chat format "
+            "all the same; for a chat, use an instruction-tuned model (e.g. --model mlx-community/gemma-3-1b-it-4bit)",
+            file=out or sys.stderr,
+            flush=True,
         )
 
 

@@ -1,4 +1,6 @@
-"""The one exception type the package raises for bad input; CLIs print it as one line."""
+"""The one exception type the package raises for bad input; CLIs print it as one line.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 
 class Gemma3Error(ValueError):

@@ -1,4 +1,6 @@
-"""`python -m mlx_gemma3.fuse`: fold trained adapters into the model's weights and write an ordinary model folder."""
+"""`python -m mlx_gemma3.fuse`: fold trained adapters into the model's weights and write an ordinary model folder.
+
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from .model.sources import model_folder
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python -m mlx_gemma3.fuse", description="Fuse fine-tuned adapters into a Gemma 3 model.")
+    parser = Parser("fuse", description="Fuse fine-tuned adapters into a Gemma 3 model.")
     parser.add_argument("--model", help="the base model the adapters were trained on (folder, .gguf or repo id)")
     parser.add_argument(
         "--adapter-path", default="adapters", help="the folder mlx_gemma3.lora wrote (default: adapters)"

@@ -1,4 +1,6 @@
-"""`python -m mlx_gemma3.generate`: print a model's continuation of a prompt, then speed and memory."""
+"""`python -m mlx_gemma3.generate`: print a model's continuation of a prompt, then speed and memory.
+
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 
@@ -7,22 +9,27 @@ from contextlib import nullcontext
 
 from .cli import (
     Parser,
+    add_chat_template_args_flag,
     add_constraint_flags,
     add_model_flags,
     add_sampling_flags,
     add_speculative_flags,
+    check_cache_file_flag,
     constraint_options,
     generating_memory,
+    notice_base_model,
+    opened_images,
     requested_context,
     run,
     sampling_options,
     speculative_options,
 )
 from .distributed.group import rank, stall_guard, weights_per_rank
+from .errors import Gemma3Error
 from .generation.text_stream import GenerationResponse, stream_generate
 from .loader import load
 from .model.sources import model_folder
-from .processing.prompt import IMAGE_MARK
+from .processing.prompt import IMAGE_MARK, SYSTEM_WITHOUT_CHAT
 
 EPILOG = (
     "Without --model the demo Gemma 3 270M (a base model: it continues text) is used. To try a GGUF file, "
@@ -32,9 +39,7 @@ EPILOG = (
 
 
 def parse_args(argv: list[str] | None):
-    parser = Parser(
-        prog="python -m mlx_gemma3.generate", description="Generate text with a Gemma 3 model.", epilog=EPILOG
-    )
+    parser = Parser("generate", description="Generate text with a Gemma 3 model.", epilog=EPILOG)
     add_model_flags(parser)
     parser.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads it from standard input")
     parser.add_argument(
@@ -55,6 +60,7 @@ def parse_args(argv: list[str] | None):
         action="store_true",
         help="complete the prompt as plain text",
     )
+    add_chat_template_args_flag(parser, "--chat-template-config")
     parser.add_argument(
         "--verbose",
         type=boolean,
@@ -78,15 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        if args.system is not None and args.no_chat_template:
+            raise Gemma3Error(SYSTEM_WITHOUT_CHAT)
+        check_cache_file_flag(args)
+        images = opened_images(args.image)
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        model, processor = load(model_folder(args.model), distributed=args.distributed, adapter_path=args.adapter_path)
+        folder = model_folder(args.model)
+        model, processor = load(folder, distributed=args.distributed, adapter_path=args.adapter_path)
         shown = rank(args.distributed) == 0  # every rank runs the same steps; only rank 0 prints
+        if shown and args.system is not None:  # a system prompt makes the prompt a chat, even on a base model
+            notice_base_model(processor, folder)
         options = dict(
             sampling_options(args, processor), system=args.system, use_chat_template=not args.no_chat_template
         )
-        options.update(
-            pan_and_scan=args.pan_and_scan, images=args.image or None, prompt_cache_file=args.prompt_cache_file
-        )
+        options["chat_template_kwargs"] = args.chat_template_args
+        options.update(pan_and_scan=args.pan_and_scan, images=images or None, prompt_cache_file=args.prompt_cache_file)
         options.update(speculative_options(args))
         guard = stall_guard(args.distributed)
         if guard is not None:

@@ -1,4 +1,6 @@
-"""load(path): a model from any source — folder, .gguf, Hub id — in one process or sharded, with adapters."""
+"""load(path): a model from any source — folder, .gguf, Hub id — in one process or sharded, with adapters.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -10,11 +12,14 @@ import mlx.core as mx
 from .distributed.group import check_mode, launched_with_peers
 from .distributed.sharded import load_sharded
 from .errors import Gemma3Error
+from .generation.encode import EmbeddingModel
 from .model.config import load_config
 from .model.device import default_compute_dtype
+from .model.embedding_model import is_sentence_folder, load_sentence_config
 from .model.sources import SOURCES, model_folder
-from .model.weights import load_model
+from .model.weights import load_embedding_model, load_model, read_weights
 from .processing.processor import Processor
+from .processing.tokenizer import Tokenizer, sequence_ends
 from .train.adapters import apply_adapter_folder
 
 
@@ -68,3 +73,33 @@ def model_path(path) -> Path:
             "(mlx_gemma3.demo_model() is the demo model)"
         )
     return Path(model_folder(path))
+
+
+def load_embedding(path: str | Path, compute_dtype: mx.Dtype | None = None) -> EmbeddingModel:
+    """Load EmbeddingGemma for mlx_gemma3.embed: an MLX folder written by `python -m mlx_gemma3.convert` from the
+    model's sentence-transformers folder (or a Hub repo id of one). Computes in float32 on the CPU and bfloat16 on a
+    GPU by default; float16 overflows in Gemma 3's activations and is refused."""
+    folder = model_path(path)
+    if not is_sentence_folder(folder):
+        raise Gemma3Error(
+            f"{folder} has no modules.json: an embedding model is an EmbeddingGemma sentence-transformers folder "
+            "converted with python -m mlx_gemma3.convert"
+        )
+    config = load_config(folder)
+    if not config.is_embedding:
+        raise Gemma3Error(
+            f"{folder} is not an EmbeddingGemma model (its config.json lacks use_bidirectional_attention)"
+        )
+    if "model.embed_tokens.weight" not in read_weights(folder):
+        raise Gemma3Error(
+            f"{folder} is a sentence-transformers folder as published, not converted: run "
+            f"python -m mlx_gemma3.convert --hf-path {folder} --mlx-path OUT (add -q to quantize), then load OUT"
+        )
+    dtype = compute_dtype or default_compute_dtype()
+    if dtype == mx.float16:
+        raise Gemma3Error("float16 overflows in EmbeddingGemma's activations: compute in float32 or bfloat16")
+    tokenizer = Tokenizer.from_folder(folder)
+    if tokenizer is None:
+        raise Gemma3Error(f"{folder} has no tokenizer.model: copy the model's tokenizer.model into it")
+    model = load_embedding_model(folder, config, load_sentence_config(folder, config), dtype)
+    return EmbeddingModel(model, tokenizer, sequence_ends(folder))

@@ -1,4 +1,6 @@
-"""`python -m mlx_gemma3.lora`: fine-tune a Gemma 3 model (LoRA, DoRA or full) on jsonl data, mlx-lm's flags."""
+"""`python -m mlx_gemma3.lora`: fine-tune a Gemma 3 model (LoRA, DoRA or full) on jsonl data, mlx-lm's flags.
+
+Internal: a command line, whose flags are its interface; the Python API is listed in docs/api.md."""
 
 from __future__ import annotations
 
@@ -42,9 +44,7 @@ LORA_FLAGS = ("rank", "scale", "dropout", "keys")  # flags that set lora_paramet
 
 
 def build_parser() -> Parser:
-    parser = Parser(
-        prog="python -m mlx_gemma3.lora", description="Fine-tune a Gemma 3 model with LoRA, DoRA or full fine-tuning."
-    )
+    parser = Parser("lora", description="Fine-tune a Gemma 3 model with LoRA, DoRA or full fine-tuning.")
     add = parser.add_argument
     add("--model", help="model folder, .gguf file or Hugging Face repo id (quantized bases train as QLoRA)")
     add("--train", action="store_true", default=None, help="train (else only --test with existing adapters)")
@@ -131,6 +131,7 @@ def fine_tune(values: dict) -> int:
     import mlx.core as mx
 
     from .loader import load
+    from .model.quantize import parameter_count
     from .train.adapters import AdapterConfig, apply_adapter_folder, prepare_for_training
     from .train.data import Encoder, load_splits
     from .train.trainer import evaluate, make_optimizer, report_line, resume, train
@@ -160,10 +161,11 @@ def fine_tune(values: dict) -> int:
             float(lora["dropout"]),
             tuple(lora.get("keys") or AdapterConfig.keys),
         )
+        parameters = parameter_count(model)  # the model's own, before the adapters go in
         prepare_for_training(model, config)
         optimizer = make_optimizer(args, values["optimizer"])
         start = resume(model, optimizer, Path(values["resume_adapter_file"])) if values["resume_adapter_file"] else 0
-        print(trainable_summary(model), flush=True)
+        print(trainable_summary(model, parameters), flush=True)
         saved = {
             **{k: v for k, v in values.items() if k != "lora_parameters"},
             "model": str(folder),
@@ -209,12 +211,16 @@ def training_args(values: dict):
     return args
 
 
-def trainable_summary(model) -> str:
+def trainable_summary(model, parameters: int) -> str:
+    """mlx-lm's line: the trainable share of the model's `parameters` (model.quantize.parameter_count, the count
+    the converter prints)."""
     from mlx.utils import tree_flatten
 
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    return f"Trainable parameters: {100 * trainable / max(total, 1):.3f}% ({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)"
+    return (
+        f"Trainable parameters: {100 * trainable / max(parameters, 1):.3f}% "
+        f"({trainable / 1e6:.3f}M/{parameters / 1e6:.3f}M)"
+    )
 
 
 if __name__ == "__main__":

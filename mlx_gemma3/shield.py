@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .cli import Parser, exit_with, run
+from .cli import Parser, exit_with, opened_images, run
 from .generation.classify import PolicyScore, classify
 from .loader import load
 from .model.sources import model_folder
@@ -37,7 +37,7 @@ def custom_policy(text: str) -> tuple[str, str]:
 def parser() -> Parser:
     built_in = ", ".join(DEFAULT_POLICIES)
     parser = Parser(
-        prog="python -m mlx_gemma3.shield",
+        "shield",
         description="Score images against safety policies with a ShieldGemma 2 model.",
     )
     parser.add_argument("--model", required=True, help="a ShieldGemma 2 MLX folder (or Hugging Face repo id)")
@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
+        images = opened_images(args.image)  # a missing or broken file is refused before the model loads
         model, processor = load(model_folder(args.model))
-        scores = classify(model, processor, args.image, args.policy, dict(args.custom_policy))
+        scores = classify(model, processor, images, args.policy, dict(args.custom_policy))
         flagged = any(score.yes_probability >= args.threshold for score in scores)
         print(
             as_json(scores, args.image, args.threshold, flagged)

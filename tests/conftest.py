@@ -260,6 +260,31 @@ def image_chat_model(tmp_path_factory):
     return folder / "mlx", model, processor, hf, gemma3_processor(folder / "spm", TINY_VISION["image_size"], 4)
 
 
+def lively(folder: Path, reference) -> Path:
+    """`reference` saved with the tiny tokenizer and chat template, converted."""
+    import shutil
+
+    from spm_fixture import train_tokenizer
+
+    reference.save_pretrained(folder / "hf")
+    train_tokenizer(folder / "hf")
+    shutil.copyfile(FIXTURES / "gemma3_chat_template.jinja", folder / "hf" / "chat_template.jinja")
+    return convert(folder / "hf", folder / "mlx")
+
+
+# The tiny chat models with their logits capped at ±2 (Gemma's final_logit_softcapping): a random model's logits
+# otherwise peak on one token, and every reply would be that token repeated. Sample them (a temperature, a seed).
+@pytest.fixture(scope="session")
+def lively_chat_model(tmp_path_factory) -> Path:
+    return lively(tmp_path_factory.mktemp("lively"), tiny_text_model(seed=2, final_logit_softcapping=2.0))
+
+
+@pytest.fixture(scope="session")
+def lively_image_model(tmp_path_factory) -> Path:
+    reference = tiny_multimodal_model(seed=6, image_tokens=SPM_IMAGE_TOKENS, final_logit_softcapping=2.0)
+    return lively(tmp_path_factory.mktemp("lively_vlm"), reference)
+
+
 # The real Gemma 3 270M from the test extra's GGUF package, and its lossless conversion (once per session).
 GGUF_270M = "gemma-3-270m-q4_k_m.gguf"
 

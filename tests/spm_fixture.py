@@ -45,10 +45,13 @@ def _sentences():
             yield line * (1 + repeat % 3) * (1 if any(ord(c) > 127 for c in line) else 6)
 
 
-def train_tokenizer(folder: Path, vocab_size: int = 512, image_soft_token: bool = True) -> Path:
+def train_tokenizer(
+    folder: Path, vocab_size: int = 512, image_soft_token: bool = True, extra_symbols: tuple[str, ...] = ()
+) -> Path:
     """Train deterministically (one thread, fixed corpus) and write folder/tokenizer.model.
 
-    image_soft_token=False leaves that piece out, as Gemma 3's own tokenizer.model does."""
+    image_soft_token=False leaves that piece out, as Gemma 3's own tokenizer.model does; `extra_symbols` are more
+    user-defined pieces (FunctionGemma's markers, say)."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -73,7 +76,7 @@ def train_tokenizer(folder: Path, vocab_size: int = 512, image_soft_token: bool 
         bos_piece=SPECIAL_PIECES[2],
         unk_piece=SPECIAL_PIECES[3],
         control_symbols=CONTROL_SYMBOLS,
-        user_defined_symbols=USER_SYMBOLS if image_soft_token else USER_SYMBOLS[:-1],
+        user_defined_symbols=[*(USER_SYMBOLS if image_soft_token else USER_SYMBOLS[:-1]), *extra_symbols],
         num_threads=1,
         minloglevel=2,
     )

@@ -24,36 +24,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TEMPERATURE = 1.0  # sampled with a seed: each token depends on the logits being right on every rank
 
 
-def lively(folder: Path, reference) -> Path:
-    """`reference` saved with the tiny tokenizer and chat template, converted."""
-    import shutil
-
-    from conftest import FIXTURES, convert
-    from spm_fixture import train_tokenizer
-
-    reference.save_pretrained(folder / "hf")
-    train_tokenizer(folder / "hf")
-    shutil.copyfile(FIXTURES / "gemma3_chat_template.jinja", folder / "hf" / "chat_template.jinja")
-    return convert(folder / "hf", folder / "mlx")
-
-
-# The tiny chat models with their logits capped at ±2 (Gemma's final_logit_softcapping): a random model's logits
-# otherwise peak on one token, and every reply would be that token repeated.
-@pytest.fixture(scope="module")
-def lively_chat_model(tmp_path_factory) -> Path:
-    from conftest import tiny_text_model
-
-    return lively(tmp_path_factory.mktemp("lively"), tiny_text_model(seed=2, final_logit_softcapping=2.0))
-
-
-@pytest.fixture(scope="module")
-def lively_image_model(tmp_path_factory) -> Path:
-    from conftest import SPM_IMAGE_TOKENS, tiny_multimodal_model
-
-    reference = tiny_multimodal_model(seed=6, image_tokens=SPM_IMAGE_TOKENS, final_logit_softcapping=2.0)
-    return lively(tmp_path_factory.mktemp("lively_vlm"), reference)
-
-
 def asks() -> list[dict]:
     """Sampled requests (seeded) of different lengths, one with stop strings, and a greedy one."""
     out = [

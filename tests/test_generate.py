@@ -63,8 +63,14 @@ def test_closing_the_generator_cancels(tiny):
 
 def test_seeded_sampling_is_reproducible(tiny):
     model, processor, prompt, _, _ = tiny
+    flatter = [lambda tokens, logits: logits / 10]  # with temp 2: as flat as temp 20, so seeds 7 and 8 differ
     runs = [
-        [r.token for r in stream_generate(model, processor, prompt, max_tokens=20, temp=20.0, seed=s)]
+        [
+            r.token
+            for r in stream_generate(
+                model, processor, prompt, max_tokens=20, temp=2.0, seed=s, logits_processors=flatter
+            )
+        ]
         for s in (7, 7, 8)
     ]
     assert runs[0] == runs[1] and runs[0] != runs[2]

@@ -210,15 +210,23 @@ def test_stop_aborts_the_request_and_the_server_stops_generating(text_server, pa
 
 MARKUP = (
     'Try <script>window.injected = 1</script><img src=x onerror="window.injected = 2"> <b>bold</b>\n'
+    "[click me](javascript:window.injected=3) or "
+    '<a href="javascript:window.injected=4" onclick="window.injected=5">this</a>\n'
     '```html\n<p class="x">  kept   verbatim</p>\n```\nDone.'
 )
+# Every element in the reply with an attribute that could run code or leave the page for a script.
+LIVE_ATTRIBUTES = """reply => [...reply.querySelectorAll('*')].flatMap(node => [...node.attributes]
+    .filter(a => a.name.startsWith('on') || /^\\s*(javascript|data|vbscript):/i.test(a.value))
+    .map(a => `${node.tagName} ${a.name}=${a.value}`))"""
 
 
 @pytest.mark.slow
-def test_model_markup_is_shown_as_text_and_code_blocks_verbatim(text_server, page):
+def test_model_markup_never_becomes_live_html(text_server, page):
     url, state = text_server
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
     page.goto(url)
-    set_settings(page)
+    set_settings(page, max_tokens="500")
     say(state, MARKUP)
     try:
         ask(page, "Show me some HTML.")
@@ -226,11 +234,91 @@ def test_model_markup_is_shown_as_text_and_code_blocks_verbatim(text_server, pag
     finally:
         state.extra_options.clear()
     reply = page.locator(".message.assistant .body")
-    assert reply.locator("script, img, b, p").count() == 0  # no element came from the model's text
-    assert reply.text_content() == MARKUP.replace("\n```html\n", "").replace("\n```\n", "")
+    assert reply.locator("script, img, b, iframe, object, embed, style").count() == 0  # none came from the reply
+    assert reply.evaluate(LIVE_ATTRIBUTES) == []
+    text = reply.text_content()
+    assert 'Try <script>window.injected = 1</script><img src=x onerror="window.injected = 2"> <b>bold</b>' in text
+    assert '<a href="javascript:window.injected=4" onclick="window.injected=5">this</a>' in text
     assert reply.locator("pre code").text_content() == '<p class="x">  kept   verbatim</p>'
-    assert reply.locator(".text").first.text_content().startswith("Try <script>window.injected = 1</script>")
-    assert page.evaluate("window.injected") is None
+    page.get_by_text("click me").click()  # the Markdown link lost its javascript: target
+    assert page.evaluate("window.injected") is None and dialogs == []
+
+
+MARKDOWN_REPLY = (
+    "Three steps:\n\n"
+    "1. Mix **flour** and water.\n"
+    "2. Knead for `10` minutes.\n\n"
+    "| Tool | Use |\n"
+    "|------|-----|\n"
+    "| bowl | mixing |\n"
+    "| oven | baking |\n\n"
+    '```python\nprint("bread")\n```\n'
+    "See [the docs](https://example.com/bread)."
+)
+
+
+@pytest.mark.slow
+def test_a_reply_renders_as_markdown_with_a_copy_button_on_code(text_server, browser):
+    url, state = text_server
+    context = browser.new_context(viewport={"width": 1000, "height": 760})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    try:
+        page.goto(url)
+        set_settings(page, max_tokens="500")
+        say(state, MARKDOWN_REPLY)
+        try:
+            ask(page, "How do I bake bread?")
+            wait_for_reply(page, 2)
+        finally:
+            state.extra_options.clear()
+        reply = page.locator(".message.assistant .body")
+        assert reply.locator("p").first.text_content() == "Three steps:"
+        assert reply.locator("ol > li").all_text_contents() == ["Mix flour and water.", "Knead for 10 minutes."]
+        assert reply.locator("ol strong").text_content() == "flour" and reply.locator("li code").text_content() == "10"
+        assert reply.locator("table th").all_text_contents() == ["Tool", "Use"]
+        assert reply.locator("table td").all_text_contents() == ["bowl", "mixing", "oven", "baking"]
+        assert reply.locator("pre code.language-python").text_content() == 'print("bread")'
+        link = reply.locator("a")
+        assert link.get_attribute("href") == "https://example.com/bread" and link.get_attribute("rel") == (
+            "noopener noreferrer"
+        )
+        reply.locator(".code-block .copy").click()
+        page.wait_for_function("() => document.querySelector('.code-block .copy').textContent === 'Copied'")
+        assert page.evaluate("navigator.clipboard.readText()") == 'print("bread")'
+        assert page.locator(".message.user .body").text_content() == "How do I bake bread?"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat-page-markdown.png"))
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def base_model_folder(tiny_chat_model, tmp_path_factory):
+    """The tiny chat model without its chat template: a base model by the folder rule."""
+    folder = tmp_path_factory.mktemp("base") / "tiny-pt"
+    shutil.copytree(tiny_chat_model[0], folder)
+    (folder / "chat_template.jinja").unlink()
+    return folder
+
+
+@pytest.mark.slow
+def test_the_page_says_when_the_model_is_a_base_model(base_model_folder, text_server, page):
+    model, processor = mlx_gemma3.load(base_model_folder)
+    httpd, _ = serve(model, processor, "tiny-pt")
+    try:
+        page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/")
+        page.wait_for_function("() => document.getElementById('model-name').textContent === 'tiny-pt'")
+        assert page.is_visible("#model-note") and "base model" in page.text_content("#model-note")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat-page-base-model.png"))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    page.goto(text_server[0])
+    page.wait_for_function("() => document.getElementById('model-name').textContent === 'tiny-chat'")
+    assert page.is_hidden("#model-note")
 
 
 @pytest.mark.slow
@@ -408,6 +496,7 @@ def test_page_files_are_served_with_a_strict_policy_and_no_key(tiny_chat_model):
     try:
         page_status, html, page_response = get(port, "/")
         script = get(port, "/app.js")
+        vendored = [get(port, f"/vendor/{name}") for name in ("marked.umd.js", "purify.min.js")]
         models = get(port, "/v1/models")[0]
         other_host = get(port, "/", {"Host": "evil.example"})[0]
         unknown = get(port, "/../pyproject.toml", {"Authorization": "Bearer sesame"})[0]
@@ -418,6 +507,8 @@ def test_page_files_are_served_with_a_strict_policy_and_no_key(tiny_chat_model):
     assert page_response.getheader("Content-Type") == "text/html; charset=utf-8"
     assert "script-src 'self'" in page_response.getheader("Content-Security-Policy")
     assert script[0] == 200 and script[2].getheader("Content-Type") == "text/javascript; charset=utf-8"
+    assert [status for status, _, _ in vendored] == [200, 200]
+    assert b"marked v18.3.0" in vendored[0][1] and b"DOMPurify 3.5.0" in vendored[1][1]
     assert (models, other_host, unknown) == (401, 403, 404)
 
 

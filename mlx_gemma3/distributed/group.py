@@ -1,4 +1,6 @@
-"""Joining the mx.distributed group: a bounded wait for the peers, a shared random seed, failures as clear errors."""
+"""Joining the mx.distributed group: a bounded wait for the peers, a shared random seed, failures as clear errors.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

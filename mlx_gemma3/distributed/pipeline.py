@@ -2,7 +2,9 @@
 
 Rank 0 holds the embedding (also the tied output head) and the vision tower; the last rank the final norm. The
 final hidden state and the logits reach every rank through all_sum (the others add zeros), so every rank runs the
-same generation loop and samples the same token."""
+same generation loop and samples the same token.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ Rank 0's worker sends each decision before the model work it starts (`share_obje
 own collectives): a job joining the batch (its prompt ids, pixels, options with an explicit seed, and the prompt
 cache entry it reuses), a step (and the jobs cancelled before it), the server stopping. The others run the same
 Worker code on those decisions, so every rank computes the same batch, samples the same tokens and keeps the
-same prompt cache entries. While a rank waits for requests (or a person) its stall guard is paused."""
+same prompt cache entries. While a rank waits for requests (or a person) its stall guard is paused.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""load(path, distributed=...): each rank builds the whole model lazily, keeps its share and reads only that."""
+"""load(path, distributed=...): each rank builds the whole model lazily, keeps its share and reads only that.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

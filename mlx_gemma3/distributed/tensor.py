@@ -1,6 +1,8 @@
 """Tensor parallel: each rank holds a share of every layer's attention heads and MLP columns (MLX's sharded
 linears; one all_sum after the attention and one after the MLP) and a share of the vocabulary's embedding rows,
-which is also the tied output head. The vision tower is replicated."""
+which is also the tied output head. The vision tower is replicated.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,1 +1,3 @@
-"""Generation: the step loop, samplers, streaming, multi-turn chat and background generation."""
+"""Generation: the step loop, samplers, streaming, multi-turn chat and background generation.
+
+Internal: not part of the public API, which docs/api.md lists."""

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from .text_stream import stream_generate
 from .thread_streams import release_thread_streams
 
+__all__ = ["BackgroundGeneration"]
+
 
 class BackgroundGeneration:
     """Starts generating at once in a daemon thread; `cancel()` stops it within a token, `wait()` gives the text."""

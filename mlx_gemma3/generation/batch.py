@@ -1,4 +1,6 @@
-"""Continuous batching: sequences join after their own prefill, decode together one forward per step, and leave."""
+"""Continuous batching: sequences join after their own prefill, decode together one forward per step, and leave.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

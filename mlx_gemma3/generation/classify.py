@@ -1,4 +1,6 @@
-"""ShieldGemma 2 classification: P("Yes", the image violates the policy) against P("No") for each (image, policy)."""
+"""ShieldGemma 2 classification: P("Yes", the image violates the policy) against P("No") for each (image, policy).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

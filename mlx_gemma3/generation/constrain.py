@@ -1,4 +1,6 @@
-"""Constrained decoding: a stateful logits processor that masks every token a grammar forbids at each step."""
+"""Constrained decoding: a stateful logits processor that masks every token a grammar forbids at each step.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Multi-turn chat that keeps its KV cache between turns (the `Chat` class)."""
+"""Multi-turn chat that keeps its KV cache between turns (the `Chat` class).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

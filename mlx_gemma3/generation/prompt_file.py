@@ -1,4 +1,6 @@
-"""stream_generate's `prompt_cache_file`: a prompt's KV cache kept in a file and reused by prompts that start with it."""
+"""stream_generate's `prompt_cache_file`: a prompt's KV cache kept in a file and reused by prompts that start with it.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -6,6 +6,12 @@ import random
 
 import mlx.core as mx
 
+__all__ = ["Sampler"]
+
+# The temperatures accepted everywhere (the library, the command lines, the server): OpenAI's range. 0 is greedy;
+# past 2 sampling is close to uniform over the vocabulary and no longer useful.
+TEMP_RANGE = (0.0, 2.0)
+
 
 class Sampler:
     """Picks the next token from log-probabilities (or logits) [B, V]; greedy at temp 0; owns its PRNG key, so a
@@ -43,8 +49,8 @@ class Sampler:
 
 def sampling_problem(temp: float, top_k: int, top_p: float, min_p: float) -> str | None:
     """What is wrong with the first bad sampling setting (naming it and its allowed range), or None."""
-    if temp < 0:
-        return f"temp must be 0 (greedy) or more, got {temp}"
+    if not TEMP_RANGE[0] <= temp <= TEMP_RANGE[1]:
+        return f"temp must be in {temp_range_text()} (0 is greedy), got {temp}"
     if top_k < 0:
         return f"top_k must be 0 (off) or a positive number of tokens, got {top_k}"
     if not 0 < top_p <= 1:
@@ -52,6 +58,11 @@ def sampling_problem(temp: float, top_k: int, top_p: float, min_p: float) -> str
     if not 0 <= min_p <= 1:
         return f"min_p must be in [0, 1] (0 is off), got {min_p}"
     return None
+
+
+def temp_range_text() -> str:
+    """TEMP_RANGE as messages write it: [0, 2]."""
+    return f"[{TEMP_RANGE[0]:g}, {TEMP_RANGE[1]:g}]"
 
 
 def _top_p(logits: mx.array, top_p: float) -> mx.array:

@@ -9,8 +9,10 @@ import mlx.core as mx
 from ..errors import Gemma3Error
 from .constrain import Constraint
 from .sample import Sampler
-from .step import PREFILL_STEP_SIZE, LogitsProcessor, Progress, prefill
+from .step import PREFILL_STEP_SIZE, LogitsProcessor, Progress, prefill, prompt_token_ids
 from .thread_streams import generation_stream
+
+__all__ = ["speculative_generate_step"]
 
 LOOKUP_NGRAM = 3  # prompt lookup matches the longest suffix of 3, 2 or 1 tokens
 
@@ -39,8 +41,7 @@ def speculative_generate_step(
     rejected one resampled from max(0, p − q)), so the tokens follow the target's distribution exactly.
     Both caches are trimmed back after a rejection: make them with `rewind=num_draft_tokens + 1`.
     `draft_cache` may hold a prefix of `history` (or nothing); it catches up first. Close the generator to stop."""
-    if not prompt_ids:
-        raise Gemma3Error("speculative_generate_step needs at least one prompt token")
+    prompt_ids = prompt_token_ids(prompt_ids, "speculative_generate_step")
     if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
         raise Gemma3Error(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
     if sampler is not None and not isinstance(sampler, Sampler):

@@ -7,11 +7,17 @@ from collections.abc import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from ..errors import Gemma3Error
+from ..processing.prompt import as_token_ids
 from .thread_streams import generation_stream
+
+__all__ = ["generate_step"]
 
 Sampler = Callable[[mx.array], mx.array]  # log-probabilities [1, V] → token [1]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far [N], logits [1, V]) → logits [1, V]
-Progress = Callable[[int, int], None]  # (prompt tokens prefilled so far, prompt tokens to prefill)
+# (prompt tokens in the cache so far, prompt tokens in all): after each prefill chunk, and (total, total) once
+# prefill is over, when the cache holds all but the last prompt token (the first step feeds that one). `total`
+# is the prompt length the statistics report (GenerationResponse.prompt_tokens).
+Progress = Callable[[int, int], None]
 PREFILL_STEP_SIZE = 512
 
 
@@ -21,7 +27,7 @@ def greedy(logprobs: mx.array) -> mx.array:
 
 def generate_step(
     model,
-    prompt_ids: Sequence[int],
+    prompt_ids: Sequence[int] | mx.array,
     cache,
     *,
     sampler: Sampler | None = None,
@@ -37,9 +43,10 @@ def generate_step(
     `cache` (from `model.make_cache()`) holds what came before `prompt_ids`; `history` names those tokens
     so that logits processors see the whole sequence. `logprobs` are the log-softmax of the processed
     logits. Step n+1 is queued (`mx.async_eval`) before step n is handed out; close the generator to stop.
-    `progress(done, total)` is called after each prefill chunk. Runs on this thread's generation stream."""
-    if not prompt_ids:
-        raise Gemma3Error("generate_step needs at least one prompt token")
+    `prompt_ids`: a list of ints, or a 1-D (or [1, N]) integer mx.array or numpy array.
+    `progress(done, total)` is called after each prefill chunk (see `Progress`). Runs on this thread's generation
+    stream."""
+    prompt_ids = prompt_token_ids(prompt_ids, "generate_step")
     if prefill_step_size < 1:
         raise Gemma3Error(f"prefill_step_size must be at least 1, got {prefill_step_size}")
     stream = generation_stream()
@@ -47,7 +54,7 @@ def generate_step(
         try:
             yield from _steps(
                 model,
-                list(prompt_ids),
+                prompt_ids,
                 cache,
                 sampler or greedy,
                 tuple(logits_processors),
@@ -59,6 +66,22 @@ def generate_step(
             )
         finally:
             mx.synchronize(stream)  # a step queued ahead must finish before anyone frees what it uses
+
+
+def prompt_token_ids(prompt, caller: str) -> list[int]:
+    """A step loop's prompt as a list of ids, or one error that says which types it takes."""
+    ids = as_token_ids(prompt)
+    if ids is None:
+        what = type(prompt).__name__
+        if hasattr(prompt, "shape") and hasattr(prompt, "dtype"):
+            what += f" of shape {list(prompt.shape)} and type {prompt.dtype}"
+        raise Gemma3Error(
+            f"{caller} takes the prompt as token ids: a list of ints, or a 1-D (or [1, N]) integer mx.array or "
+            f"numpy array; got {what} (text goes through stream_generate or the tokenizer)"
+        )
+    if not ids:
+        raise Gemma3Error(f"{caller} needs at least one prompt token")
+    return ids
 
 
 def _steps(model, ids, cache, sampler, processors, prefill_step_size, features, history, max_tokens, progress):
@@ -90,8 +113,10 @@ def decode_one_token(model, token: mx.array, cache, sampler: Sampler, processors
 
 
 def prefill(model, ids: list[int], cache, step: int, features=None, progress: Progress | None = None) -> None:
-    """Feed `ids` in chunks of about `step` tokens (a chunk never splits an image), evaluating each chunk's
-    keys and values before the next; `progress(done, len(ids))` follows each chunk."""
+    """Feed `ids`, a prompt but its last token (the first step feeds that one), in chunks of about `step` tokens
+    (a chunk never splits an image), evaluating each chunk's keys and values before the next. `progress` counts
+    the whole prompt: (done, len(ids) + 1) after each chunk but the last, then (total, total)."""
+    total = len(ids) + 1
     runs = image_runs(ids, model.config.vision.image_token_id) if features is not None else []
     if features is not None and len(runs) != features.shape[0]:
         raise Gemma3Error(f"the prompt has {len(runs)} image(s) but {features.shape[0]} were encoded")
@@ -107,7 +132,7 @@ def prefill(model, ids: list[int], cache, step: int, features=None, progress: Pr
         mx.eval([layer.state for layer in cache])
         start = end
         if progress is not None:
-            progress(end, len(ids))
+            progress(end if end < len(ids) else total, total)
 
 
 def chunk_end(start: int, end: int, runs: list[tuple[int, int]]) -> int:

@@ -1,4 +1,6 @@
-"""stream_generate and generate: prompts and images in, text out, with stops and statistics over generate_step."""
+"""stream_generate and generate: prompts and images in, text out, with stops and statistics over generate_step.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import Gemma3Error
-from ..model.cache import REWIND
+from ..model.cache import REWIND, writable_cache_path
 from ..model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
 from ..model.text import TEXT_ONLY
 from ..processing.grammar import grammar_text
@@ -76,6 +78,8 @@ class Options:
     json_schema: object = None  # the reply is JSON valid under this schema (a dict, its JSON text, a pydantic class)
     regex: str | None = None  # the reply matches this regular expression
     grammar: str | None = None  # the reply follows this Lark grammar (llguidance's dialect)
+    tools: list | None = None  # functions the model may call (see processing.prompt.chat_text): chat prompts only
+    chat_template_kwargs: dict | None = None  # further variables for the folder's chat template
 
     @classmethod
     def of(cls, options: dict) -> Options:
@@ -195,6 +199,11 @@ OPTION_RULES = {
     ),
     "regex": (lambda v: v is None or isinstance(v, str) and v != "", "a regular expression or None"),
     "grammar": (lambda v: v is None or isinstance(v, str) and v != "", "a Lark grammar (text) or None"),
+    "tools": (
+        lambda v: v is None or isinstance(v, (list, tuple)),
+        "a list of tools (functions, JSON schemas) or None",
+    ),
+    "chat_template_kwargs": (lambda v: v is None or isinstance(v, dict), "a dict of template variables or None"),
 }
 
 
@@ -208,8 +217,9 @@ def check_model(model, processor, caller: str) -> None:
 
 
 def eos_ids(processor, extra: tuple[int, ...] = ()) -> set[int]:
-    """Every id that ends a reply: <eos>, <end_of_turn>, the config's and the caller's."""
-    return {*EOS_IDS, *processor.config.eos_token_ids, *extra}
+    """Every id that ends a reply: <eos>, <end_of_turn>, the config's, the model's own (FunctionGemma's
+    <start_function_response>) and the caller's."""
+    return {*EOS_IDS, *processor.config.eos_token_ids, *getattr(processor, "stop_ids", ()), *extra}
 
 
 def stream_generate(
@@ -226,6 +236,8 @@ def stream_generate(
     Close the generator to cancel."""
     check_model(model, processor, "stream_generate")
     opts = Options.of(options)
+    if opts.prompt_cache_file is not None:
+        writable_cache_path(opts.prompt_cache_file)  # before any work: a bad path is refused up front
     with mx.stream(generation_stream()):
         ids, features = prepare_prompt(model, processor, prompt, images, opts, encoded_images)
     if image_features is not None:
@@ -245,13 +257,14 @@ def stream_generate(
 def prepare_prompt(model, processor, prompt, images, opts: Options, encoded: dict | None = None):
     """(token ids, image features or None): images preprocessed, encoded and their placeholders expanded."""
     sources = [*image_sources(prompt), *(images or [])]
+    chat = dict(tools=opts.tools, template_kwargs=opts.chat_template_kwargs)
     if not sources:
-        return prompt_ids(processor, prompt, opts.system, opts.use_chat_template), None
+        return prompt_ids(processor, prompt, opts.system, opts.use_chat_template, **chat), None
     vision = model.config.vision
     if vision is None:
         raise Gemma3Error(TEXT_ONLY)
     pixels, crops = process_images(sources, vision.image_size, opts.pan_and_scan)
-    ids = prompt_ids(processor, prompt, opts.system, opts.use_chat_template, crops, vision.tokens_per_image)
+    ids = prompt_ids(processor, prompt, opts.system, opts.use_chat_template, crops, vision.tokens_per_image, **chat)
     return ids, encode_images(model, pixels, {} if encoded is None else encoded)
 
 

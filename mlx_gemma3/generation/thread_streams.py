@@ -6,6 +6,8 @@ import threading
 
 import mlx.core as mx
 
+__all__ = ["generation_stream", "release_thread_streams"]
+
 _local = threading.local()  # per thread: {device name: stream}; nothing is created until a thread asks
 
 

@@ -1,4 +1,6 @@
-"""Scaled dot-product attention: MLX's fused kernel, or a composed path that is faster on the CPU."""
+"""Scaled dot-product attention: MLX's fused kernel, or a composed path that is faster on the CPU.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -12,6 +12,17 @@ import mlx.core as mx
 from ..errors import Gemma3Error
 from .quantize import DEFAULT_GROUP_SIZE, KV_BITS
 
+__all__ = [
+    "Cache",
+    "batch_cache",
+    "extract_cache",
+    "filter_cache",
+    "left_padded",
+    "load_prompt_cache",
+    "merge_caches",
+    "save_prompt_cache",
+]
+
 REWIND = 16  # tokens a sliding cache keeps beyond its window so trim() works after the ring has wrapped
 STEP = 256  # full caches grow by this many slots at a time
 SINK_TOKENS = 4  # first tokens a cache bounded by max_kv_size never evicts (as mlx-lm's rotating cache)
@@ -647,8 +658,22 @@ def filter_cache(cache: list[BatchCache], rows: list[int]) -> list[BatchCache]:
     return [layer.filter(rows) for layer in cache]
 
 
+def writable_cache_path(path: str | Path, what: str = "prompt cache file") -> Path:
+    """`path` when a prompt cache file can be written there (its folder exists), else one clear error naming
+    `what` (a flag, say)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise Gemma3Error(f"cannot write {what} {path}: it is a folder: give a file path inside it")
+    if not path.parent.is_dir():
+        raise Gemma3Error(
+            f"cannot write {what} {path}: the folder {path.parent} does not exist: create it or choose another path"
+        )
+    return path
+
+
 def save_prompt_cache(path: str | Path, cache: list[Cache], token_ids: list[int], extra: dict | None = None) -> None:
     """Write every layer's state plus the token history to one safetensors file (atomically)."""
+    path = writable_cache_path(path)
     arrays = {"token_ids": mx.array(list(token_ids) or [0], dtype=mx.int32)}
     layers = []
     for i, layer in enumerate(cache):
@@ -656,11 +681,12 @@ def save_prompt_cache(path: str | Path, cache: list[Cache], token_ids: list[int]
         layers.append({"class": type(layer).__name__, "meta": layer.meta_state})
     meta = {"format": PROMPT_CACHE_FORMAT, "tokens": str(len(token_ids)), "layers": json.dumps(layers)}
     meta["extra"] = json.dumps(extra or {})
-    path = Path(path)
     partial = path.with_name(f".{path.name}.partial.safetensors")
     try:
         mx.save_safetensors(str(partial), arrays, metadata=meta)
         os.replace(partial, path)
+    except (RuntimeError, OSError) as e:  # MLX says only "Failed to open file" (no permission, disk full, ...)
+        raise Gemma3Error(f"cannot write prompt cache file {path}: {getattr(e, 'strerror', None) or e}") from None
     finally:
         partial.unlink(missing_ok=True)
 

@@ -1,4 +1,6 @@
-"""Gemma 3 config.json → frozen dataclasses, for both key generations and both layouts."""
+"""Gemma 3 config.json → frozen dataclasses, for both key generations and both layouts.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -84,6 +86,9 @@ class TextConfig:
     final_logit_softcapping: float | None
     tie_word_embeddings: bool
     weight_dtype: str
+    # EmbeddingGemma: every token sees every other (no causal mask); a sliding layer sees a band of
+    # sliding_window // 2 tokens on each side, as transformers turns the window into a symmetric band.
+    bidirectional: bool = False
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
@@ -139,6 +144,11 @@ class ModelConfig:
     @property
     def is_shield(self) -> bool:
         return self.model_type == SHIELD_MODEL_TYPE
+
+    @property
+    def is_embedding(self) -> bool:
+        """EmbeddingGemma's text tower (use_bidirectional_attention): it encodes, it does not generate."""
+        return self.text.bidirectional
 
 
 def round_to_dtype(value: float, dtype: str) -> float:
@@ -249,8 +259,11 @@ def parse_text_config(raw: dict, where: str, fill_defaults: bool, top: dict) -> 
     get = _getter(raw, where)
     if get("attn_logit_softcapping") is not None:
         raise Gemma3Error(f"{where}: attn_logit_softcapping is not used by Gemma 3 and is not supported")
-    if raw.get("use_bidirectional_attention"):
-        raise Gemma3Error(f"{where}: use_bidirectional_attention (EmbeddingGemma) is not supported")
+    bidirectional = raw.get("use_bidirectional_attention") or False
+    if not isinstance(bidirectional, bool):
+        raise Gemma3Error(
+            f"{where}: use_bidirectional_attention must be true or false, got {short_repr(bidirectional)}"
+        )
     if get("hidden_activation") not in SUPPORTED_ACTIVATIONS:
         raise Gemma3Error(f"{where}: hidden_activation {get('hidden_activation')!r} is not Gemma 3's GELU-tanh")
     num_layers = _size(get("num_hidden_layers"), "num_hidden_layers", where, MAX_LAYERS)
@@ -273,6 +286,7 @@ def parse_text_config(raw: dict, where: str, fill_defaults: bool, top: dict) -> 
         final_logit_softcapping=get("final_logit_softcapping", float, optional=True),
         tie_word_embeddings=bool(top.get("tie_word_embeddings", get("tie_word_embeddings"))),
         weight_dtype=_weight_dtype(raw, top),
+        bidirectional=bidirectional,
     )
     for heads in ("num_attention_heads", "num_key_value_heads"):
         if getattr(config, heads) * config.head_dim > MAX_SIZE:

@@ -21,6 +21,8 @@ from .config import FLOAT_DTYPES, TextConfig
 from .memory import fitting_kv_size, kv_bytes, kv_value_bytes, weight_bytes
 from .quantize import DEFAULT_GROUP_SIZE
 
+__all__ = ["bound_buffer_cache", "wired_limit"]
+
 FLOAT_TYPES = tuple(getattr(mx, name) for name in FLOAT_DTYPES)  # the same dtypes as MLX types
 GPU_CHOICES = "MLX_GEMMA3_GPU_CHOICES"  # "1": take the GPU's paths on the CPU as well
 

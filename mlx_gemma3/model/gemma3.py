@@ -1,4 +1,6 @@
-"""Gemma 3 with images: image features replace the image tokens' embeddings; each image attends to itself both ways."""
+"""Gemma 3 with images: image features replace the image tokens' embeddings; each image attends to itself both ways.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

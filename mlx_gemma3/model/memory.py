@@ -5,7 +5,9 @@ every token (or `max_kv_size`), a sliding layer at most its window. One prefill 
 adds a boolean mask [L, N] for the full layers, and, on the CPU's composed attention (model/attention.py), two
 score matrices [heads, L, N] in the compute dtype at its peak: the k·qᵀ product and its row-major copy, which the
 softmax reads. MLX's fused kernel (Metal) never materialises the scores. Everything else a chunk holds is the
-same at any N (see docs/long-context.md)."""
+same at any N (see docs/long-context.md).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,10 +1,13 @@
-"""Which layers are quantized and how: the converter's recipes, and the module swap `load` does from config.json."""
+"""Which layers are quantized and how: the converter's recipes, and the module swap `load` does from config.json.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..errors import Gemma3Error
 
@@ -24,6 +27,23 @@ NEVER_QUANTIZED = ("position_embedding",)
 class QuantSpec:
     bits: int
     group_size: int
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The weights a model holds, counted as its checkpoint counts them (transformers' num_parameters): a
+    quantized layer's weight by the values it packs, its scales and biases not at all."""
+    packed = {
+        path: module.bits
+        for path, module in model.named_modules()
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    }
+    count = 0
+    for key, value in tree_flatten(model.parameters()):
+        layer, _, name = key.rpartition(".")
+        if layer in packed and name in ("scales", "biases"):
+            continue
+        count += value.size * 32 // packed[layer] if layer in packed and name == "weight" else value.size
+    return count
 
 
 def quantization_plan(model: nn.Module, recipe: str, bits: int, group_size: int) -> dict[str, QuantSpec | None]:

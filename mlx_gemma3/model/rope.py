@@ -5,7 +5,9 @@ and casts them to the compute dtype, then rotates q and k in that dtype: `x·cos
 same: the inverse frequencies are transformers' own float32 values, the product is the same single rounding, and
 MLX's cos and sin are the accurate ones on both devices (`mx.fast.rope` uses the fast approximations on Metal,
 whose argument reduction drifts at large angles, and a base formula that rounds differently: at position 131,071
-its cos/sin stray from transformers' by up to 7e-3)."""
+its cos/sin stray from transformers' by up to 7e-3).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Where a model comes from: an MLX folder, a .gguf file (converted once into the cache), a Hub repo id, or the demo."""
+"""Where a model comes from: an MLX folder, a .gguf file (converted once into the cache), a Hub repo id, or the demo.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -48,6 +50,19 @@ def model_folder(model: str | os.PathLike | None) -> str:
     if isinstance(model, str) and is_repo_id(model):
         return hub_snapshot(model)
     raise Gemma3Error(f"model folder {path} does not exist: pass {SOURCES}")
+
+
+def model_name(model: str | os.PathLike | None) -> str:
+    """The name a model source goes by: a folder's name, a .gguf file's stem, a Hub repo id as written, the
+    demo's GGUF stem (never the hash suffix of a converted GGUF's cache folder)."""
+    if model is None:
+        return DEMO_STEM
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return Path(os.path.abspath(path)).name  # "." named, a link by its own name
+    if path.suffix == ".gguf":
+        return path.stem
+    return str(model)
 
 
 def demo_model() -> Path:

@@ -1,4 +1,6 @@
-"""Gemma 3 text tower: RMSNorm, attention, MLP, decoder layers and the tied-head causal LM."""
+"""Gemma 3 text tower: RMSNorm, attention, MLP, decoder layers and the tied-head causal LM.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -116,7 +118,11 @@ class TextModel(nn.Module):
 
         `image_blocks` [B, L]: the image each token belongs to (−1 for text); tokens of one image
         attend to each other both ways."""
-        masks = self.masks(h.shape[1], cache, image_blocks)
+        return self.run(h, self.masks(h.shape[1], cache, image_blocks), cache)
+
+    def run(self, h: mx.array, masks: dict[bool, mx.array], cache=None) -> mx.array:
+        """The decoder layers over `h`, each with the mask of its kind (`masks` keyed by is_sliding), then the
+        final norm."""
         rotations = self.rotations(h.shape[1], cache, h.dtype)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]

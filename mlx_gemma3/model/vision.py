@@ -1,4 +1,6 @@
-"""SigLIP vision tower and Gemma 3's multimodal projector (channels-last; attribute names equal checkpoint keys)."""
+"""SigLIP vision tower and Gemma 3's multimodal projector (channels-last; attribute names equal checkpoint keys).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""One MLX Gemma 3 folder's weights read into one process: build the model, read and check its tensors."""
+"""One MLX Gemma 3 folder's weights read into one process: build the model, read and check its tensors.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from mlx.utils import tree_flatten
 from ..errors import Gemma3Error
 from .config import ModelConfig
 from .device import FLOAT_TYPES, on_cpu
+from .embedding_model import Gemma3Embedding, SentenceConfig
 from .gemma3 import Gemma3
 from .quantize import apply_quantization
 from .text import Gemma3TextLM
@@ -19,6 +22,10 @@ from .text import Gemma3TextLM
 TIED_HEAD_KEYS = ("lm_head.", "language_model.lm_head.")
 SHIELD_WRAPPER = "model."  # ShieldGemma2ForImageClassification holds its Gemma 3 as `model`
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+EMBEDDING_ONLY = (
+    "is an embedding model (EmbeddingGemma: bidirectional attention): it encodes texts into vectors and does not "
+    "generate; use mlx_gemma3.load_embedding and mlx_gemma3.embed (or python -m mlx_gemma3.embed)"
+)
 
 
 def load_model(
@@ -26,12 +33,10 @@ def load_model(
 ) -> nn.Module:
     """The whole model of an MLX folder in this process, evaluated. `lazy_vision`: a multimodal model reads its
     vision tower when the first image comes. `for_training`: both towers read now, every array row-major."""
+    if config.is_embedding:
+        raise Gemma3Error(f"{folder} {EMBEDDING_ONLY}")
     model = build_model(config)
-    column_major = set() if for_training else column_major_keys(model, dtype)
-    weights = model_weights(folder, config, dtype, column_major)
-    quantization = config.raw.get("quantization", config.raw.get("quantization_config"))
-    apply_quantization(model, quantization, weights, where=str(folder))
-    check_weights(model, weights, where=str(folder))
+    weights = quantized_weights(model, folder, config, dtype, for_training)
     defer = config.is_multimodal and lazy_vision and not for_training
     if defer:
         weights = {k: v for k, v in weights.items() if not k.startswith(VISION_PREFIXES)}
@@ -39,6 +44,30 @@ def load_model(
     model.load_weights(list(weights.items()), strict=not defer)
     mx.eval(model.language_model.parameters() if defer else model.parameters())
     return model
+
+
+def load_embedding_model(
+    folder: Path, config: ModelConfig, sentence: SentenceConfig, dtype: mx.Dtype
+) -> Gemma3Embedding:
+    """EmbeddingGemma from an MLX folder (its keys `model.*` and `dense.{i}.*`), evaluated."""
+    model = Gemma3Embedding(config, sentence)
+    weights = quantized_weights(model, folder, config, dtype)
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    return model
+
+
+def quantized_weights(
+    model: nn.Module, folder: Path, config: ModelConfig, dtype: mx.Dtype, for_training: bool = False
+) -> dict[str, mx.array]:
+    """The folder's tensors for `model`, whose layers stored quantized are swapped for quantized ones first;
+    every tensor checked against the model's parameters."""
+    column_major = set() if for_training else column_major_keys(model, dtype)
+    weights = model_weights(folder, config, dtype, column_major)
+    quantization = config.raw.get("quantization", config.raw.get("quantization_config"))
+    apply_quantization(model, quantization, weights, where=str(folder))
+    check_weights(model, weights, where=str(folder))
+    return weights
 
 
 def model_weights(
@@ -92,6 +121,9 @@ def column_major_keys(model: nn.Module, dtype: mx.Dtype) -> set[str]:
 
 
 def build_model(config: ModelConfig) -> nn.Module:
+    """The generating model a config describes (an EmbeddingGemma config describes none: see Gemma3Embedding)."""
+    if config.is_embedding:
+        raise Gemma3Error(f"this model {EMBEDDING_ONLY}")
     return Gemma3(config) if config.is_multimodal else Gemma3TextLM(config)
 
 

@@ -1,5 +1,7 @@
 """Grammars for constrained decoding: llguidance's view of our SentencePiece vocabulary, and JSON schemas, regular
-expressions and Lark grammars turned into llguidance grammars."""
+expressions and Lark grammars turned into llguidance grammars.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -115,3 +117,19 @@ def check_grammar(text: str, what: str) -> None:
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text)
     if failed:
         raise Gemma3Error(f"{what} cannot be used for constrained decoding: {messages[0]}")
+
+
+def ordered_items(items: list[tuple[str, bool]], separator: str) -> str | None:
+    """Lark for `items` — (lark item, required) — in order, joined by `separator`, each optional one free to be left
+    out; None when all may be."""
+    if not items:
+        return None
+    (first, needed), rest = items[0], items[1:]
+    joint = json.dumps(separator)
+    tail = " ".join(f"{joint} {item}" if required else f"({joint} {item})?" for item, required in rest)
+    with_first = f"{first} {tail}".strip()
+    if needed:
+        return with_first
+    without = ordered_items(rest, separator)
+    either = f"({with_first} | {without})" if without else f"({with_first})"
+    return either if any(required for _, required in rest) else either + "?"

@@ -11,6 +11,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import Gemma3Error
 
+__all__ = ["process_images"]
+
 # Refused before decoding: a small file can claim a huge size (a decompression bomb).
 MAX_PIXELS = 64_000_000
 ONE_IMAGE_TYPES = (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)  # what open_image takes

@@ -6,8 +6,14 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import Gemma3Error
+from .function_gemma import is_function_gemma
 from .tokenizer import BOS_ID
+from .tools import as_tool, with_tools
+
+__all__ = ["is_base_model"]
 
 ROLES = {"user": "user", "assistant": "model", "model": "model"}
 # What one render of a chat template may build: range() items over all its loops, the length a `*` makes, an
@@ -15,6 +21,16 @@ ROLES = {"user": "user", "assistant": "model", "model": "model"}
 # from filling memory or looping for hours.
 TEMPLATE_BUDGET = 1_000_000
 IMAGE_MARK = "<start_of_image>"
+SYSTEM_WITHOUT_CHAT = (
+    "a system prompt needs the chat format, and use_chat_template=False (--no-chat-template) completes plain text: "
+    "drop one of the two"
+)
+# What a template renders from a conversation with tool calls (FunctionGemma): turns of these roles, in any order.
+TOOL_TURN_ROLES = (*ROLES, "system", "developer", "tool")
+# TranslateGemma's content items carry the language pair; chat_template_kwargs may give it for every user turn.
+LANGUAGE_KEYS = ("source_lang_code", "target_lang_code")
+# Names a template renders from the call itself; chat_template_kwargs may not replace them.
+RESERVED_TEMPLATE_NAMES = ("messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token")
 
 
 def find_chat_template(folder: str | Path) -> str | None:
@@ -53,11 +69,15 @@ def _json_template(path: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def check_messages(messages) -> list[dict]:
+def check_messages(messages, tool_turns: bool = False) -> list[dict]:
     """Messages as the chat format needs them: dicts with a known role; an optional system message first;
-    then user and model turns alternating, starting with the user."""
+    then user and model turns alternating, starting with the user. `tool_turns`: for a template that renders tool
+    calls and their results (FunctionGemma), turns of any of TOOL_TURN_ROLES in any order, an assistant turn
+    with tool_calls needing no content; the template checks the rest."""
     if not isinstance(messages, list) or not messages:
         raise Gemma3Error("a chat prompt must be a non-empty list of {'role': ..., 'content': ...} messages")
+    if tool_turns:
+        return check_tool_turns(messages)
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise Gemma3Error(f"message {i} must be a dict with 'role' and 'content', got {message!r:.80}")
@@ -75,6 +95,17 @@ def check_messages(messages) -> list[dict]:
                 f"chat roles must alternate user/model starting with user: turn {i + 1} is {message['role']!r}, "
                 f"expected {'user' if expected == 'user' else 'assistant'}"
             )
+    return messages
+
+
+def check_tool_turns(messages: list) -> list[dict]:
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in TOOL_TURN_ROLES:
+            raise Gemma3Error(
+                f"message {i} must be a dict whose 'role' is one of {', '.join(TOOL_TURN_ROLES)}, got {message!r:.80}"
+            )
+        if "content" not in message and not message.get("tool_calls"):
+            raise Gemma3Error(f"message {i} needs 'content' (or, from the assistant, 'tool_calls')")
     return messages
 
 
@@ -112,7 +143,8 @@ def gemma_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
 
 
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-    """Render a Hugging Face chat template the way transformers does (sandboxed Jinja)."""
+    """Render a Hugging Face chat template the way transformers does (sandboxed Jinja; `tools` and `documents`
+    defined, None unless given; `extra` are further template variables)."""
     from jinja2 import TemplateError
 
     def raise_exception(message):
@@ -127,7 +159,7 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
             add_generation_prompt=add_generation_prompt,
             bos_token="<bos>",
             eos_token="<eos>",
-            **extra,
+            **{"tools": None, "documents": None, **extra},
         )
     except (TemplateError, OverflowError) as e:
         raise Gemma3Error(f"the model's chat template failed: {_first_line(e)}") from None
@@ -181,12 +213,61 @@ def _bounded_sandbox():
     return env
 
 
-def chat_text(messages: list[dict], template: str | None, add_generation_prompt: bool = True) -> str:
-    """Prompt text for a conversation: the folder's template if it has one, else Gemma 3's format."""
-    check_messages(messages)
+def chat_text(
+    messages: list[dict],
+    template: str | None,
+    add_generation_prompt: bool = True,
+    tools=None,
+    template_kwargs: dict | None = None,
+) -> str:
+    """Prompt text for a conversation: the folder's template if it has one, else Gemma 3's format.
+
+    `tools` (functions, JSON schemas or Tools): declared by a template that declares them (FunctionGemma's), else
+    described at the start of the first user turn, as Google documents for Gemma 3. `template_kwargs`: further
+    variables for the template (chat_template_kwargs); TranslateGemma's source_lang_code / target_lang_code among
+    them also fill the user turns' content items that lack them."""
+    native = is_function_gemma(template)
+    check_messages(messages, tool_turns=native)
+    if tools and not native:
+        messages = with_tools(messages, tools)
     if template is None:
+        if template_kwargs:
+            raise Gemma3Error("chat template arguments need the model's own chat template, and this folder has none")
         return gemma_chat(messages, add_generation_prompt)
-    return render_template(template, messages, add_generation_prompt)
+    kwargs = checked_template_kwargs(template_kwargs)
+    messages = with_language_codes(messages, template, kwargs)
+    schemas = [as_tool(t).template_schema() for t in tools] if native and tools else None
+    return render_template(template, messages, add_generation_prompt, tools=schemas, **kwargs)
+
+
+def checked_template_kwargs(kwargs) -> dict:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise Gemma3Error("chat template arguments must be a JSON object whose keys are names")
+    reserved = [k for k in kwargs if k in RESERVED_TEMPLATE_NAMES]
+    if reserved:
+        raise Gemma3Error(
+            f"chat template argument {reserved[0]!r} is set by the prompt itself; pass it the ordinary way "
+            "(messages, tools, ...)"
+        )
+    return kwargs
+
+
+def with_language_codes(messages: list[dict], template: str, kwargs: dict) -> list[dict]:
+    """The user turns with the language codes of `kwargs` in their content items (a text content becomes one
+    text item), when the template reads them from there (TranslateGemma) and `kwargs` gives them."""
+    codes = {k: kwargs[k] for k in LANGUAGE_KEYS if k in kwargs}
+    if not codes or "source_lang_code" not in template:
+        return messages
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, (str, list)):
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            message = {**message, "content": [{**codes, **i} if isinstance(i, dict) else i for i in items]}
+        out.append(message)
+    return out
 
 
 def as_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
@@ -198,6 +279,24 @@ def as_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
     return messages
 
 
+def as_token_ids(value) -> list[int] | None:
+    """`value` as a list of token ids when it is one: a list or tuple of integers, or a 1-D (or [1, N]) integer
+    mx.array or numpy array; None when it is something else (text, chat messages, floats, a batch of prompts)."""
+    if value is None or isinstance(value, (str, bytes, dict)):
+        return None
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 1:
+        return None
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        return None
+    return [int(t) for t in array.tolist()]
+
+
 def prompt_ids(
     processor,
     prompt,
@@ -205,51 +304,51 @@ def prompt_ids(
     use_chat_template: bool = True,
     crops_per_image: list[int] | None = None,
     tokens_per_image: int | None = None,
+    tools=None,
+    template_kwargs: dict | None = None,
 ) -> list[int]:
     """Token ids for a prompt: a string, a list of chat messages, or ids already tokenized.
 
     A string is wrapped as one user turn when the folder ships a chat template (instruction-tuned models)
     and completed as it is otherwise (base models) or with use_chat_template=False. With images
     (`crops_per_image`: one entry per image), each image placeholder expands to its image tokens."""
+    ids = None if isinstance(prompt, str) else as_token_ids(prompt)
+    if ids:
+        return ids
     if not isinstance(prompt, (str, list, tuple)):
         raise Gemma3Error(
-            f"a prompt is a string, a list of chat messages or a list of token ids; got {type(prompt).__name__}"
+            "a prompt is a string, a list of chat messages or a list of token ids (or a 1-D integer mx.array or "
+            f"numpy array of them); got {type(prompt).__name__}"
         )
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-        return list(prompt)
     tokenizer = processor.tokenizer
     if tokenizer is None:
         raise Gemma3Error("this model folder has no tokenizer.model: pass token ids, or add the tokenizer file")
     if isinstance(prompt, str) and not prompt:
         raise Gemma3Error("the prompt is empty: give some text")
-    text, add_bos = prompt_text(processor, prompt, system, use_chat_template)
+    text, add_bos = prompt_text(processor, prompt, system, use_chat_template, tools, template_kwargs)
     if crops_per_image is not None:
         text = expand_image_tokens(text, crops_per_image, tokens_per_image)
     ids = tokenizer.encode(text, add_bos=False)
     return [BOS_ID, *ids] if add_bos and ids[:1] != [BOS_ID] else ids
 
 
-def prompt_text(processor, prompt, system: str | None, use_chat_template: bool) -> tuple[str, bool]:
-    """(text, whether BOS must be added): plain completion, or the conversation in the chat format."""
-    if isinstance(prompt, str) and (not use_chat_template or processor.chat_template is None):
-        if system is not None:
-            raise Gemma3Error(system_without_chat(use_chat_template))
+def prompt_text(
+    processor, prompt, system: str | None, use_chat_template: bool, tools=None, template_kwargs: dict | None = None
+) -> tuple[str, bool]:
+    """(text, whether BOS must be added): plain completion, or the conversation in the chat format.
+
+    A string is completed as it is with use_chat_template=False, and on a base model (no chat template) when no
+    system prompt comes with it. A system prompt makes it a conversation: on a base model that conversation is
+    written in Gemma 3's own chat format (the system text folded into the first user turn), as chat messages
+    always are, so a system prompt means the same in generate, chat, the server and the chat page."""
+    if isinstance(prompt, str) and not use_chat_template and system is not None:
+        raise Gemma3Error(SYSTEM_WITHOUT_CHAT)
+    if isinstance(prompt, str) and (not use_chat_template or (processor.chat_template is None and system is None)):
+        if tools or template_kwargs:
+            raise Gemma3Error("tools and chat template arguments need the chat format: give a chat prompt")
         return prompt, True
-    text = chat_text(as_messages(prompt, system), processor.chat_template)
+    text = chat_text(as_messages(prompt, system), processor.chat_template, True, tools, template_kwargs)
     return text, not text.startswith("<bos>")
-
-
-def system_without_chat(use_chat_template: bool) -> str:
-    """Why a system prompt cannot go with a plain-text prompt, for each of the two ways to get one."""
-    if not use_chat_template:
-        return (
-            "a system prompt needs the chat format, and use_chat_template=False (--no-chat-template) completes "
-            "plain text: drop one of the two"
-        )
-    return (
-        "this model folder has no chat template (a base model: it continues text), so a system prompt has no "
-        "place in its prompt: drop the system prompt, or use an instruction-tuned model"
-    )
 
 
 def expand_image_tokens(text: str, crops_per_image: list[int], tokens_per_image: int) -> str:

@@ -1,4 +1,6 @@
-"""ShieldGemma 2 prompts: the built-in safety policies and one prompt per (image, policy), as transformers builds them."""
+"""ShieldGemma 2 prompts: the built-in safety policies and one prompt per (image, policy), as transformers builds them.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

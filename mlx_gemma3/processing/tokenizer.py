@@ -1,4 +1,6 @@
-"""SentencePiece tokenizer with Gemma 3's special tokens, parsed in text and kept in decoded text."""
+"""SentencePiece tokenizer with Gemma 3's special tokens, parsed in text and kept in decoded text.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -175,6 +177,32 @@ class StreamingDetokenizer:
             if byte & 0xC0 != 0x80:
                 return _utf8_length(byte) > back
         return False
+
+
+def sequence_ends(folder: str | Path) -> tuple[bool, bool]:
+    """(adds <bos>, adds <eos>) when the tokenizer encodes one text, as transformers decides it for this folder:
+    tokenizer_config.json's add_bos_token / add_eos_token, else tokenizer.json's post-processor template, else
+    Gemma's default (<bos> only). Chat prompts carry their own <bos>; this matters for texts encoded whole
+    (EmbeddingGemma's tokenizer adds both)."""
+    folder = Path(folder)
+    config = _json_object(folder / "tokenizer_config.json")
+    template = ((_json_object(folder / "tokenizer.json").get("post_processor") or {}).get("single")) or []
+    pieces = [
+        (part.get("SpecialToken") or {}).get("id") if isinstance(part, dict) else None
+        for part in (template if isinstance(template, list) else [])
+    ]
+    bos = config.get("add_bos_token", pieces[0] == "<bos>" if pieces else True)
+    eos = config.get("add_eos_token", pieces[-1] == "<eos>" if pieces else False)
+    return bool(bos), bool(eos)
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file's object, or {} when the file is absent or holds something else."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _flagged_special(config: Path) -> set[str]:

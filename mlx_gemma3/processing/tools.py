@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Gemma3Error
-from .grammar import JSON_LAYOUT
+from .function_gemma import CALL_START, FUNCTION_GEMMA, calls_grammar, is_function_gemma, parse_calls
+from .grammar import JSON_LAYOUT, ordered_items
 
-STYLES = ("python", "json")
+__all__ = ["Tool", "ToolCall", "ToolRun", "parse_tool_calls", "run_tools", "tool_call_grammar", "tools_prompt"]
+
+# How calls are written: Gemma 3's documented Python or JSON forms (tools described in the user turn), or
+# FunctionGemma's own tokens (tools declared by the folder's chat template).
+STYLES = ("python", "json", FUNCTION_GEMMA)
+PROMPTED_STYLES = STYLES[:2]
 CHOICES = ("auto", "required")  # tool_choice values that constrain: a call or prose opening otherwise, a call
 FENCE = re.compile(r"```[ \t]*([A-Za-z_]*)[ \t]*\n?(.*?)```", re.DOTALL)
 JSON_WORDS = {"true": True, "false": False, "null": None}
@@ -42,6 +48,10 @@ class Tool:
 
     def schema(self) -> dict:
         return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
+    def template_schema(self) -> dict:
+        """The tool as chat templates take it (`tools=` of transformers' apply_chat_template): OpenAI's form."""
+        return {"type": "function", "function": self.schema()}
 
 
 @dataclass(frozen=True)
@@ -123,10 +133,19 @@ def _json_type(hint) -> tuple[dict, bool]:
     return ({"type": simple[hint]} if hint in simple else {}), False
 
 
+def template_tool_style(chat_template: str | None) -> str:
+    """How a model folder calls tools: FunctionGemma's tokens when its template declares them, else Gemma 3's
+    Python-style list."""
+    return FUNCTION_GEMMA if is_function_gemma(chat_template) else "python"
+
+
 def tools_prompt(tools, style: str = "python") -> str:
     """The text that describes the tools, in Google's documented form, for the start of a user turn."""
-    if style not in STYLES:
-        raise Gemma3Error(f"tool style must be one of {STYLES}, got {style!r}")
+    if style not in PROMPTED_STYLES:
+        raise Gemma3Error(
+            f"tool style must be one of {PROMPTED_STYLES}, got {style!r} (FunctionGemma's tools are declared by its "
+            "chat template: pass tools= to the generation)"
+        )
     schemas = json.dumps([as_tool(t).schema() for t in tools], indent=2, ensure_ascii=False)
     instruction = PYTHON_INSTRUCTION if style == "python" else JSON_INSTRUCTION
     return f"{instruction}\n\n{schemas}\n"
@@ -147,7 +166,10 @@ def with_tools(messages: list[dict], tools, style: str = "python") -> list[dict]
 
 
 def parse_tool_calls(text: str) -> list[ToolCall]:
-    """The calls in a reply, in either style, fenced or bare; [] for prose. Never evaluates the text."""
+    """The calls in a reply, in any style (FunctionGemma's tokens, or Python or JSON, fenced or bare); [] for prose.
+    Never evaluates the text."""
+    if CALL_START in text:
+        return [ToolCall(name, arguments) for name, arguments in parse_calls(text) or []]
     for candidate in _candidates(text):
         calls = _json_calls(candidate)
         if calls is None:
@@ -228,10 +250,11 @@ def _literal(node) -> Any:
     return ast.literal_eval(node)
 
 
-def tool_call_grammar(tools, style: str = "python", choice: str = "required") -> str:
+def tool_call_grammar(tools, style: str = "python", choice: str = "required", parallel: bool = True) -> str:
     """A Lark grammar (llguidance's dialect) for replies that call the tools in `style`, each call's arguments valid
     under its tool's schema. "required": the reply is a call; "auto": a reply that opens like a call ('[' in the
-    python style, '{' or '[' in the json style) must be one, any other reply is free prose."""
+    python style, '{' or '[' in the json style) must be one, any other reply is free prose. Not `parallel`: one
+    call per reply (the json style's grammar always takes one)."""
     if style not in STYLES:
         raise Gemma3Error(f"tool style must be one of {STYLES}, got {style!r}")
     if choice not in CHOICES:
@@ -239,8 +262,11 @@ def tool_call_grammar(tools, style: str = "python", choice: str = "required") ->
     known = [as_tool(t) for t in tools]
     if not known:
         raise Gemma3Error("a tool-call grammar needs at least one tool")
+    if style == FUNCTION_GEMMA:
+        return calls_grammar([(t.name, t.parameters) for t in known], choice)
     if style == "python":
-        calls = '"[" call (", " call)* "]"\ncall: ' + " | ".join(_python_call(t) for t in known)
+        more = '(", " call)*' if parallel else ""
+        calls = f'"[" call {more} "]"\ncall: ' + " | ".join(_python_call(t) for t in known)
         opening = "\\["
     else:
         schema = {"anyOf": [_json_call_schema(t) for t in known], "x-guidance": JSON_LAYOUT}
@@ -256,21 +282,7 @@ def _python_call(tool: Tool) -> str:
     properties = tool.parameters.get("properties") or {}
     required = set(tool.parameters.get("required") or [])
     items = [(f"{json.dumps(name + '=')} {_embedded(schema)}", name in required) for name, schema in properties.items()]
-    return f'{json.dumps(tool.name + "(")} {_arguments(items) or ""} ")"'
-
-
-def _arguments(items: list[tuple[str, bool]]) -> str | None:
-    """Lark for the items in order, joined by ", ", each optional one free to be left out; None when all may be."""
-    if not items:
-        return None
-    (first, needed), rest = items[0], items[1:]
-    tail = " ".join(f'", " {item}' if required else f'(", " {item})?' for item, required in rest)
-    with_first = f"{first} {tail}".strip()
-    if needed:
-        return with_first
-    without = _arguments(rest)
-    either = f"({with_first} | {without})" if without else f"({with_first})"
-    return either if any(required for _, required in rest) else either + "?"
+    return f'{json.dumps(tool.name + "(")} {ordered_items(items, ", ") or ""} ")"'
 
 
 def _embedded(schema) -> str:

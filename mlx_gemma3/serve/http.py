@@ -1,4 +1,8 @@
-"""The OpenAI-compatible HTTP server (standard library only): checks, prepares, queues and replies to requests."""
+"""The HTTP server (standard library only): routes, access checks, request bodies, the models' lookup, the reply's
+transport (JSON or server-sent events) and errors in each endpoint's own shape. The protocols live beside it:
+openai_chat.py, responses.py, anthropic.py, moderation.py.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import select
 import socket
 import sys
 import time
-import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,17 +24,24 @@ from ..errors import Gemma3Error
 from ..generation.text_stream import TEXT_ONLY, Options, image_sources
 from ..processing.image import process_images
 from ..processing.prompt import prompt_ids
-from ..processing.tools import parse_tool_calls
+from .anthropic import COUNT_TOKENS_PATH, MESSAGES_PATH, count_tokens, messages
+from .anthropic import error_body as anthropic_error
+from .embeddings import EMBEDDINGS_PATH, embeddings
 from .moderation import MODERATIONS_PATH, check_moderator, moderate, parse_moderation
+from .openai_chat import CHAT_PATH, COMPLETIONS_PATH, chat, completion
 from .page import page_file
 from .prompt_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PromptCacheStore
-from .requests import Request, RequestError, parse_chat, parse_completion
+from .registry import ModelSpec, Registry, Served, UnknownModel
+from .reply import Ending, reply_events
+from .requests import Request, RequestError, openai_error
+from .responses import RESPONSES_PATH, STORED_RESPONSES, ResponseStore, create, delete, retrieve
 from .worker import MAX_BATCH, ClientGone, Job, QueueFull, Worker, batchable
 
 MAX_BODY_BYTES = 20 * 2**20
 MAX_TOKENS_LIMIT = 4096
 MAX_QUEUE = 16
 REQUEST_TIMEOUT = 60.0
+MAX_LOADED_MODELS = 4  # as llama-server's router (--models-max)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 # The page runs only its own files, talks only to this server, and shows images only from data:/blob: URLs.
 PAGE_HEADERS = {
@@ -42,25 +54,35 @@ PAGE_HEADERS = {
 
 @dataclass
 class ServerState:
-    """The loaded model and the server's policy; `worker` (made by make_server) runs the generations in turn."""
+    """The models and the server's policy. Either one loaded model (`model`, `processor`, `model_id`) or `models`
+    (specs) with `load_model` (spec → (model, processor)) to load them on first use; make_server makes the
+    `registry` (each loaded model with its worker) and `worker` is the first model's."""
 
-    model: object
-    processor: object
-    model_id: str
+    model: object = None
+    processor: object = None
+    model_id: str = "model"
     max_tokens_limit: int = MAX_TOKENS_LIMIT
     max_body_bytes: int = MAX_BODY_BYTES
     extra_options: dict = field(default_factory=dict)  # e.g. logits_processors, for embedding apps and tests
+    chat_template_args: dict = field(default_factory=dict)  # template variables for every chat request (it may add)
     image_dirs: tuple[Path, ...] = ()  # folders local image paths may name; none: only data URLs
     api_key: str | None = None
     cors_origin: str | None = None
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback names and the bound address
     max_queue: int = MAX_QUEUE
     request_timeout: float = REQUEST_TIMEOUT
-    prompt_cache_size: int = DEFAULT_ENTRIES  # KV caches kept across requests (0: no prompt cache)
+    prompt_cache_size: int = DEFAULT_ENTRIES  # KV caches kept across requests, per model (0: no prompt cache)
     prompt_cache_bytes: int = DEFAULT_BYTES  # their bytes together (0: no prompt cache)
     max_batch: int = MAX_BATCH  # requests decoded together
     web: bool = True  # serve the chat page at GET /
     mirror: object = None  # distributed: rank 0's link to the other ranks (distributed/serving.py Leader)
+    models: list[ModelSpec] = field(default_factory=list)
+    load_model: Callable | None = None
+    max_loaded_models: int = MAX_LOADED_MODELS  # 0: no bound
+    max_model_bytes: int = 0  # the loaded models' weights together (0: no bound)
+    stored_responses: int = STORED_RESPONSES  # /v1/responses kept for previous_response_id and GET
+    registry: Registry | None = None
+    responses: ResponseStore | None = None
     worker: Worker | None = None
 
 
@@ -69,17 +91,57 @@ class Server(ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
-        self.RequestHandlerClass.state.worker.stop()
+        registry = self.RequestHandlerClass.state.registry
+        if registry is not None:  # None when the port could not be bound
+            registry.close()
 
 
 def make_server(state: ServerState, host: str = "127.0.0.1", port: int = 8080) -> Server:
+    """The server, its port bound (an OSError when it cannot be), its models registered (one loaded model, or
+    the specs, none loaded yet: `state.registry.preload()` loads the first)."""
     state.image_dirs = tuple(Path(d).resolve() for d in state.image_dirs)
     state.allowed_hosts = (*LOOPBACK_NAMES, *state.allowed_hosts, host.lower(), f"[{host.lower()}]")
     handler = type("Handler", (Handler,), {"state": state, "timeout": state.request_timeout})
     server = Server((host, port), handler)
-    store = PromptCacheStore(state.prompt_cache_size, state.prompt_cache_bytes)
-    state.worker = Worker(state.model, state.processor, state.max_queue, store, state.max_batch, state.mirror)
+
+    def start(model, processor) -> Worker:
+        store = PromptCacheStore(state.prompt_cache_size, state.prompt_cache_bytes)
+        return Worker(model, processor, state.max_queue, store, state.max_batch, state.mirror)
+
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    limits = (state.max_loaded_models, state.max_model_bytes)
+    state.registry = Registry(state.models, state.load_model, start, *limits, log)
+    if state.model is not None:
+        state.worker = state.registry.add(ModelSpec(state.model_id, ""), state.model, state.processor).worker
+    state.responses = ResponseStore(state.stored_responses)
     return server
+
+
+# Each route: its handlers by method, and the shape of its errors. A path ending in "/" takes an id after it.
+ROUTES = {
+    "/health": ({"GET": lambda x: x.send_json(200, {"status": "ok"})}, openai_error),
+    "/v1/models": ({"GET": lambda x: x.send_json(200, x.models_json())}, openai_error),
+    CHAT_PATH: ({"POST": chat}, openai_error),
+    COMPLETIONS_PATH: ({"POST": completion}, openai_error),
+    MODERATIONS_PATH: ({"POST": lambda x: x.moderate()}, openai_error),
+    EMBEDDINGS_PATH: ({"POST": embeddings}, openai_error),
+    RESPONSES_PATH: ({"POST": create}, openai_error),
+    RESPONSES_PATH + "/": ({"GET": retrieve, "DELETE": delete}, openai_error),
+    MESSAGES_PATH: ({"POST": messages}, anthropic_error),
+    COUNT_TOKENS_PATH: ({"POST": count_tokens}, anthropic_error),
+}
+
+
+def route(path: str) -> tuple[dict, Callable[[RequestError], dict], str | None]:
+    """(handlers by method, error shape, the id after the route's "/" or None) for a URL path (query ignored);
+    ({}, the OpenAI shape, None) when no route has it."""
+    path = path.split("?", 1)[0]
+    if path in ROUTES:
+        return *ROUTES[path], None
+    prefix, _, tail = path.rpartition("/")
+    if tail and prefix + "/" in ROUTES:
+        return *ROUTES[prefix + "/"], tail
+    return {}, anthropic_error if path.startswith(MESSAGES_PATH) else openai_error, None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -88,7 +150,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         # A kept-alive connection carries several requests, each with its own state (setup() runs once per connection).
-        self.status, self.body_read, self.sent_headers, self.job = 0, False, False, None
+        self.status, self.body_read, self.sent_headers, self.job, self.ending = 0, False, False, None, None
+        self.stream, self.error_shape, self.path_id = None, openai_error, None
         super().handle_one_request()
 
     def log_request(self, code="-", size="-"):  # the request's own line (with timings) is written when it ends
@@ -97,15 +160,16 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
-    def log_timings(self, started: float, usage: dict | None = None) -> None:
+    def log_timings(self, started: float) -> None:
         parts = [f"{self.command} {self.path} {self.status}", f"total {time.perf_counter() - started:.2f}s"]
         job = self.job
         if job is not None and job.started_at is not None:
             parts.append(f"queued {job.started_at - job.queued_at:.2f}s")
             if job.first_token_at is not None:
                 parts.append(f"first token {job.first_token_at - job.started_at:.2f}s")
-        if usage:
-            parts.append(f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated tokens")
+        if self.ending is not None:
+            usage = self.ending.usage
+            parts.append(f"{usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens")
         elif job is not None and job.started_at is not None:
             parts.append(f"stopped after {job.generated} generated tokens")
         if job is not None and job.batch_peak:
@@ -115,8 +179,10 @@ class Handler(BaseHTTPRequestHandler):
     def end_headers(self):
         if self.state.cors_origin:
             self.send_header("Access-Control-Allow-Origin", self.state.cors_origin)
-            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
-            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.send_header(
+                "Access-Control-Allow-Headers", "Authorization, Content-Type, x-api-key, anthropic-version"
+            )
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
         self.sent_headers = True
         super().end_headers()
 
@@ -130,34 +196,38 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_json(RequestError("cross-origin requests are off (start with --cors-origin)", 405))
 
     def do_GET(self):
+        page = page_file(self.path) if self.state.web else None
+        if page is None:
+            self.answer()
+            return
         started, self.body_read = time.perf_counter(), True
         try:
-            page = page_file(self.path) if self.state.web else None
-            self.check_access(key_needed=page is None)
-            if page is not None:
-                self.send_page_file(*page)
-            elif self.path == "/health":
-                self.send_json(200, {"status": "ok"})
-            elif self.path == "/v1/models":
-                model = {
-                    "id": self.state.model_id,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "mlx_gemma3",
-                    "vision": self.state.model.config.vision is not None,
-                }
-                self.send_json(200, {"object": "list", "data": [model]})
-            else:
-                off = "" if self.state.web else " (the chat page is off: --no-web)"
-                raise RequestError(f"no route GET {self.path}{off}", 404)
+            self.check_access(key_needed=False)
+            self.send_page_file(*page)
         except RequestError as e:
             self.send_error_json(e)
         self.log_timings(started)
 
     def do_POST(self):
-        started, usage = time.perf_counter(), None
+        self.answer()
+
+    def do_DELETE(self):
+        self.answer()
+
+    def do_PUT(self):
+        self.answer()
+
+    def do_PATCH(self):
+        self.answer()
+
+    def answer(self) -> None:
+        """Route the request to its handler; every failure becomes an error in the route's shape."""
+        started = time.perf_counter()
+        handlers, self.error_shape, self.path_id = route(self.path)
         try:
-            usage = self.post()
+            with ExitStack() as self.held:  # the models this request uses, released when it ends
+                self.check_access(key_needed=self.path != "/health")
+                self.dispatch(handlers)
         except RequestError as e:
             self.reply_error(e)
         except Gemma3Error as e:
@@ -167,64 +237,37 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 — one failed request must not leave its client without an answer
             self.reply_error(RequestError(f"internal error: {type(e).__name__}: {e}", 500))
-        finally:
-            if self.job is not None:
-                self.job.cancelled.set()
-                if self.job.started_at is not None:  # a cancelled job leaves at the worker's next step
-                    self.job.ended.wait(timeout=5)
-        self.log_timings(started, usage)
+        self.log_timings(started)
 
-    def post(self) -> dict | None:
-        if self.path == MODERATIONS_PATH:
-            return self.moderate()
-        parse = {"/v1/chat/completions": self.parse_chat, "/v1/completions": self.parse_completion}.get(self.path)
-        self.check_access()
-        if parse is None:
-            raise RequestError(f"no route POST {self.path}", 404)
-        request = parse(self.read_json())
-        self.job = self.prepare(request)
-        try:
-            self.state.worker.submit(self.job)
-        except QueueFull:
+    def dispatch(self, handlers: dict) -> None:
+        if self.command in handlers:
+            handlers[self.command](self)
+            return
+        if self.command != "POST":
+            self.body_read = True  # only a POST is taken to carry a body
+        if not handlers and self.state.web and page_file(self.path) is not None:
+            handlers = {"GET": None}  # the chat page's files
+        if handlers:
+            allowed = ", ".join(sorted(handlers))
             raise RequestError(
-                "the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}
-            ) from None
-        steps = self.job.steps(self.client_gone)
-        return self.stream_reply(request, steps) if request.stream else self.whole_reply(request, steps)
-
-    def moderate(self) -> None:
-        """ShieldGemma 2 scores for the request's images, computed on the worker's thread (one call)."""
-        self.check_access()
-        state = self.state
-        check_moderator(state.model)
-        if state.mirror is not None:
-            raise RequestError(
-                "moderation does not run on a distributed server (--distributed): serve ShieldGemma 2 from one process"
+                f"{self.command} is not allowed on {self.path}: use {allowed}", 405, headers={"Allow": allowed}
             )
-        request = parse_moderation(self.read_json(), state.image_dirs)
-        try:
-            body = state.worker.call(lambda: moderate(state.model, state.processor, request, state.model_id))
-        except QueueFull:
-            raise RequestError(
-                "the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}
-            ) from None
-        self.send_json(200, body)
-
-    def parse_chat(self, body: dict) -> Request:
-        return parse_chat(body, self.state.max_tokens_limit, self.state.image_dirs)
-
-    def parse_completion(self, body: dict) -> Request:
-        return parse_completion(body, self.state.max_tokens_limit)
+        off = "" if self.state.web or self.command != "GET" else " (the chat page is off: --no-web)"
+        raise RequestError(f"no route {self.command} {self.path}{off}", 404)
 
     def check_access(self, key_needed: bool = True) -> None:
-        """The Host guard for every request; the API key for all but /health and the page's own files."""
+        """The Host guard for every request; the API key (Authorization: Bearer KEY, or x-api-key: KEY) for all but
+        /health and the page's own files."""
         if host_name(self.headers.get("Host", "")) not in self.state.allowed_hosts:
             raise RequestError("this Host is not served (only this machine's names: DNS rebinding guard)", 403)
         key = self.state.api_key
-        if key and key_needed and self.path != "/health":
-            given = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                raise RequestError("a valid API key is required (Authorization: Bearer KEY)", 401)
+        if key and key_needed:
+            bearer = self.headers.get("Authorization", "")
+            given = bearer.removeprefix("Bearer ") if bearer.startswith("Bearer ") else self.headers.get("x-api-key")
+            if not hmac.compare_digest((given or "").encode(), key.encode()):
+                raise RequestError("a valid API key is required (Authorization: Bearer KEY, or x-api-key: KEY)", 401)
+
+    # What the protocols use (openai_chat.py, responses.py, anthropic.py).
 
     def read_json(self) -> dict:
         if self.headers.get_content_type() != "application/json":
@@ -253,33 +296,67 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError("the body must be a JSON object")
         return body
 
-    def prepare(self, request: Request) -> Job:
+    def served_model(self, name, kind: str = "chat") -> Served:
+        """The model of `kind` (chat, embedding) a request's `model` field names, loaded if need be and held until
+        the request ends; a 404 for a name no such model goes by."""
+        if name is not None and not isinstance(name, str):
+            raise RequestError("'model' must be a string", param="model")
+        try:
+            return self.held.enter_context(self.state.registry.use(name, kind))
+        except UnknownModel as e:
+            raise RequestError(str(e), 404, param="model", code="model_not_found") from None
+
+    def prepare(self, served: Served, request: Request) -> Job:
         """Options checked, prompt rendered and tokenized, images loaded: every client mistake is found here."""
         state = self.state
-        options = Options.of({**request.options, **state.extra_options})
+        options = Options.of({**request.options, **served.options, **state.extra_options})
         if state.mirror is not None and not batchable(options):
             raise RequestError(
                 "a distributed server (--distributed) decodes every request in its batch: "
                 "max_kv_size and speculative decoding are not available on it"
             )
         sources = image_sources(request.prompt) if request.chat else []
-        pixels, crops, vision = None, None, state.model.config.vision
+        pixels, crops, vision = None, None, served.model.config.vision
         if sources:
             if vision is None:
                 raise RequestError(TEXT_ONLY)
             pixels, crops = process_images(sources, vision.image_size, options.pan_and_scan)
         ids = prompt_ids(
-            state.processor,
+            served.processor,
             request.prompt,
             options.system,
             options.use_chat_template,
             crops,
             vision.tokens_per_image if sources else None,
+            options.tools,
+            options.chat_template_kwargs,
         )
-        context = state.model.config.text.max_position_embeddings
+        context = served.model.config.text.max_position_embeddings
         if len(ids) >= context:
             raise RequestError(f"the prompt is {len(ids)} tokens; the model's context is {context}: shorten it")
         return Job(ids, pixels, options, request.top_logprobs if request.logprobs else None)
+
+    def generate(self, served: Served, request: Request) -> Iterator:
+        """The reply's events (reply.Delta, then its reply.Ending) as the model makes them."""
+        self.job = self.prepare(served, request)
+        self.held.callback(self.end_job)  # before the model is released: a model whose job runs is never unloaded
+        try:
+            served.worker.submit(self.job)
+        except QueueFull:
+            raise RequestError(
+                "the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}
+            ) from None
+        for event in reply_events(self.job.steps(self.client_gone), request.stops, request.tools):
+            if isinstance(event, Ending):
+                self.ending = event
+            yield event
+
+    def end_job(self) -> None:
+        """Cancel the request's job if it still runs (its client went, or its reply failed) and wait for it to
+        leave the worker (at its next step)."""
+        self.job.cancelled.set()
+        if self.job.started_at is not None:
+            self.job.ended.wait(timeout=5)
 
     def client_gone(self) -> bool:
         """Whether the client closed its connection (checked between tokens, without consuming anything)."""
@@ -289,87 +366,19 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def whole_reply(self, request: Request, steps) -> dict:
-        tally = Tally()
-        pieces = list(stream_with_stops(tally.count(steps), request.stops))
-        text, finish = "".join(p[0] for p in pieces), pieces[-1][1] if pieces else "length"
-        logprobs = [entry for p in pieces for entry in p[2]] if request.logprobs else None
-        reply_id = new_id(request.chat)
-        body = (chat_body if request.chat else completion_body)(
-            reply_id, self.state.model_id, text, finish or "length", tally.usage(), request.tools, logprobs
-        )
-        self.send_json(200, body)
-        return tally.usage()
-
-    def stream_reply(self, request: Request, steps) -> dict:
-        tally, reply_id, model_id = Tally(), new_id(request.chat), self.state.model_id
-        pieces = stream_with_stops(tally.count(steps), request.stops)
-        first = next(pieces, None)  # errors of the generation's start still become a 4xx, not a broken stream
-        self.send_stream_headers()
-        chunk = lambda delta, finish=None, logprobs=None: self.send_event(  # noqa: E731
-            chunk_body(reply_id, model_id, delta, finish, request, logprobs)
-        )
-        if request.chat:
-            chunk({"role": "assistant", "content": ""})
-        rest = chain([first] if first else [], pieces)
-        if request.tools:
-            self.send_buffered_tool_reply(list(rest), chunk, request.logprobs)
-        else:
-            for text, finish, entries in rest:
-                chunk({"content": text} if request.chat else text, finish, entries if request.logprobs else None)
-        if request.include_usage:
-            self.send_event(
-                {
-                    "id": reply_id,
-                    "object": chunk_kind(request.chat),
-                    "created": int(time.time()),
-                    "model": model_id,
-                    "choices": [],
-                    "usage": tally.usage(),
-                }
-            )
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-        return tally.usage()
-
-    def send_buffered_tool_reply(self, pieces: list, chunk, logprobs: bool) -> None:
-        """With tools, the reply is buffered: tool_calls deltas when it parses as calls, else its text."""
-        text, finish = "".join(p[0] for p in pieces), (pieces[-1][1] if pieces else None) or "length"
-        calls = parse_tool_calls(text)
-        if calls:
-            deltas = [{"index": i, **call} for i, call in enumerate(tool_calls_json(calls))]
-            chunk({"tool_calls": deltas})
-            chunk({}, "tool_calls")
-        else:
-            chunk({"content": text}, finish, [e for p in pieces for e in p[2]] if logprobs else None)
-
-    def send_stream_headers(self) -> None:
+    def send_stream(self, stream, events: Iterator) -> None:
+        """A streamed reply: `stream.frames(events)` as server-sent events. The first event is awaited before the
+        headers go, so that errors of the generation's start are still a 4xx and not a broken stream."""
+        first = next(events, None)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
-        self.close_connection = True
-
-    def send_event(self, payload: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
-        self.wfile.flush()
-
-    def send_page_file(self, data: bytes, content_type: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in PAGE_HEADERS.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (a garbled request line, headers too long...) as OpenAI-style JSON too."""
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":  # what http.server assumes of a request line it cannot read
-            self.request_version = "HTTP/1.0"  # so the reply has a status line and headers
-        self.send_error_json(RequestError(message or HTTPStatus(code).phrase, code))
+        self.close_connection, self.stream = True, stream
+        for frame in stream.frames(chain([first] if first is not None else [], events)):
+            self.wfile.write(frame)
+            self.wfile.flush()
 
     def send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode()
@@ -384,140 +393,77 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def models_json(self) -> dict:
+        registry = self.state.registry
+        data = []
+        for spec in registry.listed():
+            served = registry.loaded.get(spec.key)
+            entry = {"id": spec.name, "object": "model", "created": 0, "owned_by": "mlx_gemma3", "kind": spec.kind}
+            entry["loaded"] = served is not None
+            if spec.kind == "chat":
+                entry["vision"] = registry.reads_images(spec)
+                entry["base_model"] = registry.is_base_model(spec)  # no chat template: it continues text
+            data.append(entry)
+        return {"object": "list", "data": data}
+
+    def moderate(self) -> None:
+        """ShieldGemma 2 scores for the request's images, computed on the worker's thread (one call)."""
+        body = self.read_json()
+        served = self.served_model(body.get("model"))
+        check_moderator(served.model)
+        if self.state.mirror is not None:
+            raise RequestError(
+                "moderation does not run on a distributed server (--distributed): serve ShieldGemma 2 from one process"
+            )
+        request = parse_moderation(body, self.state.image_dirs)
+        self.send_json(
+            200, self.on_worker(served, lambda: moderate(served.model, served.processor, request, served.name))
+        )
+
+    def on_worker(self, served: Served, function: Callable[[], dict]) -> dict:
+        """`function()` run on the model's worker thread between generation steps (a 503 when its queue is full)."""
+        try:
+            return served.worker.call(function)
+        except QueueFull:
+            raise RequestError(
+                "the server is busy: too many requests waiting", 503, headers={"Retry-After": "1"}
+            ) from None
+
+    # Transport.
+
+    def send_page_file(self, data: bytes, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in PAGE_HEADERS.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a garbled request line, headers too long...) as JSON errors too."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # what http.server assumes of a request line it cannot read
+            self.request_version = "HTTP/1.0"  # so the reply has a status line and headers
+        self.send_error_json(RequestError(message or HTTPStatus(code).phrase, code))
+
     def reply_error(self, error: RequestError) -> None:
         if not self.sent_headers:
             self.send_error_json(error)
             return
         try:  # mid-stream (after its first token): the error is the stream's last event
-            self.send_event({"error": error_json(error)})
+            if self.stream is not None:
+                self.wfile.write(self.stream.error(error))
+                self.wfile.flush()
         except OSError:
             pass
         self.close_connection = True
 
     def send_error_json(self, error: RequestError) -> None:
-        self.send_json(error.status, {"error": error_json(error)}, error.headers)
+        self.send_json(error.status, self.error_shape(error), error.headers)
 
 
 def host_name(host: str) -> str:
     """The name in a Host header, without its port: 'localhost:8080' → 'localhost', '[::1]:80' → '[::1]'."""
     host = host.strip().lower()
     return host[: host.find("]") + 1] if host.startswith("[") else host.split(":")[0]
-
-
-def error_json(error: RequestError) -> dict:
-    kind = "invalid_request_error" if error.status < 500 else "server_error"
-    return {"message": str(error), "type": kind, "param": error.param, "code": None}
-
-
-class Tally:
-    """Counts the steps of a reply for its usage."""
-
-    def __init__(self):
-        self.completion_tokens, self.prompt_tokens, self.reused_tokens = 0, 0, 0
-
-    def count(self, steps):
-        for step in steps:
-            self.completion_tokens += 1
-            self.prompt_tokens, self.reused_tokens = step.prompt_tokens, step.reused_tokens
-            yield step
-
-    def usage(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.reused_tokens},
-        }
-
-
-def stream_with_stops(steps, stops: list[str]):
-    """(text, finish reason or None, logprob entries) pieces; a stop string ends the reply unsent, and text that
-    could begin one is held back until it cannot."""
-    held, entries = "", []
-    for step in steps:
-        held += step.text
-        entries += [step.logprob] if step.logprob else []
-        cut = min((held.find(s) for s in stops if s in held), default=-1)
-        if cut >= 0:
-            yield held[:cut], "stop", entries
-            return
-        partial = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
-        out, held = held[: len(held) - partial], held[len(held) - partial :]
-        if step.finish:
-            yield out + held, step.finish, entries
-            return
-        if out:
-            yield out, None, entries
-            entries = []
-
-
-def new_id(chat: bool) -> str:
-    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-
-
-def tool_calls_json(calls) -> list[dict]:
-    return [
-        {
-            "id": f"call_{uuid.uuid4().hex[:12]}",
-            "type": "function",
-            "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)},
-        }
-        for c in calls
-    ]
-
-
-def chat_body(reply_id, model_id, text, finish, usage, tools: bool, logprobs) -> dict:
-    message = {"role": "assistant", "content": text}
-    calls = parse_tool_calls(text) if tools else []
-    if calls:
-        message, finish = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(calls)}, "tool_calls"
-    choice = {
-        "index": 0,
-        "message": message,
-        "finish_reason": finish,
-        "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
-    }
-    return {
-        "id": reply_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model_id,
-        "choices": [choice],
-        "usage": usage,
-    }
-
-
-def completion_body(reply_id, model_id, text, finish, usage, tools: bool, logprobs) -> dict:
-    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-    return {
-        "id": reply_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model_id,
-        "choices": [choice],
-        "usage": usage,
-    }
-
-
-def chunk_kind(chat: bool) -> str:
-    return "chat.completion.chunk" if chat else "text_completion"
-
-
-def chunk_body(reply_id, model_id, delta, finish, request: Request, logprobs=None) -> dict:
-    if request.chat:
-        choice = {
-            "index": 0,
-            "delta": delta,
-            "finish_reason": finish,
-            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
-        }
-    else:
-        choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
-    body = {
-        "id": reply_id,
-        "object": chunk_kind(request.chat),
-        "created": int(time.time()),
-        "model": model_id,
-        "choices": [choice],
-    }
-    return {**body, "usage": None} if request.include_usage else body

@@ -1,5 +1,7 @@
 """POST /v1/moderations: OpenAI's moderation request with `image_url` inputs, answered with ShieldGemma 2's
-per-policy scores, one result per image."""
+per-policy scores, one result per image.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ exactly (`is_trimmable` on every layer: a sliding-window ring rewinds only a few
 so reuse never changes the logits. What a request uses is taken out of the store (the entry's other half
 stays) and the request's own entry is put back after;
 the least recently used go first when there are more than `max_entries` or more than `max_bytes`.
-"""
+
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

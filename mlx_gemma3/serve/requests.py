@@ -1,4 +1,6 @@
-"""OpenAI request bodies → checked requests: accepted fields, JSON types, chat messages, image sources."""
+"""OpenAI request bodies → checked requests: accepted fields, JSON types, chat messages, image sources.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import Gemma3Error
+from ..generation.sample import TEMP_RANGE
+from ..processing.function_gemma import FUNCTION_GEMMA
 from ..processing.grammar import grammar_text
+from ..processing.prompt import LANGUAGE_KEYS
 from ..processing.tools import ToolCall, as_tool, tool_call_grammar, tool_results_text, with_tools
 
 # Fields a request may carry. Harmless ones clients send by default are accepted and ignored (model, user,
@@ -41,17 +46,32 @@ CHAT_FIELDS = COMMON_FIELDS | {
     "logprobs",
     "top_logprobs",
     "response_format",
+    "chat_template_kwargs",
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 MAX_TOP_LOGPROBS = 20
 
 
 class RequestError(Exception):
-    """A client mistake: becomes an OpenAI-style error body with this HTTP status."""
+    """A client mistake: becomes an error body in the endpoint's shape with this HTTP status (`code`: OpenAI's
+    machine-readable code, such as model_not_found)."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        headers: dict | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.param, self.headers = status, param, headers or {}
+        self.status, self.param, self.headers, self.code = status, param, headers or {}, code
+
+
+def openai_error(error: RequestError) -> dict:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    return {"error": {"message": str(error), "type": kind, "param": error.param, "code": error.code}}
 
 
 @dataclass
@@ -69,17 +89,24 @@ class Request:
     top_logprobs: int = 0
 
 
-def parse_chat(body: dict, max_tokens_limit: int, image_dirs: tuple[Path, ...] = ()) -> Request:
+def parse_chat(body: dict, max_tokens_limit: int, image_dirs: tuple[Path, ...] = (), style: str = "python") -> Request:
+    """A chat request for a model whose tool calls take `style` (Processor.tool_style): FunctionGemma's
+    template renders the tools, calls and results itself; for Gemma 3 they become text turns."""
     check_fields(body, CHAT_FIELDS)
     tools = chat_tools(body)
-    messages = to_gemma_messages(required(body, "messages", list), image_dirs)
-    if tools:
-        messages = with_tools(messages, tools)
+    options = {**generation_options(body, max_tokens_limit), **constraint_options(body, tools, style)}
+    if style == FUNCTION_GEMMA:
+        messages = to_template_messages(required(body, "messages", list), image_dirs)
+        options["tools"] = tools or None
+    else:
+        messages = to_gemma_messages(required(body, "messages", list), image_dirs)
+        if tools:
+            messages = with_tools(messages, tools)
     logprobs = flag(body, "logprobs")
     top = number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, int)
     if top and not logprobs:
         raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    options = {**generation_options(body, max_tokens_limit), **constraint_options(body, tools)}
+    options["chat_template_kwargs"] = template_kwargs(body)
     return Request(
         True,
         messages,
@@ -161,7 +188,16 @@ def forced_name(choice) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def constraint_options(body: dict, tools: list) -> dict:
+def template_kwargs(body: dict) -> dict | None:
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs)):
+        raise RequestError(
+            "'chat_template_kwargs' must be an object of template variables", param="chat_template_kwargs"
+        )
+    return kwargs
+
+
+def constraint_options(body: dict, tools: list, style: str = "python") -> dict:
     """The grammar a reply must follow: tool calls (tool_choice "required" or a named function; "auto" holds a
     reply that opens a call to a valid call), else response_format's JSON; {} for free text."""
     schema = response_schema(body.get("response_format"))
@@ -170,18 +206,27 @@ def constraint_options(body: dict, tools: list) -> dict:
             raise RequestError(
                 "'response_format' and 'tools' cannot constrain one reply together: send one", param="response_format"
             )
-        return {"grammar": tools_grammar(tools, body.get("tool_choice") or "auto")}
-    if schema is None:
-        return {}
+        return {"grammar": tools_grammar(tools, body.get("tool_choice") or "auto", style)}
+    return {} if schema is None else {"json_schema": checked_schema(schema, "response_format")}
+
+
+def checked_schema(schema: dict, param: str) -> dict:
+    """A JSON schema the reply can be held to, or a 400 saying why not."""
     try:
         grammar_text(json_schema=schema)
     except Gemma3Error as e:
-        raise RequestError(f"response_format: {e}", param="response_format") from None
-    return {"json_schema": schema}
+        raise RequestError(f"{param}: {e}", param=param) from None
+    return schema
 
 
-def tools_grammar(tools: list, choice) -> str:
-    name = forced_name(choice)
+def tools_grammar(tools: list, choice, style: str = "python") -> str:
+    return call_grammar(tools, "auto" if choice == "auto" else "required", forced_name(choice), style=style)
+
+
+def call_grammar(tools: list, mode: str, name: str | None = None, parallel: bool = True, style: str = "python") -> str:
+    """The grammar of a reply under a tool choice: "auto" (a reply that opens a call is a valid call) or
+    "required" (a call), to the tool `name` only when given, several calls in one reply unless not `parallel`,
+    written in the model's tool-call `style`."""
     if name is not None:
         tools = [t for t in tools if t.name == name]
         if not tools:
@@ -189,7 +234,7 @@ def tools_grammar(tools: list, choice) -> str:
                 f"'tool_choice' names {name!r}, which is not among the request's tools", param="tool_choice"
             )
     try:
-        return tool_call_grammar(tools, "python", "auto" if choice == "auto" else "required")
+        return tool_call_grammar(tools, style, mode, parallel)
     except Gemma3Error as e:
         raise RequestError(str(e), param="tools") from None
 
@@ -244,7 +289,7 @@ def number(body: dict, key: str, default, low, high, kind=float):
 def generation_options(body: dict, limit: int) -> dict:
     return {
         "max_tokens": max_tokens(body, limit),
-        "temp": number(body, "temperature", 0.0, 0.0, 2.0),
+        "temp": number(body, "temperature", 0.0, *TEMP_RANGE),
         "top_p": number(body, "top_p", 1.0, 1e-9, 1.0),
         "top_k": number(body, "top_k", 0, 0, 2**20, int),
         "min_p": number(body, "min_p", 0.0, 0.0, 1.0),
@@ -283,15 +328,15 @@ def to_gemma_messages(messages: list, image_dirs: tuple[Path, ...] = ()) -> list
             raise RequestError(f"messages[{i}] must be an object with a 'role'", param="messages")
         role = message["role"]
         if role == "tool":
-            _append(
+            append_turn(
                 out,
                 "user",
                 tool_results_text([ToolCall(_tool_name(message, call_names), {})], [message.get("content")]),
             )
         elif role == "assistant" and message.get("tool_calls"):
-            _append(out, "assistant", "[" + ", ".join(_call_text(c, call_names) for c in _calls(message, i)) + "]")
+            append_turn(out, "assistant", "[" + ", ".join(_call_text(c, call_names) for c in _calls(message, i)) + "]")
         elif role in ("system", "developer", "user", "assistant"):
-            _append(out, "system" if role == "developer" else role, _content(message.get("content"), i, image_dirs))
+            append_turn(out, "system" if role == "developer" else role, _content(message.get("content"), i, image_dirs))
         else:
             raise RequestError(
                 f"messages[{i}] has role {role!r}: use system, developer, user, assistant or tool", param="messages"
@@ -299,7 +344,58 @@ def to_gemma_messages(messages: list, image_dirs: tuple[Path, ...] = ()) -> list
     return out
 
 
-def _append(out: list[dict], role: str, content) -> None:
+def to_template_messages(messages: list, image_dirs: tuple[Path, ...] = ()) -> list[dict]:
+    """OpenAI chat messages → the messages a tool-calling template renders (transformers' convention): turns kept
+    as they are, tool calls with their arguments as objects, each tool result named by the function it answers
+    (a result that is a JSON object passed as one)."""
+    out: list[dict] = []
+    call_names: dict[str, str] = {}
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in (
+            "system",
+            "developer",
+            "user",
+            "assistant",
+            "tool",
+        ):
+            raise RequestError(
+                f"messages[{i}] must be an object whose 'role' is system, developer, user, assistant or tool",
+                param="messages",
+            )
+        role, content = message["role"], message.get("content")
+        turn: dict = {"role": role}
+        if role == "tool":
+            turn.update(name=_tool_name(message, call_names), content=_result(content, i))
+        elif content is not None or not message.get("tool_calls"):
+            turn["content"] = _content(content, i, image_dirs)
+        if role == "assistant" and message.get("tool_calls"):
+            turn["tool_calls"] = [_template_call(c, call_names) for c in _calls(message, i)]
+        out.append(turn)
+    return out
+
+
+def _template_call(call: dict, call_names: dict[str, str]) -> dict:
+    function = call["function"]
+    arguments = json_arguments(function.get("arguments"), "messages")
+    if isinstance(call.get("id"), str):
+        call_names[call["id"]] = str(function.get("name"))
+    return {"type": "function", "function": {"name": function.get("name"), "arguments": arguments}}
+
+
+def _result(content, i: int):
+    """A tool result: its text (a list of text parts joined), or the object it holds when it is a JSON object."""
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(content, str):
+        raise RequestError(f"messages[{i}].content must be a string or a list of text parts", param="messages")
+    try:
+        value = json.loads(content)
+    except json.JSONDecodeError:
+        return content
+    return value if isinstance(value, dict) else content
+
+
+def append_turn(out: list[dict], role: str, content) -> None:
     """Consecutive turns of one role (several tool results, say) merge into one, as Gemma's roles alternate."""
     if out and out[-1]["role"] == role and role != "system":
         previous = out[-1]["content"]
@@ -329,15 +425,25 @@ def _calls(message: dict, i: int) -> list[dict]:
 
 def _call_text(call: dict, call_names: dict[str, str]) -> str:
     function = call["function"]
-    try:
-        arguments = json.loads(function.get("arguments") or "{}")
-    except (json.JSONDecodeError, TypeError):
-        arguments = None
-    if not isinstance(arguments, dict):
-        raise RequestError("tool_calls arguments must be a JSON object string", param="messages")
     if isinstance(call.get("id"), str):
         call_names[call["id"]] = str(function.get("name"))
-    return f"{function.get('name')}(" + ", ".join(f"{k}={v!r}" for k, v in arguments.items()) + ")"
+    return call_text(str(function.get("name")), json_arguments(function.get("arguments"), "messages"))
+
+
+def json_arguments(arguments, param: str) -> dict:
+    """A call's arguments from their JSON text (as OpenAI sends them): an object, or a 400."""
+    try:
+        value = json.loads(arguments or "{}")
+    except (json.JSONDecodeError, TypeError):
+        value = None
+    if not isinstance(value, dict):
+        raise RequestError("a tool call's arguments must be a JSON object string", param=param)
+    return value
+
+
+def call_text(name: str, arguments: dict) -> str:
+    """A call as the model writes one in the prompt's python style: name(k=v, ...)."""
+    return f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in arguments.items()) + ")"
 
 
 def _content(content, i: int, image_dirs: tuple[Path, ...]):
@@ -349,7 +455,8 @@ def _content(content, i: int, image_dirs: tuple[Path, ...]):
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            items.append({"type": "text", "text": part["text"]})
+            codes = {k: part[k] for k in LANGUAGE_KEYS if isinstance(part.get(k), str)}  # TranslateGemma's pair
+            items.append({"type": "text", "text": part["text"], **codes})
         elif kind == "image_url":
             url = (
                 (part.get("image_url") or {}).get("url")

@@ -1,4 +1,6 @@
-"""The generation worker: one thread owns the model and decodes the queued jobs as one batch; HTTP threads wait on steps."""
+"""The generation worker: one thread owns the model and decodes the queued jobs as one batch; HTTP threads wait on steps.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

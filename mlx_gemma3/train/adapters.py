@@ -14,6 +14,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..errors import Gemma3Error
 from .layers import BASE_TYPES, DoRALinear, LoRALinear
 
+__all__ = ["AdapterConfig", "prepare_for_training", "save_adapters"]
+
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 # Every attention and MLP projection of a decoder layer (paths inside one layer, as mlx-lm's "keys").
 DEFAULT_KEYS = (

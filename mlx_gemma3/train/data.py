@@ -15,6 +15,8 @@ from ..processing.prompt import IMAGE_MARK, chat_text, expand_image_tokens
 from ..processing.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from .loss import Batch
 
+__all__ = ["Encoder", "Example", "load_splits"]
+
 SPLITS = ("train", "valid", "test")
 FORMATS = '{"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}'
 ASSISTANT_ROLES = ("assistant", "model")

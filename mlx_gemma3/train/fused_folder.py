@@ -1,4 +1,6 @@
-"""Fuse: a base folder plus its adapters written as one ordinary model folder (loads here and in mlx-lm / mlx-vlm)."""
+"""Fuse: a base folder plus its adapters written as one ordinary model folder (loads here and in mlx-lm / mlx-vlm).
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""LoRA and DoRA layers over a frozen nn.Linear or nn.QuantizedLinear, in mlx-lm's parameter layout."""
+"""LoRA and DoRA layers over a frozen nn.Linear or nn.QuantizedLinear, in mlx-lm's parameter layout.
+
+Internal: not part of the public API, which docs/api.md lists."""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+__all__ = ["Batch", "default_loss"]
+
 
 @dataclass
 class Batch:

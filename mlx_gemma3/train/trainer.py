@@ -17,6 +17,8 @@ from .adapters import load_adapter_weights, save_adapters, save_atomically
 from .data import Example, evaluation_batches, training_batch
 from .loss import default_loss
 
+__all__ = ["TrainingArgs", "evaluate", "train"]
+
 SCHEDULES = ("constant", "cosine")
 STATE_SUFFIX = ".optimizer.safetensors"  # beside adapters.safetensors: the optimizer state and step, for resume
 

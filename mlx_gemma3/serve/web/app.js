@@ -1,5 +1,8 @@
 // The chat page: talks to this server's /v1/chat/completions (streamed), keeps the conversation in localStorage.
-// Model text is only ever put into the page as text (textContent), never parsed as HTML.
+// Your messages are shown as text (textContent). The model's replies are Markdown, rendered by the vendored marked
+// and sanitized by the vendored DOMPurify (vendor/README.md): HTML in a reply is shown as text, never parsed, and
+// what the Markdown makes keeps only harmless elements and links, so no script, handler or javascript: link can
+// come from a reply.
 "use strict";
 
 const CONVERSATION_KEY = "mlx_gemma3.conversation";
@@ -8,6 +11,13 @@ const API_KEY_KEY = "mlx_gemma3.api_key";  // in sessionStorage: forgotten when 
 const DEFAULT_SETTINGS = { system: "", temperature: 1.0, top_p: 0.95, max_tokens: 1024 };
 const LARGEST_IMAGE_SIDE = 1792;  // larger pictures are scaled down in the browser before they are sent
 const LARGEST_UNSCALED_BYTES = 3 * 2 ** 20;
+// What a rendered reply may hold: the elements Markdown makes, nothing else (no images: the alt text is shown).
+const SAFE_MARKUP = {
+  ALLOWED_TAGS: ["p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "strong", "em", "del", "code", "pre",
+    "blockquote", "ul", "ol", "li", "table", "thead", "tbody", "tr", "th", "td", "a"],
+  ALLOWED_ATTR: ["href", "title", "class", "align", "start"],
+  RETURN_DOM_FRAGMENT: true,
+};
 
 const $ = (id) => document.getElementById(id);
 
@@ -25,38 +35,69 @@ function button(label, onClick, className) {
   return node;
 }
 
-// Text and ``` fenced code blocks, in order; a fence still open (mid-stream) runs to the end.
-function splitFences(text) {
-  const parts = [];
-  let kind = "text", lines = [];
-  const flush = () => {
-    if (lines.length || kind === "code") parts.push({ kind, text: lines.join("\n") });
-    lines = [];
-  };
-  for (const line of text.split("\n")) {
-    if (line.trimStart().startsWith("```")) {
-      flush();
-      kind = kind === "text" ? "code" : "text";
-    } else {
-      lines.push(line);
-    }
+function escapeHTML(text) {
+  const codes = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+  return text.replace(/[&<>"']/g, (c) => codes[c]);
+}
+
+// GitHub-flavoured Markdown with the model's own HTML escaped: it shows as the text it is.
+const markdown = new marked.Marked({
+  gfm: true,
+  breaks: true,
+  renderer: {
+    html: ({ text, block }) => (block ? `<p class="raw">${escapeHTML(text.trim())}</p>` : escapeHTML(text)),
+    code: ({ text, lang }) => {
+      const language = (lang || "").match(/^[\w+-]+/)?.[0];
+      return `<pre><code${language ? ` class="language-${language}"` : ""}>${escapeHTML(text)}</code></pre>`;
+    },
+    image: ({ text }) => escapeHTML(text),
+  },
+});
+
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A") {  // a link opens beside the chat, and the page it opens cannot reach back
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer");
   }
-  flush();
-  return parts.filter((part) => part.kind === "code" || part.text.trim() !== "");
+});
+
+async function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) return navigator.clipboard.writeText(text);
+  const box = element("textarea");  // pages served to other machines over http have no clipboard API
+  box.value = text;
+  document.body.append(box);
+  box.select();
+  document.execCommand("copy");
+  box.remove();
+}
+
+function codeBlock(pre) {
+  const block = element("div", "code-block");
+  const copy = button("Copy", async () => {
+    try {
+      await copyText(pre.textContent);
+      copy.textContent = "Copied";
+    } catch {
+      copy.textContent = "Cannot copy";
+    }
+    setTimeout(() => { copy.textContent = "Copy"; }, 1500);
+  }, "copy");
+  pre.replaceWith(block);
+  block.append(copy, pre);
+}
+
+// A reply as Markdown: sanitized elements only, each code block with a copy button.
+function renderMarkdown(text) {
+  const fragment = DOMPurify.sanitize(markdown.parse(text), SAFE_MARKUP);
+  for (const node of [...fragment.childNodes]) {
+    if (node.nodeType === Node.TEXT_NODE && !node.textContent.trim()) node.remove();  // the newlines between blocks
+  }
+  fragment.querySelectorAll("pre").forEach(codeBlock);
+  return fragment;
 }
 
 function renderText(text) {
-  const fragment = document.createDocumentFragment();
-  for (const part of splitFences(text)) {
-    if (part.kind === "code") {
-      const pre = element("pre");
-      pre.append(element("code", null, part.text));
-      fragment.append(pre);
-    } else {
-      fragment.append(element("div", "text", part.text.replace(/^\n+|\n+$/g, "")));
-    }
-  }
-  return fragment;
+  return element("div", "text", text.replace(/^\n+|\n+$/g, ""));
 }
 
 function statsText(stats) {
@@ -165,6 +206,7 @@ class ChatPage {
       if (!response.ok) throw new Error(await errorMessage(response));
       const model = (await response.json()).data[0];
       $("model-name").textContent = model.id;
+      $("model-note").hidden = !model.base_model;
       this.vision = Boolean(model.vision);
       this.notice("");
     } catch (error) {
@@ -439,7 +481,7 @@ class ChatPage {
       return node;
     }
     const body = element("div", "body");
-    body.append(renderText(message.content));
+    body.append(message.role === "assistant" ? renderMarkdown(message.content) : renderText(message.content));
     node.append(body);
     const finished = !(busy && last) && !message.error && !message.stopped;
     if (finished && message.role === "assistant" && message.content.trim() === "") {
