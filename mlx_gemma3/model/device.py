@@ -111,10 +111,18 @@ def wire_memory(
 
 
 @contextmanager
-def wired_limit(model: nn.Module, tokens: int, streams=(), **options):
-    """`wire_memory` while inside (options as it takes them); the old limit comes back on exit, once `streams`
-    (and the default stream) have finished their work."""
-    old = wire_memory(model, tokens, **options)
+def wired_limit(
+    model: nn.Module,
+    tokens: int,
+    streams=(),
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_GROUP_SIZE,
+    max_kv_size: int | None = None,
+    working_set: int | None = None,
+):
+    """`wire_memory` while inside (its warning names --max-kv-size); the old limit comes back on exit, once
+    `streams` (and the default stream) have finished their work."""
+    old = wire_memory(model, tokens, kv_bits, kv_group_size, max_kv_size, working_set=working_set)
     try:
         yield
     finally:
