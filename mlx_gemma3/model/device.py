@@ -146,9 +146,12 @@ def buffer_cache_limit(weights: int, memory: int) -> int:
 
 
 def bound_buffer_cache(model: nn.Module, memory: int | None = None) -> int:
-    """Set MLX's buffer-cache limit by `buffer_cache_limit` (memory: the working set on Metal, the machine's RAM on
-    the CPU); returns the limit set. Process-wide: for command lines."""
+    """Bound MLX's buffer cache by `buffer_cache_limit` (memory: the working set on Metal, the machine's RAM on the
+    CPU), never above the bound MLX already has (on the CPU MLX keeps at most 32 MB); returns the bound now in
+    force. Process-wide: for command lines."""
     memory = memory or recommended_working_set() or physical_memory()
     limit = buffer_cache_limit(weight_bytes(model), memory)
-    mx.set_cache_limit(limit)
-    return limit
+    previous = mx.set_cache_limit(limit)
+    if previous < limit:
+        mx.set_cache_limit(previous)
+    return min(previous, limit)
