@@ -24,12 +24,11 @@ CHUNK = 4096
 
 
 def formula(cfg, tokens: int, bytes_per: float) -> dict:
-    per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * bytes_per
-    sliding = sum(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
-    full = cfg.num_hidden_layers - sliding
-    out = {"full": full * tokens * per_token, "sliding": sliding * min(tokens, cfg.sliding_window) * per_token}
-    out["total"] = out["full"] + out["sliding"]
-    out["without_rotating"] = cfg.num_hidden_layers * tokens * per_token
+    from mlx_gemma3.model.memory import kv_bytes_by_kind
+
+    full, sliding = kv_bytes_by_kind(cfg, tokens, bytes_per)
+    out = {"full": full, "sliding": sliding, "total": full + sliding}
+    out["without_rotating"] = cfg.num_hidden_layers * tokens * 2 * cfg.num_key_value_heads * cfg.head_dim * bytes_per
     return out
 
 

@@ -18,9 +18,10 @@ from .cli import Parser, add_kv_cache_flags, run
 from .errors import Gemma3Error
 from .generation.reply import eos_ids
 from .generation.text_stream import stream_generate
+from .generation.thread_streams import generation_stream
 from .loader import load
 from .model.config import FLOAT_DTYPES
-from .model.device import FLOAT_TYPES
+from .model.device import FLOAT_TYPES, wired_limit
 from .model.quantize import DEFAULT_GROUP_SIZE
 from .model.sources import model_folder
 
@@ -119,13 +120,15 @@ def benchmark(folder: str, args) -> dict:
             f"the model's context is {context}"
         )
     options = dict(prefill_step_size=args.prefill_step_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
-    if not args.no_warmup:
-        measure(model, processor, prompt_ids(config, min(WARMUP[0], args.prompt_tokens)), WARMUP[1], **options)
-    ids = prompt_ids(config, args.prompt_tokens)
-    runs = []
-    for i in range(args.runs):
-        runs.append(measure(model, processor, ids, args.generation_tokens, **options))
-        print(f"run {i + 1}/{args.runs}: {describe(runs[-1])}", file=sys.stderr, flush=True)
+    tokens, streams = args.prompt_tokens + args.generation_tokens, (generation_stream(),)
+    with wired_limit(model, tokens, streams, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size):  # as on a Mac
+        if not args.no_warmup:
+            measure(model, processor, prompt_ids(config, min(WARMUP[0], args.prompt_tokens)), WARMUP[1], **options)
+        ids = prompt_ids(config, args.prompt_tokens)
+        runs = []
+        for i in range(args.runs):
+            runs.append(measure(model, processor, ids, args.generation_tokens, **options))
+            print(f"run {i + 1}/{args.runs}: {describe(runs[-1])}", file=sys.stderr, flush=True)
     weight = next(v.dtype for _, v in _arrays(model.parameters()) if v.dtype in FLOAT_TYPES)
     return {
         "model": folder,

@@ -19,8 +19,10 @@ from .cli import (
     add_sampling_flags,
     add_speculative_flags,
     check_cache_file_flag,
+    generating_memory,
     notice_base_model,
     refuse_distributed,
+    requested_context,
     run,
     sampling_options,
     speculative_options,
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(redirect_stdout(quiet))
                 stack.enter_context(redirect_stderr(quiet))
             guard = stack.enter_context(stall_guard(args.distributed) or nullcontext())
+            stack.enter_context(generating_memory(model, args, requested_context(model, 0, -1)))
             notice_base_model(processor, folder, sys.stdout)  # with the conversation, where it is read
             chat = Chat(
                 model, processor, system=args.system, pan_and_scan=args.pan_and_scan, **chat_options(args, processor)

@@ -14,7 +14,9 @@ from pathlib import Path
 from .distributed.group import MODES, is_peer_failure, peer_failure_message
 from .errors import Gemma3Error
 from .generation.sample import TEMP_RANGE, temp_range_text
+from .generation.thread_streams import generation_stream
 from .model.cache import writable_cache_path
+from .model.device import wired_limit
 from .model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KV_BITS
 from .model.sources import model_folder  # noqa: F401 (the command lines' --model, re-exported)
 from .processing.image import open_image
@@ -294,6 +296,26 @@ class PrefillProgress:
         elif self.shown:
             self.shown = False
             print(f"\rprefill {total}/{total} prompt tokens (100%)", file=sys.stderr, flush=True)
+
+
+def requested_context(model, prompt_tokens: int, max_tokens: int | None) -> int:
+    """Tokens a run may hold: the prompt and max_tokens (the whole context when unlimited), within the context."""
+    context = model.config.text.max_position_embeddings
+    return context if max_tokens is None or max_tokens < 0 else min(context, prompt_tokens + max_tokens)
+
+
+def generating_memory(model, args: argparse.Namespace, tokens: int):
+    """The memory habits a command line generates under (model/device.py): on Metal the model's memory wired up to
+    the recommended working set, with one warning line when the model, or the model and the KV at `tokens`
+    tokens, would not fit (naming a --max-kv-size that does); nothing on the CPU."""
+    return wired_limit(
+        model,
+        tokens,
+        streams=(generation_stream(),),
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        max_kv_size=args.max_kv_size,
+    )
 
 
 def notice_base_model(processor, folder: str, out=None) -> None:

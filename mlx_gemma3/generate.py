@@ -16,8 +16,10 @@ from .cli import (
     add_speculative_flags,
     check_cache_file_flag,
     constraint_options,
+    generating_memory,
     notice_base_model,
     opened_images,
+    requested_context,
     run,
     sampling_options,
     speculative_options,
@@ -103,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             options["prefill_progress"] = guard.petting(options.get("prefill_progress"))
         options.update(constraint_options(args))
         last, from_draft = None, 0
-        with guard or nullcontext():
+        text_tokens = len(processor.tokenizer.encode(prompt)) if processor.tokenizer else 0
+        image_tokens = (
+            len(args.image) * model.config.vision.tokens_per_image if args.image and model.config.vision else 0
+        )
+        tokens = requested_context(model, text_tokens + image_tokens, args.max_tokens)
+        with guard or nullcontext(), generating_memory(model, args, tokens):
             for last in stream_generate(model, processor, image_prompt(prompt, args.image), **options):
                 if guard is not None:
                     guard.pet()

@@ -29,6 +29,7 @@ from .distributed.serving import Follower, Leader, follow
 from .errors import Gemma3Error
 from .generation.step import PREFILL_STEP_SIZE
 from .loader import load, load_embedding
+from .model.device import bound_buffer_cache, wire_memory
 from .model.sources import SOURCES, is_repo_id, model_folder, model_name
 from .serve.http import (
     MAX_BATCH,
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             raise Gemma3Error("server --distributed serves one model: give one --model")
         folder = model_folder(specs[0].source)
         model, processor = load(folder, adapter_path=args.adapter_path, distributed=args.distributed)
+        hold_memory(model, args.max_batch)
         if rank(args.distributed) > 0:
             return follow_rank_zero(model, processor, args)
         notice_base_model(processor, folder)
@@ -293,9 +295,20 @@ def model_loader(args):
         model, processor = load(folder, adapter_path=args.adapter_path if spec.kind == "chat" else None)
         if spec.kind == "chat":
             notice_base_model(processor, folder)
+            hold_memory(model, args.max_batch)
         return model, processor
 
     return load_spec
+
+
+def hold_memory(model, rows: int) -> None:
+    """A Mac's memory habits for a long-running server (as mlx-lm's server), applied as each chat model loads:
+    memory wired up to the GPU's recommended working set for the process's life, with one warning line if the
+    weights, or the KV of `rows` requests at the full context, would not fit; and MLX's buffer cache bounded to a
+    quarter of the memory this model's weights leave (model/device.py)."""
+    context = model.config.text.max_position_embeddings
+    wire_memory(model, context, rows=rows, how="max_kv_size={n} in each request (or a lower --max-batch)")
+    bound_buffer_cache(model)
 
 
 def serve(state: ServerState, args) -> None:

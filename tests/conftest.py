@@ -520,3 +520,20 @@ def demo_folder(lossless_conversion) -> Path:
         target.symlink_to(lossless_conversion.folder.resolve(), target_is_directory=True)
     assert mlx_gemma3.demo_model() == target
     return target
+
+
+@pytest.fixture
+def gpu_choices(monkeypatch):
+    """The runtime takes the GPU's paths on this CPU (MLX_GEMMA3_GPU_CHOICES=1, model/device.py): bfloat16 compute,
+    row-major weights and MLX's fused attention for prompt chunks, as on a Mac. Load models inside the test."""
+    import mlx.core as mx
+
+    from mlx_gemma3.model.device import GPU_CHOICES, default_compute_dtype, on_cpu
+
+    monkeypatch.setenv(GPU_CHOICES, "1")
+    assert not on_cpu() and default_compute_dtype() == mx.bfloat16
+
+
+def bfloat16_reference(folder: Path, model_class):
+    """transformers' model of a saved folder in bfloat16, loaded as users load it (`dtype=torch.bfloat16`)."""
+    return model_class.from_pretrained(folder, dtype=reference_torch().bfloat16).eval()

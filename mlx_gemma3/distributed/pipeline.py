@@ -93,8 +93,8 @@ class ReceiveFirst(nn.Module):
         self.layer, self.source, self.group = layer, source, group
         self.is_sliding = layer.is_sliding
 
-    def __call__(self, h: mx.array, mask, cache=None) -> mx.array:
-        return self.layer(mx.distributed.recv_like(h, self.source, group=self.group), mask, cache)
+    def __call__(self, h: mx.array, mask, cache=None, rotation=None) -> mx.array:
+        return self.layer(mx.distributed.recv_like(h, self.source, group=self.group), mask, cache, rotation)
 
 
 class SendLast(nn.Module):
@@ -106,8 +106,8 @@ class SendLast(nn.Module):
         self.layer, self.destination, self.group = layer, destination, group
         self.is_sliding = layer.is_sliding
 
-    def __call__(self, h: mx.array, mask, cache=None) -> mx.array:
-        h = self.layer(h, mask, cache)
+    def __call__(self, h: mx.array, mask, cache=None, rotation=None) -> mx.array:
+        h = self.layer(h, mask, cache, rotation)
         mx.eval(mx.distributed.send(h, self.destination, group=self.group))
         return h
 

@@ -12,6 +12,7 @@ from .attention import attention
 from .cache import REWIND, attention_mask, make_cache
 from .config import ModelConfig, TextConfig
 from .quantize import DEFAULT_GROUP_SIZE
+from .rope import RoPE, Rotation, rotate
 
 TEXT_ONLY = "this model reads text only: images need a Gemma 3 4B, 12B or 27B (multimodal) model"
 
@@ -44,16 +45,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
-        rope = cfg.rope(layer)
-        self.rope = nn.RoPE(head_dim, traditional=False, base=rope.theta, scale=1.0 / rope.factor)
+        self._rope = RoPE(head_dim, cfg.rope(layer))
 
-    def __call__(self, x: mx.array, mask: mx.array, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array, cache=None, rotation: Rotation | None = None) -> mx.array:
+        """`rotation`: this call's RoPE tables (TextModel makes them once per layer type); None: made here."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if rotation is None:
+            rotation = self._rope.rotation(0 if cache is None else cache.offset, L, q.dtype)
+        q, k = rotate(q, rotation), rotate(k, rotation)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = attention(q, k, v, self.scale, mask)
@@ -83,8 +85,8 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
-    def __call__(self, h: mx.array, mask: mx.array, cache=None) -> mx.array:
-        attn = self.self_attn(self.input_layernorm(h), mask, cache)
+    def __call__(self, h: mx.array, mask: mx.array, cache=None, rotation: Rotation | None = None) -> mx.array:
+        attn = self.self_attn(self.input_layernorm(h), mask, cache, rotation)
         h = residual_add(h, self.post_attention_layernorm(attn))
         return residual_add(h, self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))))
 
@@ -105,6 +107,7 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._full_rope, self._sliding_rope = RoPE(cfg.head_dim, cfg.rope_full), RoPE(cfg.head_dim, cfg.rope_sliding)
 
     def embed(self, input_ids: mx.array) -> mx.array:
         h = self.embed_tokens(input_ids)
@@ -120,10 +123,17 @@ class TextModel(nn.Module):
     def run(self, h: mx.array, masks: dict[bool, mx.array], cache=None) -> mx.array:
         """The decoder layers over `h`, each with the mask of its kind (`masks` keyed by is_sliding), then the
         final norm."""
+        rotations = self.rotations(h.shape[1], cache, h.dtype)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
-            h = layer(h, masks[layer.is_sliding], layer_cache)
+            h = layer(h, masks[layer.is_sliding], layer_cache, rotations[layer.is_sliding])
         return self.norm(h)
+
+    def rotations(self, length: int, cache, dtype: mx.Dtype) -> dict[bool, Rotation]:
+        """One set of RoPE tables per layer kind, keyed by `is_sliding`: every layer of a kind turns alike."""
+        offset = 0 if cache is None else cache[0].offset
+        ropes = {False: self._full_rope, True: self._sliding_rope}
+        return {sliding: rope.rotation(offset, length, dtype) for sliding, rope in ropes.items()}
 
     def masks(self, length: int, cache, image_blocks) -> dict[bool, mx.array]:
         """One mask per layer kind, keyed by `is_sliding`; caches build their own."""
