@@ -30,16 +30,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_gemma3.train.adapters import DEFAULT_KEYS as PROJECTIONS
+
 HERE = Path(__file__).resolve().parent
-PROJECTIONS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 CHUNK = 4096
 REPEATS = 15
 

@@ -30,3 +30,12 @@ class ServerProcess:
             self.process.terminate()
         rest = self.process.communicate(timeout=30)[1]
         return "".join(self.lines) + (rest or "")
+
+
+def two_model_server(image_model, text_model, *args: str) -> ServerProcess:
+    """One server with the tiny multimodal model as "tiny" and the tiny text model as "tiny-text" (and `args`)."""
+    return ServerProcess(
+        *("--model", str(image_model), "--served-model-name", "tiny"),
+        *("--model", str(text_model), "--served-model-name", "tiny-text"),
+        *args,
+    )

@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 from PIL import Image
-from server_process import ServerProcess
+from server_process import two_model_server
 
 KEY = "sesame"
 HELLO = [{"role": "user", "content": "Hello there!"}]
@@ -33,11 +33,7 @@ PICK = {
 @pytest.fixture(scope="module")
 def server(lively_image_model, lively_chat_model):
     """The tiny multimodal model as "tiny" and the tiny text model as "tiny-text", behind an API key."""
-    served = ServerProcess(
-        *("--model", str(lively_image_model), "--served-model-name", "tiny"),
-        *("--model", str(lively_chat_model), "--served-model-name", "tiny-text"),
-        *("--api-key", KEY),
-    )
+    served = two_model_server(lively_image_model, lively_chat_model, "--api-key", KEY)
     yield served
     served.stop()
 

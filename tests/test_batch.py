@@ -59,11 +59,22 @@ def prefill(model, cache, ids: mx.array, chunk: int) -> mx.array:
     return logits
 
 
-def assert_rows_match(tokens, seen, singles, steps: slice = slice(None)) -> None:
+def tolerance(model, bits: int | None) -> float:
+    """How far a batch row's logits may stray from its single run. Float caches: 1e-4 (rows sum their keys in
+    another order once the ring wraps). Quantized caches: such a difference may round a key or value to the
+    neighbouring step, so the bound is 5 % of the quantized cache's own error (its logits against a float cache's,
+    on the first prompt)."""
+    if bits is None:
+        return 1e-4
+    prompt = prompts(LENGTHS)[0]
+    return 0.05 * np.abs(alone(model, prompt, STEPS, None)[1] - alone(model, prompt, STEPS, bits)[1]).max()
+
+
+def assert_rows_match(tokens, seen, singles, steps: slice = slice(None), bound: float = 1e-4) -> None:
     for row, (single_tokens, single_logits) in enumerate(singles):
         assert tokens[row].tolist() == single_tokens[steps].tolist(), row
         delta = np.abs(seen[row] - single_logits[steps]).max()
-        assert delta <= 1e-4, (row, delta)
+        assert delta <= bound, (row, delta, bound)
 
 
 @pytest.mark.parametrize(
@@ -75,7 +86,9 @@ def test_a_batch_of_prompts_decodes_each_row_as_alone(models, name, bits, chunk)
     ids, padding = left_padded(batch)
     cache = batch_cache(model.make_cache(kv_bits=bits), padding)
     tokens, seen, _ = decode(model, cache, prefill(model, cache, ids, chunk), STEPS)
-    assert_rows_match(tokens, seen, [alone(model, prompt, STEPS, bits) for prompt in batch])
+    assert_rows_match(
+        tokens, seen, [alone(model, prompt, STEPS, bits) for prompt in batch], bound=tolerance(model, bits)
+    )
 
 
 @pytest.mark.parametrize("bits", [None, 8])
@@ -84,25 +97,26 @@ def test_rows_leave_and_join_a_running_batch(models, bits):
     first, late = prompts(LENGTHS), prompts([2 * WINDOW + 8], seed=9)[0]  # the late row has slid past its window
     singles = [alone(model, prompt, 14, bits) for prompt in first]
     late_single = alone(model, late, 7, bits)
+    bound = tolerance(model, bits)
     ids, padding = left_padded(first)
     cache = batch_cache(model.make_cache(kv_bits=bits), padding)
     tokens, seen, logits = decode(model, cache, model(ids, cache=cache)[:, -1], 5)
-    assert_rows_match(tokens, seen, singles, slice(0, 5))
+    assert_rows_match(tokens, seen, singles, slice(0, 5), bound=bound)
 
     leaving = extract_cache(cache, 1)
     tokens, seen, _ = decode(model, leaving, logits[1:2], 3)
-    assert_rows_match(tokens, seen, singles[1:2], slice(5, 8))
+    assert_rows_match(tokens, seen, singles[1:2], slice(5, 8), bound=bound)
 
     cache, logits = filter_cache(cache, [0, 2, 3]), logits[mx.array([0, 2, 3])]
     tokens, seen, logits = decode(model, cache, logits, 2)
-    assert_rows_match(tokens, seen, [singles[i] for i in (0, 2, 3)], slice(5, 7))
+    assert_rows_match(tokens, seen, [singles[i] for i in (0, 2, 3)], slice(5, 7), bound=bound)
 
     late_cache = model.make_cache(kv_bits=bits)
     late_logits = model(mx.array([late]), cache=late_cache)[:, -1]
     cache = merge_caches([cache, late_cache])
     tokens, seen, _ = decode(model, cache, mx.concatenate([logits, late_logits]), 7)
-    assert_rows_match(tokens[:3], seen[:3], [singles[i] for i in (0, 2, 3)], slice(7, 14))
-    assert_rows_match(tokens[3:], seen[3:], [late_single], slice(0, 7))
+    assert_rows_match(tokens[:3], seen[:3], [singles[i] for i in (0, 2, 3)], slice(7, 14), bound=bound)
+    assert_rows_match(tokens[3:], seen[3:], [late_single], slice(0, 7), bound=bound)
 
 
 def test_a_saved_batch_continues_identically(models, tmp_path):

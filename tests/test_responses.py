@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 from PIL import Image
-from server_process import ServerProcess
+from server_process import two_model_server
 
 SAMPLED = {"temperature": 1.0, "seed": 3}  # the lively models' replies vary when sampled (conftest.py)
 PICK = {
@@ -30,10 +30,7 @@ PICK = {
 @pytest.fixture(scope="module")
 def server(lively_image_model, lively_chat_model):
     """The tiny multimodal model as "tiny" and the tiny text model as "tiny-text"."""
-    served = ServerProcess(
-        *("--model", str(lively_image_model), "--served-model-name", "tiny"),
-        *("--model", str(lively_chat_model), "--served-model-name", "tiny-text"),
-    )
+    served = two_model_server(lively_image_model, lively_chat_model)
     yield served
     served.stop()
 
