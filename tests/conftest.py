@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -284,6 +285,14 @@ REACHES = {
     "browser": {"playwright"},
     "multiprocess": {"subprocess", "multiprocessing"},
 }
+
+
+def pytest_configure(config):
+    """A test runner started in the background by a script (`cmd &`) ignores SIGINT, and its children inherit
+    that; the tests that press Ctrl-C on a command need it delivered, so the runner handles SIGINT (a handled
+    signal is reset to its default in a child)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
