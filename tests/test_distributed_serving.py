@@ -65,6 +65,11 @@ def reply(client, ask: dict) -> tuple[str, str, int]:
     )
 
 
+def distributed_server(model: str, mode: str) -> list[str]:
+    """The command line of a 2-rank server's ranks (running_ranks launches it once per rank)."""
+    return [sys.executable, "-m", "mlx_gemma3.server", "--model", model, "--port", "0", "--distributed", mode]
+
+
 def client_for(port: int):
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -113,17 +118,7 @@ def test_distributed_server_batches_like_one_process(lively_chat_model, alone, t
     """Concurrent requests to the 2-rank server decode in one batch and each gets its one-process reply (greedy,
     seeded sampling, stop strings); the next turn reuses the prompt cache on every rank; Ctrl-C on rank 0 stops
     both ranks cleanly."""
-    command = [
-        sys.executable,
-        "-m",
-        "mlx_gemma3.server",
-        "--model",
-        str(lively_chat_model),
-        "--port",
-        "0",
-        "--distributed",
-        mode,
-    ]
+    command = distributed_server(str(lively_chat_model), mode)
     with running_ranks(tmp_path, command) as processes:
         client = client_for(serving_port(tmp_path / "rank0.err", processes))
         requests = asks()
@@ -155,17 +150,7 @@ def test_distributed_server_batches_like_one_process(lively_chat_model, alone, t
 def test_distributed_server_ends_when_a_rank_dies(tiny_chat_model, tmp_path):
     """Rank 1 killed while rank 0 streams a long reply: rank 0 exits non-zero with one clear line within seconds,
     and the client's stream ends without a finish reason."""
-    command = [
-        sys.executable,
-        "-m",
-        "mlx_gemma3.server",
-        "--model",
-        str(tiny_chat_model[0]),
-        "--port",
-        "0",
-        "--distributed",
-        "tensor",
-    ]
+    command = distributed_server(str(tiny_chat_model[0]), "tensor")
     with running_ranks(tmp_path, command) as processes:
         client = client_for(serving_port(tmp_path / "rank0.err", processes))
         stream = client.chat.completions.create(
@@ -187,17 +172,7 @@ def test_distributed_server_ends_when_a_rank_dies(tiny_chat_model, tmp_path):
 def test_distributed_server_follower_ends_with_rank_zero(tiny_chat_model, tmp_path):
     """Rank 0 killed while the server is idle: rank 1, waiting for rank 0's next decision (no stall limit
     then), exits non-zero with one clear line at once instead of waiting forever."""
-    command = [
-        sys.executable,
-        "-m",
-        "mlx_gemma3.server",
-        "--model",
-        str(tiny_chat_model[0]),
-        "--port",
-        "0",
-        "--distributed",
-        "pipeline",
-    ]
+    command = distributed_server(str(tiny_chat_model[0]), "pipeline")
     with running_ranks(tmp_path, command) as processes:
         serving_port(tmp_path / "rank0.err", processes)
         code, waited = kill_rank(processes, 0, timeout=40)
